@@ -1,0 +1,3 @@
+from llmos_cli.cli import main
+
+main()
