@@ -1,0 +1,131 @@
+"""Build, locate and load models and tokenizers (safetensors only unless pickle is explicitly allowed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmos_cli.errors import UserError
+
+WEIGHT_FILES_SAFE = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+WEIGHT_FILES_PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A HF-format model dir, or an llmos run dir (its `final/`). Raises UserError naming the path."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"model not found: {p}", hint="pass a HF-format model directory or a run directory")
+    if (p / "final" / "config.json").exists() or (p / "final" / "adapter_config.json").exists():
+        p = p / "final"
+    if not ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
+        raise UserError(f"{p} is not a model directory: it has no config.json (nor a final/ that has one)")
+    return p
+
+
+def check_weights(model_dir: Path, allow_pickle: bool = False) -> None:
+    """Refuse a directory without weights, and pickle weights unless the user allowed them."""
+    names = {f.name for f in model_dir.iterdir()}
+    if any(n.endswith(".safetensors") or n in WEIGHT_FILES_SAFE for n in names):
+        return
+    if any(n in WEIGHT_FILES_PICKLE or n.endswith((".bin", ".pt")) for n in names):
+        if allow_pickle:
+            return
+        raise UserError(
+            f"{model_dir} holds pickle-format weights (.bin/.pt), which can run code when loaded",
+            hint="convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)",
+        )
+    raise UserError(f"{model_dir} has no model weights (expected model.safetensors)")
+
+
+def is_adapter_dir(model_dir: Path) -> bool:
+    return (model_dir / "adapter_config.json").exists() and not (model_dir / "config.json").exists()
+
+
+def adapter_base(model_dir: Path) -> str:
+    cfg = json.loads((model_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{model_dir}/adapter_config.json does not name its base model")
+    return base
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {p}: {err}") from err
+
+
+def model_class_for(config: Any, task: str | None = None) -> Any:
+    """Pick the Auto class for a config and task (causal-lm, classification, seq2seq, or encoder)."""
+    import transformers as tf
+
+    if task == "classification":
+        return tf.AutoModelForSequenceClassification
+    if task == "seq2seq" or getattr(config, "is_encoder_decoder", False):
+        return tf.AutoModelForSeq2SeqLM
+    if task == "causal-lm":
+        return tf.AutoModelForCausalLM
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return tf.AutoModelForSequenceClassification
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return tf.AutoModelForCausalLM
+    if any(a.endswith("ForConditionalGeneration") for a in archs):
+        return tf.AutoModelForSeq2SeqLM
+    return tf.AutoModel
+
+
+def load_model(
+    path: str | Path,
+    task: str | None = None,
+    *,
+    dtype: Any = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Load a model from a HF dir or run dir; a LoRA adapter dir is loaded on its base (not merged)."""
+    import torch
+    from transformers import AutoConfig
+
+    model_dir = resolve_model_dir(path)
+    check_weights(model_dir, allow_pickle)
+    if is_adapter_dir(model_dir):
+        from peft import PeftModel
+
+        base = load_model(adapter_base(model_dir), task, dtype=dtype, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code, **kwargs)
+        return PeftModel.from_pretrained(base, str(model_dir))
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    cls = model_class_for(config, task)
+    model = cls.from_pretrained(
+        str(model_dir),
+        dtype=dtype or torch.float32,
+        use_safetensors=not allow_pickle,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    model.eval()
+    return model
+
+
+def build_model(arch: str, config: dict[str, Any], vocab_size: int, special_ids: dict[str, int]) -> Any:
+    """A fresh causal LM of transformers model_type `arch` with `config` overrides."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(arch, vocab_size=vocab_size, **special_ids, **config)
+    except ValueError as err:
+        raise UserError(f"model.arch: unknown model type '{arch}': {err}") from err
+    except TypeError as err:
+        raise UserError(f"model.config: {err}") from err
+    try:
+        return AutoModelForCausalLM.from_config(cfg)
+    except ValueError as err:
+        raise UserError(f"model.arch '{arch}' is not a causal LM: {err}") from err

@@ -1,0 +1,54 @@
+"""UserError (exit 2) and the one place that turns exceptions into messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad recipe, bad input file, bad flag. Exits 2 without a traceback."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LLMOS_DEBUG", "") not in ("", "0", "false", "False")
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    """Run `fn`; map UserError to exit 2 and other exceptions to exit 1, traceback only under --debug."""
+    try:
+        return fn()
+    except UserError as err:
+        if debug_enabled():
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001 - the top-level boundary
+        if debug_enabled():
+            traceback.print_exc()
+        else:
+            print("(run with --debug or LLMOS_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
