@@ -99,8 +99,14 @@ def load_model(
     if is_adapter_dir(model_dir):
         from peft import PeftModel
 
-        base = load_model(adapter_base(model_dir), task, dtype=dtype, allow_pickle=allow_pickle,
-                          trust_remote_code=trust_remote_code, **kwargs)
+        base = load_model(
+            adapter_base(model_dir),
+            task,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
         return PeftModel.from_pretrained(base, str(model_dir))
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     cls = model_class_for(config, task)

@@ -1,0 +1,77 @@
+"""Deterministic, resumable batching and the collators that turn rows into tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
+
+
+class ResumableBatchSampler:
+    """Shuffled batches of indices, reproducible from (seed, epoch) and resumable at any batch.
+
+    The order of epoch e is a permutation drawn from seed + e, so a run resumed at micro-batch k
+    sees exactly the batches an uninterrupted run would have seen from k on.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, start_batch: int = 0, shuffle: bool = True):
+        if n_items < batch_size:
+            raise ValueError(f"{n_items} examples are fewer than one batch of {batch_size}")
+        self.n_items, self.batch_size, self.seed, self.shuffle = n_items, batch_size, seed, shuffle
+        self.batches_per_epoch = n_items // batch_size
+        self.start_batch = start_batch
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n_items)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n_items, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch = self.start_batch
+        while True:
+            epoch, within = divmod(batch, self.batches_per_epoch)
+            order = self._order(epoch)
+            for b in range(within, self.batches_per_epoch):
+                yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+                batch += 1
+
+
+def causal_lm_collate(pad_id: int) -> Collate:
+    """Rows with `input_ids` (and optional `labels`) -> padded tensors; pads never carry loss.
+
+    Equal-length rows (packed blocks) get no attention mask, which keeps SDPA on its causal fast path.
+    """
+
+    def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(r["input_ids"]) for r in rows]
+        longest = max(lengths)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = lengths[i]
+            ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(r.get("labels", r["input_ids"]), dtype=torch.long)
+        batch = {"input_ids": ids, "labels": labels}
+        if min(lengths) != longest:
+            mask = torch.zeros((len(rows), longest), dtype=torch.long)
+            for i, n in enumerate(lengths):
+                mask[i, :n] = 1
+            batch["attention_mask"] = mask
+        return batch
+
+    return collate
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that carry loss in a causal-LM batch (labels shift by one inside the loss)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}

@@ -1,0 +1,62 @@
+"""Content-addressed fingerprints for prepared datasets, and atomic directory replacement."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+FINGERPRINT_VERSION = 1
+
+
+def hash_file(path: Path, h: Any = None) -> str:
+    h = h or hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(path: Path) -> str:
+    """Hash of a file, or of every file under a folder (relative names and contents)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        hash_file(f, h)
+    return h.hexdigest()
+
+
+def fingerprint(settings: dict[str, Any], inputs: Iterable[Path], tokenizer_dir: Path | None) -> str:
+    """sha256 over the settings, every input file's contents and the tokenizer files."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FINGERPRINT_VERSION, **settings}, sort_keys=True, default=str).encode())
+    for path in inputs:
+        h.update(str(path).encode())
+        h.update(hash_tree(path).encode())
+    if tokenizer_dir is not None:
+        h.update(hash_tree(tokenizer_dir).encode())
+    return h.hexdigest()
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh temp folder beside `target` (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Move `staged` into place at `target`, replacing any old copy without a half-written moment."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+    staged.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""Exact, token-weighted loss and perplexity over a whole dataset."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from llmos_cli.core.batches import Collate, to_device
+from llmos_cli.core.objectives import Objective
+from llmos_cli.core.runtime import Precision
+
+
+@torch.no_grad()
+def dataset_loss(
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    objective: Objective,
+    collate: Collate,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: Precision,
+    max_batches: int | None = None,
+) -> tuple[float, int]:
+    """Summed loss and target count over `rows`, batched in length order to avoid padding waste."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]), reverse=True)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = collate([rows[i] for i in order[start : start + batch_size]])
+        count += objective.count(batch)
+        with precision.autocast(device):
+            total += objective.loss_sum(model, to_device(batch, device)).double()
+    model.train(was_training)
+    return float(total), count
+
+
+def loss_metrics(loss_sum: float, count: int) -> dict[str, float]:
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}

@@ -1,0 +1,36 @@
+"""Training objectives: a summed loss over a batch and the number of targets it was summed over.
+
+The loop divides the summed loss by the targets of the whole accumulation window, so gradient
+accumulation and uneven (masked) batches weight every target token equally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmos_cli.core.batches import IGNORE_INDEX, count_targets
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss_sum: Callable[[Any, Batch], torch.Tensor]
+    count: Callable[[Batch], int]
+
+
+def causal_lm_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy; labels shift left so no copy of the logits is made."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+CAUSAL_LM = Objective(causal_lm_loss_sum, count_targets)

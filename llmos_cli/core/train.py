@@ -1,0 +1,220 @@
+"""The one training loop that pretrain and finetune share.
+
+Everything that differs between jobs (model, objective, collator, trainable parameters) is decided
+before `train` is called. The loop itself reads top to bottom: batch, forward, backward, clip,
+step, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from llmos_cli.console import out
+from llmos_cli.core.batches import Collate, ResumableBatchSampler, to_device
+from llmos_cli.core.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
+from llmos_cli.core.evaluate import dataset_loss, loss_metrics
+from llmos_cli.core.objectives import Objective
+from llmos_cli.core.rundir import RunDir, write_atomic
+from llmos_cli.core.runtime import Precision
+from llmos_cli.errors import UserError
+from llmos_cli.recipe import TrainSection
+
+
+@dataclass
+class TrainJob:
+    model: torch.nn.Module
+    train_rows: Any  # indexable rows (a HF Dataset or a list of dicts)
+    val_rows: Any | None
+    objective: Objective
+    collate: Collate
+    cfg: TrainSection
+    run: RunDir
+    seed: int
+    device: torch.device
+    precision: Precision
+    compat: dict[str, Any] = field(default_factory=dict)  # what must match for a resume
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    final_loss: float | None
+    validation: dict[str, float] | None
+    resumed_from: str | None
+
+
+def total_steps(cfg: TrainSection, n_rows: int) -> int:
+    if cfg.max_steps is not None and cfg.epochs is None:
+        return cfg.max_steps
+    batches_per_epoch = n_rows // cfg.batch_size
+    steps = math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms; fused kernels on GPU, foreach on CPU."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainSection, steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
+    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+def _resume_point(job: TrainJob) -> Path | None:
+    mode = job.cfg.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(job.run.checkpoints)
+    path = Path(mode)
+    if not path.is_dir():
+        raise UserError(f"train.resume: checkpoint not found: {path}")
+    return path
+
+
+def train(job: TrainJob) -> TrainResult:
+    cfg, model, device, run = job.cfg, job.model, job.device, job.run
+    steps = total_steps(cfg, len(job.train_rows))
+    if len(job.train_rows) < cfg.batch_size:
+        raise UserError(
+            f"train.batch_size: {cfg.batch_size} is larger than the training set ({len(job.train_rows)} rows)"
+        )
+    model.to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    scaler = torch.amp.GradScaler(device.type) if job.precision.needs_scaler else None
+    forward_model = torch.compile(model) if cfg.compile else model
+
+    state = {"step": 0, "micro_batches": 0, "tokens": 0}
+    resumed_from = _resume_point(job)
+    if resumed_from is not None:
+        saved = load_checkpoint(resumed_from, model, optimizer, scheduler)
+        check_compatible(saved.get("compat", {}), job.compat, resumed_from)
+        state.update({k: saved[k] for k in state})
+        _truncate_metrics(run, state["step"])
+        out.info(f"train: resumed from {resumed_from} at step {state['step']}")
+
+    sampler = ResumableBatchSampler(len(job.train_rows), cfg.batch_size, job.seed, state["micro_batches"])
+    loader = DataLoader(
+        job.train_rows,
+        batch_sampler=sampler,
+        collate_fn=job.collate,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+    model.train()
+    last_loss, validation = None, None
+    window_loss = torch.zeros((), device=device)
+    window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+
+    with out.progress("train", total=steps) as bar:
+        bar.update(state["step"])
+        while state["step"] < steps:
+            # One optimizer step over grad_accum micro-batches, weighting every target equally.
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            n_targets = sum(job.objective.count(b) for b in micro)
+            for batch in micro:
+                window_tokens += (
+                    int(batch["attention_mask"].sum())
+                    if "attention_mask" in batch
+                    else batch["input_ids"].numel()
+                )
+                with job.precision.autocast(device):
+                    loss_sum = job.objective.loss_sum(forward_model, to_device(batch, device))
+                loss = loss_sum / max(n_targets, 1)
+                (scaler.scale(loss) if scaler else loss).backward()
+                window_loss += loss_sum.detach()
+            window_targets += n_targets
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["micro_batches"] += cfg.grad_accum
+            step = state["step"]
+
+            if step % cfg.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - window_start
+                last_loss = float(window_loss) / max(window_targets, 1)
+                if not math.isfinite(last_loss):
+                    raise UserError(
+                        f"training diverged at step {step}: loss is {last_loss}",
+                        hint="lower train.lr, raise warmup, or check the data; earlier checkpoints are kept",
+                    )
+                state["tokens"] += window_tokens
+                row = {
+                    "step": step,
+                    "loss": round(last_loss, 6),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": round(float(grad_norm), 4),
+                    "tokens": state["tokens"],
+                    "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
+                }
+                run.log(row)
+                bar.update(0, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
+                window_loss.zero_()
+                window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+
+            if job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps):
+                validation = loss_metrics(
+                    *dataset_loss(
+                        model,
+                        job.val_rows,
+                        job.objective,
+                        job.collate,
+                        batch_size=cfg.batch_size,
+                        device=device,
+                        precision=job.precision,
+                        max_batches=cfg.eval_batches,
+                    )
+                )
+                run.log({"step": step, "split": "validation", **validation})
+                bar.update(0, val_loss=validation["loss"])
+
+            if step % cfg.save_every == 0 or step == steps:
+                save_checkpoint(
+                    run.checkpoints,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    {**state, "compat": job.compat},
+                    cfg.keep_last,
+                )
+            bar.update(1)
+
+    return TrainResult(
+        state["step"], state["tokens"], last_loss, validation, str(resumed_from) if resumed_from else None
+    )
+
+
+def _truncate_metrics(run: RunDir, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from, so the log has no repeats."""
+    rows = [r for r in run.read_metrics() if r.get("step", 0) <= step]
+    write_atomic(run.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,314 @@
+"""The recipe: YAML -> a typed, validated `Recipe`, with `extends:` inheritance and `--set` overrides."""
+
+from __future__ import annotations
+
+import difflib
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmos_cli.errors import UserError
+
+Task = Literal["causal-lm", "classification", "seq2seq"]
+BUILTIN_SOURCES = {"python-stdlib": lambda: sysconfig.get_paths()["stdlib"]}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RunSection(Section):
+    name: str = "run"
+    output_dir: str | None = Field(None, description="default runs/<name>, relative to the working directory")
+    seed: int = 0
+
+
+class ModelSection(Section):
+    name_or_path: str | None = None
+    arch: str = "llama"
+    config: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class CleanSection(Section):
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    control_chars: bool = True
+    whitespace: bool = True
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    dedup: bool = True
+
+
+class TokenizerSection(Section):
+    vocab_size: int = Field(8000, ge=300)
+    min_frequency: int = Field(2, ge=1)
+
+
+class DataSection(Section):
+    train: str | list[str] | None = None
+    validation: str | list[str] | None = None
+    validation_split: float = Field(0.05, ge=0.0, lt=1.0)
+    format: Literal["text", "instruction", "chat", "classification", "pairs"] = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    label_field: str = "label"
+    source_field: str = "source"
+    target_field: str = "target"
+    include: list[str] = Field(default_factory=list, description="glob patterns picking files in folders")
+    text_unit: Literal["document", "line"] = "document"
+    max_documents: int | None = Field(None, ge=1)
+    clean: CleanSection = Field(default_factory=CleanSection)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    max_seq_len: int = Field(512, ge=8)
+    packing: bool = True
+    num_proc: int = Field(1, ge=1)
+    output: str | None = Field(None, description="default runs/data/<run.name>")
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = 32
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "auto"
+
+
+class FinetuneSection(Section):
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    warmup: float = Field(0.03, ge=0, description="a fraction of the steps if < 1, else a number of steps")
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    compile: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(200, ge=1)
+    eval_batches: int | None = Field(None, ge=1, description="cap validation batches during training")
+    save_every: int = Field(200, ge=1)
+    keep_last: int = Field(2, ge=1)
+    resume: str = "auto"
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSection:
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 1000
+        return self
+
+
+class GenerationSection(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+
+
+class EvalSection(Section):
+    data: str | None = None
+    metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity"])
+    batch_size: int = Field(8, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+
+
+class ServeSection(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str = "LLMOS_API_KEY"
+    max_batch_size: int = Field(16, ge=1)
+    max_queue: int = Field(256, ge=1)
+
+
+class ExportSection(Section):
+    formats: list[Literal["hf", "onnx", "gguf"]] = Field(default_factory=lambda: ["hf"])
+    merge_lora: bool = True
+    out: str | None = None
+
+
+class Recipe(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    task: Task = "causal-lm"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    source: str | None = Field(None, exclude=True, description="the recipe file this came from")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.run.name}")
+
+    @property
+    def data_output(self) -> Path:
+        return Path(self.data.output or f"runs/data/{self.run.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, follow `extends`, apply `--set` overrides, validate, resolve input paths."""
+    path = Path(path)
+    raw = _read_with_extends(path, chain=())
+    for item in overrides or []:
+        _apply_override(raw, item)
+    recipe = validate_recipe(raw, str(path))
+    return _resolve_paths(recipe, path.parent)
+
+
+def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_describe_validation_error(err, source)) from None
+    recipe.source = source
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise UserError(f"{path}: extends forms a cycle: {cycle}")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    merged: dict[str, Any] = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        if not isinstance(parent, str):
+            raise UserError(f"{path}: extends: expected a file name or a list of them")
+        merged = deep_merge(merged, _read_with_extends(path.parent / parent, (*chain, resolved)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge `over` into a copy of `base`; mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {loc}: unknown key{_did_you_mean(e['loc'])}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {loc}: {e['msg']}{shown}")
+    return "invalid recipe\n  " + "\n  ".join(lines)
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    known = [k for k in model.model_fields if k != "source"]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known keys: {', '.join(known)})"
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _resolve_input(value: str, base: Path) -> str:
+    """Inputs are relative to the recipe file; `builtin:NAME` names a corpus every Python has."""
+    if value.startswith("builtin:"):
+        name = value.split(":", 1)[1]
+        if name not in BUILTIN_SOURCES:
+            raise UserError(f"unknown builtin source '{name}' (known: {', '.join(BUILTIN_SOURCES)})")
+        return BUILTIN_SOURCES[name]()
+    p = Path(value).expanduser()
+    if p.is_absolute() or any(ch in value for ch in "*?["):
+        return str(p if p.is_absolute() else base / p)
+    return str(base / p)
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    d = recipe.data
+    for key in ("train", "validation"):
+        value = getattr(d, key)
+        if isinstance(value, str):
+            setattr(d, key, _resolve_input(value, base))
+        elif isinstance(value, list):
+            setattr(d, key, [_resolve_input(v, base) for v in value])
+    if recipe.eval.data:
+        recipe.eval.data = _resolve_input(recipe.eval.data, base)
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(recipe.model, key)
+        if value and (base / value).exists() and not Path(value).is_absolute():
+            setattr(recipe.model, key, str(base / value))
+    return recipe

@@ -1,0 +1,52 @@
+"""Pieces every training stage wires together: the run directory and the device/precision choice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from llmos_cli.core.rundir import RunDir
+from llmos_cli.core.runtime import Precision, pick_device, pick_precision
+from llmos_cli.recipe import Recipe
+
+
+def open_run(recipe: Recipe) -> RunDir:
+    """Create the run directory and record the recipe exactly as run."""
+    return RunDir(recipe.output_dir).create(recipe.to_yaml())
+
+
+def device_and_precision(recipe: Recipe) -> tuple[torch.device, Precision]:
+    device = pick_device(recipe.train.device)
+    return device, pick_precision(recipe.train.precision, device)
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_final(run: RunDir, model: Any, tokenizer: Any) -> None:
+    """Write final/ (safetensors weights, config, tokenizer) via a staging dir and a rename."""
+    from llmos_cli.core.data.cache import replace_dir, staging_dir
+
+    staged = staging_dir(run.final)
+    model.save_pretrained(str(staged), safe_serialization=True)
+    tokenizer.save_pretrained(str(staged))
+    replace_dir(staged, run.final)
+
+
+def trained_model_path(recipe: Recipe) -> str:
+    """The model a recipe refers to: its run's final/ once trained, else model.name_or_path."""
+    final = recipe.output_dir / "final"
+    if final.is_dir():
+        return str(final)
+    if recipe.model.name_or_path:
+        return recipe.model.name_or_path
+    from llmos_cli.errors import UserError
+
+    raise UserError(
+        f"{recipe.source}: no model to use: {final} does not exist yet and model.name_or_path is not set",
+        hint="train first (llmos pretrain/finetune RECIPE) or set model.name_or_path",
+    )

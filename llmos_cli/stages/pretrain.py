@@ -1,0 +1,73 @@
+"""`llmos pretrain`: prepare the data, build a model from its config, train it, save final/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmos_cli.console import out
+from llmos_cli.core.batches import causal_lm_collate
+from llmos_cli.core.models import build_model, load_tokenizer
+from llmos_cli.core.objectives import CAUSAL_LM
+from llmos_cli.core.runtime import set_seed
+from llmos_cli.core.train import TrainJob, train
+from llmos_cli.errors import UserError
+from llmos_cli.recipe import Recipe
+from llmos_cli.stages import data as data_stage
+from llmos_cli.stages.common import config_hash, device_and_precision, open_run, save_final
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    if recipe.task != "causal-lm":
+        raise UserError(f"task: pretrain trains causal LMs only (got '{recipe.task}'); use `llmos finetune`")
+    prepared = data_stage.run(recipe)
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    set_seed(recipe.run.seed)
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    model = build_model(recipe.model.arch, recipe.model.config, len(tokenizer), special)
+    n_params = sum(p.numel() for p in model.parameters())
+    out.info(f"pretrain: {recipe.model.arch} with {n_params / 1e6:.2f}M parameters")
+
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(prepared.path)).with_format("numpy")
+    run_dir = open_run(recipe)
+    device, precision = device_and_precision(recipe)
+    job = TrainJob(
+        model=model,
+        train_rows=splits["train"],
+        val_rows=splits["validation"] if len(splits["validation"]) else None,
+        objective=CAUSAL_LM,
+        collate=causal_lm_collate(tokenizer.pad_token_id),
+        cfg=recipe.train,
+        run=run_dir,
+        seed=recipe.run.seed,
+        device=device,
+        precision=precision,
+        compat={
+            "batch_size": recipe.train.batch_size,
+            "grad_accum": recipe.train.grad_accum,
+            "data_fingerprint": prepared.fingerprint,
+            "model": config_hash([recipe.model.arch, recipe.model.config, len(tokenizer)]),
+        },
+    )
+    result = train(job)
+    save_final(run_dir, model, tokenizer)
+    summary = {
+        "run_dir": str(run_dir.path),
+        "final": str(run_dir.final),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "parameters": n_params,
+        "train_loss": result.final_loss,
+        "validation": result.validation,
+        "device": str(device),
+        "precision": precision.name,
+    }
+    rows = [(k, v) for k, v in summary.items() if k != "validation"]
+    rows += [(f"validation {k}", v) for k, v in (result.validation or {}).items()]
+    out.table("pretrain", ["what", "value"], rows)
+    return summary

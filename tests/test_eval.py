@@ -1,0 +1,70 @@
+"""`llmos eval`: token-weighted loss and perplexity equal a hand-computed per-example reference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmos_cli.recipe import load_recipe
+from llmos_cli.stages import pretrain
+
+
+@pytest.fixture
+def trained(tiny_recipe: Path) -> Path:
+    pretrain.run(load_recipe(tiny_recipe, ["train.max_steps=10"]))
+    return tiny_recipe
+
+
+def reference_loss(model_dir: Path, texts: list[str], block: int) -> tuple[float, int]:
+    """Plain per-example loop: tokenize, append EOS, concatenate, cut into blocks, sum token losses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    stream = [t for text in texts for t in tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]]
+    total, count = 0.0, 0
+    for start in range(0, len(stream), block):
+        ids = torch.tensor([stream[start : start + block]])
+        if ids.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].double()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return total, count
+
+
+def test_eval_matches_a_hand_computed_perplexity(trained: Path, tmp_path: Path, run_cli) -> None:
+    texts = [
+        "the owl sat on the hill. 1 2 3.",
+        "a dog likes the pond.",
+        ("the fox sat on the box. " * 5).strip(),
+    ]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    res = run_cli("--json", "eval", trained, "--set", f"eval.data={data}", "--set", "eval.batch_size=2")
+    assert res.code == 0, res.stderr
+    result = json.loads(res.stdout)
+    total, count = reference_loss(tmp_path / "run" / "final", texts, 32)
+    assert result["n_tokens"] == count
+    assert result["metrics"]["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["metrics"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["metrics"] == result["metrics"] and saved["n_examples"] == result["n_examples"]
+    assert set(saved) >= {"metrics", "model", "data", "n_examples"}
+
+
+def test_eval_defaults_to_the_prepared_validation_split(trained: Path, run_cli) -> None:
+    res = run_cli("--json", "eval", trained)
+    assert res.code == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["data"].endswith("validation") and result["metrics"]["perplexity"] < 300
+
+
+def test_eval_without_a_model_says_what_to_do(tiny_recipe: Path, run_cli) -> None:
+    res = run_cli("eval", tiny_recipe)
+    assert res.code == 2 and "no model to use" in res.stderr and "train first" in res.stderr
