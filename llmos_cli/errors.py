@@ -27,6 +27,15 @@ class UserError(Exception):
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
+class RunFailed(Exception):
+    """A run that stopped for a known reason (diverged, interrupted): one clear message, no traceback."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
 def debug_enabled() -> bool:
     return os.environ.get("LLMOS_DEBUG", "") not in ("", "0", "false", "False")
 
@@ -40,6 +49,11 @@ def run_guarded(fn: Callable[[], T]) -> T:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+    except RunFailed as err:
+        if debug_enabled():
+            traceback.print_exc()
+        print(f"error: {err.message}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

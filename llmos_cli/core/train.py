@@ -24,7 +24,8 @@ from llmos_cli.core.evaluate import dataset_loss, loss_metrics
 from llmos_cli.core.objectives import Objective
 from llmos_cli.core.rundir import RunDir, write_atomic
 from llmos_cli.core.runtime import Precision
-from llmos_cli.errors import UserError
+from llmos_cli.core.signals import StopRequest
+from llmos_cli.errors import RunFailed, UserError
 from llmos_cli.recipe import TrainSection
 
 
@@ -127,7 +128,7 @@ def train(job: TrainJob) -> TrainResult:
     window_loss = torch.zeros((), device=device)
     window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
 
-    with out.progress("train", total=steps) as bar:
+    with StopRequest() as stop, out.progress("train", total=steps) as bar:
         bar.update(state["step"])
         while state["step"] < steps:
             # One optimizer step over grad_accum micro-batches, weighting every target equally.
@@ -148,6 +149,8 @@ def train(job: TrainJob) -> TrainResult:
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            if scaler is None and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps itself
+                _diverged(job, state["step"] + 1, f"gradient norm is {float(grad_norm)}")
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -163,10 +166,7 @@ def train(job: TrainJob) -> TrainResult:
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / max(window_targets, 1)
                 if not math.isfinite(last_loss):
-                    raise UserError(
-                        f"training diverged at step {step}: loss is {last_loss}",
-                        hint="lower train.lr, raise warmup, or check the data; earlier checkpoints are kept",
-                    )
+                    _diverged(job, step, f"loss is {last_loss}")
                 state["tokens"] += window_tokens
                 row = {
                     "step": step,
@@ -197,8 +197,8 @@ def train(job: TrainJob) -> TrainResult:
                 run.log({"step": step, "split": "validation", **validation})
                 bar.update(0, val_loss=validation["loss"])
 
-            if step % cfg.save_every == 0 or step == steps:
-                save_checkpoint(
+            if step % cfg.save_every == 0 or step == steps or stop.requested:
+                saved = save_checkpoint(
                     run.checkpoints,
                     step,
                     model,
@@ -208,9 +208,24 @@ def train(job: TrainJob) -> TrainResult:
                     cfg.keep_last,
                 )
             bar.update(1)
+            if stop.requested and step < steps:
+                raise RunFailed(
+                    f"stopped by {stop.name} at step {step}; checkpoint saved to {saved}; "
+                    "run the same command again to resume",
+                    exit_code=128 + stop.signum,
+                )
 
     return TrainResult(
         state["step"], state["tokens"], last_loss, validation, str(resumed_from) if resumed_from else None
+    )
+
+
+def _diverged(job: TrainJob, step: int, what: str) -> None:
+    last_good = latest_checkpoint(job.run.checkpoints)
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+    raise RunFailed(
+        f"training diverged at step {step}: {what}; stopped without saving it ({kept}). "
+        "Lower train.lr, raise train.warmup, or check the data"
     )
 
 

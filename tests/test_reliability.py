@@ -1,0 +1,84 @@
+"""No lost work: SIGTERM saves and exits cleanly, divergence stops before saving bad weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmos_cli.core.checkpoint import complete_checkpoints, save_checkpoint
+from llmos_cli.core.objectives import CAUSAL_LM, Objective
+from llmos_cli.errors import RunFailed
+from llmos_cli.recipe import load_recipe
+from llmos_cli.stages import pretrain
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(tiny_recipe: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmos_cli",
+        "pretrain",
+        str(tiny_recipe),
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.save_every=100000",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "state.json").read_text())["step"]
+    assert step >= 3
+
+    result = pretrain.run(load_recipe(tiny_recipe, [f"train.max_steps={step + 2}"]))
+    assert result["steps"] == step + 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_recipe: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = CAUSAL_LM.loss_sum(model, batch)
+        return loss * float("nan") if calls["n"] > 12 else loss
+
+    monkeypatch.setattr(pretrain, "CAUSAL_LM", Objective(poisoned, CAUSAL_LM.count))
+    with pytest.raises(RunFailed, match=r"diverged at step 13: gradient norm is nan.*step-10"):
+        pretrain.run(load_recipe(tiny_recipe))
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-10"]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_partial_checkpoints_are_never_resumed(tmp_path: Path) -> None:
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 5, model, opt, sched, {"step": 5}, keep_last=3)
+    (root / "step-9").mkdir()  # a crash mid-save leaves a directory without the completion marker
+    (root / "step-9" / "model.safetensors").write_bytes(b"partial")
+    (root / ".step-11.tmp-abcd").mkdir()
+    assert [p.name for p in complete_checkpoints(root)] == ["step-5"]
