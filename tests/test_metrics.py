@@ -127,3 +127,10 @@ def test_unknown_metric_is_a_user_error_listing_known_ones(monkeypatch):
     with pytest.raises(UserError, match="accurasy"):
         check_metrics(["accuracy", "accurasy"])
     check_metrics(list(KNOWN_METRICS))
+
+
+def test_empty_or_mismatched_inputs_are_refused():
+    with pytest.raises(ValueError, match="no predictions"):
+        compute_metrics(["accuracy"], [], [])
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        compute_metrics(["accuracy"], ["a", "b"], ["a"])

@@ -79,11 +79,14 @@ def compute_metrics(
 ) -> dict[str, float | dict]:
     """Compute the named metrics on predictions vs references; `loss`/`perplexity` are skipped here.
 
-    `labels` fixes the classes (and their order) for precision/recall/f1/confusion_matrix.
+    `labels` fixes the classes (and their order) for precision/recall/f1/confusion_matrix; a prediction
+    outside them counts as wrong and has no column in the matrix.
     `options` passes keyword arguments per metric name, e.g. `{"exact_match": {"lowercase": True}}`,
     `{"rouge": {"use_stemmer": True}}`.
     """
     options = options or {}
+    if not predictions:
+        raise ValueError("no predictions to score")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     wanted: dict[str, set[str]] = {}

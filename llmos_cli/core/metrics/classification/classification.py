@@ -33,6 +33,6 @@ class Classification(evaluate.Metric):
         for key, values in (("precision", p), ("recall", r), ("f1", f)):
             if key not in scores:
                 continue
-            result[key] = float(values.mean()) if len(values) else 0.0
+            result[key] = float(values.mean())
             result[f"{key}_per_class"] = {n: float(v) for n, v in zip(names, values, strict=True)}
         return result

@@ -24,7 +24,7 @@ class ConfusionMatrix(evaluate.Metric):
 
     def _compute(self, predictions, references, labels=None):
         labels = list(labels) if labels is not None else sorted(set(references) | set(predictions))
-        matrix = confusion_matrix(references, predictions, labels=labels) if references else []
+        matrix = confusion_matrix(references, predictions, labels=labels)
         return {
             "confusion_matrix": {
                 "labels": [str(x) for x in labels],

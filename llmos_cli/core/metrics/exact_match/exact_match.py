@@ -34,8 +34,6 @@ class ExactMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, strip=True, lowercase=False, ignore_punctuation=False):
-        if not references:
-            return {"exact_match": 0.0}
         hits = sum(
             normalize(p, strip, lowercase, ignore_punctuation)
             == normalize(r, strip, lowercase, ignore_punctuation)

@@ -25,5 +25,4 @@ class Rouge(evaluate.Metric):
             scores = scorer.score(reference, prediction)
             for key in ROUGE_TYPES:
                 totals[key] += scores[key].fmeasure
-        n = max(len(references), 1)
-        return {key: total / n for key, total in totals.items()}
+        return {key: total / len(references) for key, total in totals.items()}
