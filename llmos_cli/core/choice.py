@@ -128,6 +128,8 @@ def score_choices(
     A choice is scored as the continuation `delimiter + choice` of the item's context (the harness's
     target_delimiter). accuracy_norm divides each log-likelihood by len(choice) in characters.
     """
+    if not items:
+        raise ValueError("no items to score")
     was_training = model.training
     model.eval()
     predictions = []
@@ -152,8 +154,8 @@ def score_choices(
     n = len(predictions)
     return {
         "metrics": {
-            "accuracy": sum(p["prediction"] == p["answer"] for p in predictions) / n if n else 0.0,
-            "accuracy_norm": sum(p["prediction_norm"] == p["answer"] for p in predictions) / n if n else 0.0,
+            "accuracy": sum(p["prediction"] == p["answer"] for p in predictions) / n,
+            "accuracy_norm": sum(p["prediction_norm"] == p["answer"] for p in predictions) / n,
             "n_examples": n,
         },
         "predictions": predictions,
