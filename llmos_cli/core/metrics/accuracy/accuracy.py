@@ -1,0 +1,24 @@
+"""Accuracy: the fraction of predictions equal to their reference (labels as strings or ints)."""
+
+import datasets
+import evaluate
+
+_LABEL_FEATURES = [
+    datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+    datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+]
+
+
+class Accuracy(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Fraction of predictions equal to their reference.",
+            citation="",
+            inputs_description="predictions, references: lists of labels (str or int) of the same length.",
+            features=_LABEL_FEATURES,
+        )
+
+    def _compute(self, predictions, references):
+        return {
+            "accuracy": sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+        }

@@ -1,0 +1,72 @@
+"""PNG charts for reports (matplotlib, Agg backend), each written to a temp file and renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _figure() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe when a GUI backend was chosen earlier
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4.5), dpi=100)
+
+
+def _save_atomically(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", bbox_inches="tight")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return target
+
+
+def save_confusion_matrix_png(
+    matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path
+) -> Path:
+    """Heatmap of counts, rows = reference, columns = prediction, each cell annotated."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float).reshape(len(labels), len(labels))
+    fig, ax = _figure()
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels=[str(x) for x in labels], rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=[str(x) for x in labels])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title("confusion matrix")
+    threshold = counts.max() / 2 if counts.size else 0
+    for i in ticks:
+        for j in ticks:
+            ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center",
+                    color="white" if counts[i, j] > threshold else "black")  # fmt: skip
+    return _save_atomically(fig, path)
+
+
+def save_histogram_png(
+    values: Sequence[float], path: str | Path, title: str, xlabel: str, bins: int = 50
+) -> Path:
+    """Histogram of `values` (e.g. sequence lengths, per-example losses)."""
+    fig, ax = _figure()
+    ax.hist(list(values), bins=bins, color="#4c72b0", edgecolor="white")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return _save_atomically(fig, path)
