@@ -133,20 +133,33 @@ def pretrain(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool =
 @app.command()
 def finetune(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt) -> None:
     """Train from a pretrained model: full or LoRA; causal LM, classification or seq2seq."""
-    _load(recipe, set_)
-    _not_yet("finetune")
+    r = _load(recipe, set_)
+    if dry_run:
+        return _plan(
+            r,
+            [
+                f"load {r.model.name_or_path} for {r.task}",
+                f"prepare {r.data.train} (format {r.data.format})",
+                f"{r.finetune.method} fine-tune into {r.output_dir}",
+                f"save {r.output_dir / 'final'}",
+            ],
+        )
+    from llmos_cli.stages import finetune as stage
+
+    out.emit(stage.run(r))
 
 
 @app.command("eval")
 def eval_(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt) -> None:
-    """Evaluate a model: loss, perplexity; writes <output_dir>/eval.json."""
+    """Evaluate a model: loss, perplexity and task metrics; writes <output_dir>/eval.json."""
     r = _load(recipe, set_)
     if dry_run:
         return _plan(
             r,
             [
                 f"load the model ({r.output_dir / 'final'} or model.name_or_path)",
-                f"score {r.eval.data or r.data.validation or 'the prepared validation split'}",
+                f"score {r.eval.data or r.data.validation or 'the prepared validation split'} "
+                f"on {', '.join(r.eval.metrics)}",
                 f"write {r.output_dir / 'eval.json'}",
             ],
         )
@@ -156,25 +169,135 @@ def eval_(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = Dr
 
 
 @app.command()
-def generate(model: str = typer.Argument(..., help="Model dir or run dir.")) -> None:
-    """One completion to stdout, or a batch from --input prompts.jsonl."""
-    _not_yet("generate")
+def generate(
+    model: str = typer.Argument(..., help="Model dir or run dir."),
+    prompt: str | None = typer.Option(
+        None, "--prompt", "-p", help="Prompt text; the completion goes to stdout."
+    ),
+    input_path: Path | None = typer.Option(None, "--input", help='JSONL of {"prompt": ...} for a batch job.'),
+    output_path: Path | None = typer.Option(
+        None, "--output", help="JSONL to write completions to (with --input)."
+    ),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0),
+    seed: int | None = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="Stop sequence (repeatable)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+) -> None:
+    """One completion to stdout, or a batch from --input prompts.jsonl to --output."""
+    if (prompt is None) == (input_path is None):
+        raise UserError("generate: give exactly one of --prompt TEXT or --input prompts.jsonl")
+    if input_path is not None and output_path is None:
+        raise UserError("generate: --input needs --output OUT.jsonl")
+    from llmos_cli.stages import generate as stage
+
+    completions = stage.run(
+        model,
+        prompt=prompt,
+        input_path=input_path,
+        output_path=output_path,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        batch_size=batch_size,
+    )
+    out.emit({"completions": completions})
 
 
 @app.command()
-def serve(model: str = typer.Argument(..., help="Model dir, run dir or recipe.")) -> None:
-    """OpenAI-compatible HTTP server."""
-    _not_yet("serve")
+def chat(
+    model: str = typer.Argument(..., help="Model dir or run dir."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0),
+) -> None:
+    """Interactive chat in the terminal, using the model's chat template."""
+    from llmos_cli.stages import chat as stage
+
+    stage.run(model, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def _model_or_recipe(value: str, sets: list[str]) -> tuple[str, Any]:
+    """A MODEL_OR_RECIPE argument: a recipe file gives its trained model and its settings."""
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml"):
+        from llmos_cli.stages.common import trained_model_path
+
+        recipe = _load(path, sets)
+        return trained_model_path(recipe), recipe
+    if sets:
+        raise UserError("--set applies to a recipe; MODEL is a model directory")
+    from llmos_cli.recipe import Recipe
+
+    return value, Recipe()
 
 
 @app.command()
-def export(model: str = typer.Argument(..., help="Model dir, run dir or recipe.")) -> None:
-    """Export to merged HF safetensors, ONNX or GGUF."""
-    _not_yet("export")
+def serve(
+    model: str = typer.Argument(..., help="Model dir, run dir or recipe."),
+    host: str | None = typer.Option(None, "--host", help="Bind address (default serve.host, 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", min=0, max=65535),
+    model_name: str | None = typer.Option(None, "--model-name", help="Name shown in /v1/models."),
+    set_: list[str] = SetOpt,
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    path, r = _model_or_recipe(model, set_)
+    from llmos_cli.stages import serve as stage
+
+    stage.run(
+        path,
+        host=host or r.serve.host,
+        port=r.serve.port if port is None else port,
+        api_key_env=r.serve.api_key_env,
+        max_batch_size=r.serve.max_batch_size,
+        max_queue=r.serve.max_queue,
+        model_name=model_name,
+    )
 
 
-def _not_yet(verb: str) -> None:
-    raise UserError(f"`llmos {verb}` is not available in this build yet")
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="Model dir, run dir or recipe."),
+    formats: list[str] = typer.Option([], "--format", "-f", help="hf, onnx or gguf (repeatable)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Output directory."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Compare exported logits with the source."
+    ),
+    quantize: bool = typer.Option(False, "--quantize", help="ONNX: int8 dynamic quantisation."),
+    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF tensor type: f32, f16 or q8_0."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt weights."),
+    set_: list[str] = SetOpt,
+) -> None:
+    """Export to merged HF safetensors, ONNX or GGUF, each verified against the source model."""
+    path, r = _model_or_recipe(model, set_)
+    chosen = formats or list(r.export.formats)
+    bad = [f for f in chosen if f not in ("hf", "onnx", "gguf")]
+    if bad:
+        raise UserError(f"--format: unknown format {', '.join(bad)} (choose hf, onnx or gguf)")
+    target = out_dir or (Path(r.export.out) if r.export.out else None)
+    if target is None:
+        raise UserError("export: --out DIR is required (or export.out in the recipe)")
+    from llmos_cli.stages import export as stage
+
+    out.emit(
+        stage.run(
+            path,
+            chosen,
+            target,
+            verify=verify,
+            quantize=quantize,
+            gguf_dtype=gguf_dtype,
+            merge_lora=r.export.merge_lora,
+            allow_pickle=allow_pickle or r.model.allow_pickle,
+        )
+    )
 
 
 @recipe_app.command("validate")
