@@ -150,21 +150,32 @@ def finetune(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool =
 
 
 @app.command("eval")
-def eval_(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt) -> None:
+def eval_(
+    recipe: Path | None = typer.Argument(None, help="Recipe YAML file.", show_default=False),
+    set_: list[str] = SetOpt,
+    dry_run: bool = DryRunOpt,
+    compare: tuple[Path, Path] | None = typer.Option(
+        None, "--compare", help="RUN_A RUN_B: two evals side by side."
+    ),
+) -> None:
     """Evaluate a model: loss, perplexity and task metrics; writes <output_dir>/eval.json."""
+    from llmos_cli.stages import evaluate as stage
+
+    if compare:
+        return out.emit(stage.compare(*compare))
+    if recipe is None:
+        raise UserError("eval: give a RECIPE (or --compare RUN_A RUN_B)")
     r = _load(recipe, set_)
     if dry_run:
         return _plan(
             r,
             [
                 f"load the model ({r.output_dir / 'final'} or model.name_or_path)",
-                f"score {r.eval.data or r.data.validation or 'the prepared validation split'} "
+                f"{stage.eval_task(r)}: score {r.eval.data or r.data.validation or 'the validation split'} "
                 f"on {', '.join(r.eval.metrics)}",
                 f"write {r.output_dir / 'eval.json'}",
             ],
         )
-    from llmos_cli.stages import evaluate as stage
-
     out.emit(stage.run(r))
 
 

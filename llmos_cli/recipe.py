@@ -121,6 +121,7 @@ class GenerationSection(Section):
 
 
 class EvalSection(Section):
+    task: Literal["auto", "perplexity", "multiple_choice", "generation", "classification"] = "auto"
     data: str | None = None
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity"])
     batch_size: int = Field(8, ge=1)

@@ -27,5 +27,7 @@ def schema_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_recipe_key_is_documented() -> None:
     text = DOC.read_text()
     # a row may document siblings together: `data.prompt_field`, `data.response_field`, or `.alpha`
-    missing = [k for k in schema_keys(Recipe) if f"`{k}`" not in text and f"`.{k.rsplit('.', 1)[-1]}`" not in text]
+    missing = [
+        k for k in schema_keys(Recipe) if f"`{k}`" not in text and f"`.{k.rsplit('.', 1)[-1]}`" not in text
+    ]
     assert not missing, f"undocumented recipe keys in docs/recipes.md: {missing}"

@@ -68,3 +68,36 @@ def test_eval_defaults_to_the_prepared_validation_split(trained: Path, run_cli) 
 def test_eval_without_a_model_says_what_to_do(tiny_recipe: Path, run_cli) -> None:
     res = run_cli("eval", tiny_recipe)
     assert res.code == 2 and "no model to use" in res.stderr and "train first" in res.stderr
+
+
+def test_multiple_choice_eval_writes_predictions(trained: Path, tmp_path: Path, run_cli) -> None:
+    items = tmp_path / "mc.jsonl"
+    items.write_text(
+        json.dumps({"question": "the cat sat on the", "choices": ["mat.", "zebra quantum"], "answer": 0})
+        + "\n"
+        + json.dumps({"question": "the dog likes the", "choices": ["hill.", "9 9 9 9"], "answer": "hill."})
+        + "\n"
+    )
+    res = run_cli(
+        "--json", "eval", trained, "--set", "eval.task=multiple_choice", "--set", f"eval.data={items}"
+    )
+    assert res.code == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["task"] == "multiple_choice" and result["n_examples"] == 2
+    assert set(result["metrics"]) >= {"accuracy", "accuracy_norm"}
+    preds = [json.loads(line) for line in Path(result["predictions"]).read_text().splitlines()]
+    assert [p["answer"] for p in preds] == [0, 0] and all(len(p["loglikelihoods"]) == 2 for p in preds)
+
+
+def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
+    for name, loss in (("a", 2.0), ("b", 1.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(
+            json.dumps({"metrics": {"loss": loss, "perplexity": math.exp(loss)}})
+        )
+    res = run_cli("--json", "eval", "--compare", tmp_path / "a", tmp_path / "b")
+    assert res.code == 0, res.stderr
+    rows = {r["metric"]: r for r in json.loads(res.stdout)["metrics"]}
+    assert rows["loss"]["delta"] == pytest.approx(-0.5)
+    missing = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "nope")
+    assert missing.code == 2 and "no eval.json" in missing.stderr

@@ -1,4 +1,4 @@
-"""`llmos eval`: exact token-weighted loss and perplexity of a model on evaluation data."""
+"""`llmos eval`: score a model on evaluation data; writes eval.json, predictions.jsonl and a table."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
-
 from llmos_cli.console import out
 from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.data.read import list_files
 from llmos_cli.core.data.report import DataReport
 from llmos_cli.core.evaluate import dataset_loss, loss_metrics
+from llmos_cli.core.metrics import check_metrics
 from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
 from llmos_cli.core.objectives import CAUSAL_LM
 from llmos_cli.core.rundir import RunDir, write_atomic
@@ -24,19 +23,79 @@ from llmos_cli.stages.common import device_and_precision, trained_model_path
 LOSS_METRICS = {"loss", "perplexity"}
 
 
+def eval_task(recipe: Recipe) -> str:
+    """What kind of evaluation a recipe asks for, when eval.task is auto."""
+    if recipe.eval.task != "auto":
+        return recipe.eval.task
+    if recipe.task == "classification":
+        return "classification"
+    if set(recipe.eval.metrics) - LOSS_METRICS:
+        return "generation"
+    return "perplexity"
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
-    unknown = [m for m in recipe.eval.metrics if m not in LOSS_METRICS]
-    if unknown:
-        raise UserError(f"eval.metrics: {', '.join(unknown)} not supported yet (supported: loss, perplexity)")
+    check_metrics(recipe.eval.metrics)
     model_path = resolve_model_dir(trained_model_path(recipe))
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    model = load_model(
-        model_path,
-        "causal-lm",
-        allow_pickle=recipe.model.allow_pickle,
-        trust_remote_code=recipe.model.trust_remote_code,
+    task = eval_task(recipe)
+    if task not in EVALUATORS:
+        raise UserError(f"eval.task: '{task}' evaluation is not available in this build")
+    metrics, details = EVALUATORS[task](recipe, model_path)
+    predictions = details.pop("predictions", None)
+    result = {"metrics": metrics, "model": str(model_path), "task": task, **details}
+    run_dir = RunDir(recipe.output_dir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if predictions is not None:
+        pred_file = run_dir.path / "predictions.jsonl"
+        write_atomic(pred_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        result["predictions"] = str(pred_file)
+    write_atomic(run_dir.eval_file, json.dumps(result, indent=2))
+    out.table(f"eval: {model_path}", ["metric", "value"], [(k, v) for k, v in metrics.items() if _scalar(v)])
+    out.info(f"eval: wrote {run_dir.eval_file}")
+    return result
+
+
+def compare(a: Path, b: Path) -> dict[str, Any]:
+    """Two eval.json files (or the run dirs holding them) side by side, with B - A deltas."""
+    ma, mb = _read_eval(a)["metrics"], _read_eval(b)["metrics"]
+    names = [k for k in ma if _scalar(ma[k])] + [k for k in mb if k not in ma and _scalar(mb[k])]
+    rows = []
+    for name in names:
+        va, vb = ma.get(name), mb.get(name)
+        delta = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
+        rows.append({"metric": name, "a": va, "b": vb, "delta": delta})
+    out.table(
+        f"A = {a}\nB = {b}",
+        ["metric", "A", "B", "B - A"],
+        [(r["metric"], r["a"], r["b"], "" if r["delta"] is None else f"{r['delta']:+.4g}") for r in rows],
     )
-    rows, data_name = _eval_rows(recipe, tokenizer)
+    return {"a": str(a), "b": str(b), "metrics": rows}
+
+
+def _read_eval(path: Path) -> dict[str, Any]:
+    file = path / "eval.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(
+            f"--compare: no eval.json at {path}", hint="run `llmos eval RECIPE` for that run first"
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}: not valid JSON ({err.msg})") from None
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float))
+
+
+# ---------------------------------------------------------------- evaluators
+
+
+def _perplexity(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Exact token-weighted loss and perplexity of a causal LM."""
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    model = _load(recipe, model_path, "causal-lm")
+    rows, data_name = _lm_rows(recipe, tokenizer)
     if len(rows) == 0:
         raise UserError(f"eval: no evaluation data in {data_name}")
     device, precision = device_and_precision(recipe)
@@ -51,34 +110,51 @@ def run(recipe: Recipe) -> dict[str, Any]:
         precision=precision,
     )
     metrics = {k: v for k, v in loss_metrics(loss_sum, count).items() if k in recipe.eval.metrics}
-    result = {
-        "metrics": metrics,
-        "model": str(model_path),
-        "data": data_name,
-        "n_examples": len(rows),
-        "n_tokens": count,
+    return metrics, {"data": data_name, "n_examples": len(rows), "n_tokens": count}
+
+
+def _multiple_choice(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """lm-evaluation-harness style log-likelihood scoring of JSONL {question, choices, answer}."""
+    from llmos_cli.core.choice import load_choice_items, score_choices
+
+    if not recipe.eval.data:
+        raise UserError(f"{recipe.source}: eval.data: multiple_choice needs a JSONL file of items")
+    items = load_choice_items(recipe.eval.data)[: recipe.eval.max_examples]
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    model = _load(recipe, model_path, "causal-lm")
+    device, _ = device_and_precision(recipe)
+    scored = score_choices(model.to(device), tokenizer, items, batch_size=recipe.eval.batch_size)
+    return scored["metrics"], {
+        "data": recipe.eval.data,
+        "n_examples": len(items),
+        "predictions": scored["predictions"],
     }
-    run_dir = RunDir(recipe.output_dir)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir.eval_file, json.dumps(result, indent=2))
-    out.table(f"eval: {model_path}", ["metric", "value"], list(metrics.items()))
-    out.info(f"eval: wrote {run_dir.eval_file}")
-    return result
 
 
-def _eval_rows(recipe: Recipe, tokenizer: Any) -> tuple[Any, str]:
+EVALUATORS = {"perplexity": _perplexity, "multiple_choice": _multiple_choice}
+
+
+def _load(recipe: Recipe, model_path: Path, task: str) -> Any:
+    return load_model(
+        model_path,
+        task,
+        allow_pickle=recipe.model.allow_pickle,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+
+
+def _lm_rows(recipe: Recipe, tokenizer: Any) -> tuple[Any, str]:
     """Token blocks to score: eval.data or data.validation tokenised now, else the prepared split."""
+    from datasets import Dataset, load_from_disk
+
     source = recipe.eval.data or recipe.data.validation
     if source:
         files = list_files(source, recipe.data.include)
-        docs = data_stage.read_documents(recipe, files, DataReport())
+        docs = data_stage.read_documents(recipe, files, DataReport())[: recipe.eval.max_examples]
         blocks, _ = data_stage.tokenize_and_pack(docs, tokenizer, recipe.data.max_seq_len, "eval")
         return Dataset.from_dict({"input_ids": blocks}).with_format("numpy"), str(source)
     if not recipe.data.train:
         raise UserError(f"{recipe.source}: eval.data: no evaluation data (set eval.data or data.validation)")
-    from datasets import load_from_disk
-
     prepared = data_stage.run(recipe)
-    return load_from_disk(str(prepared.path))["validation"].with_format("numpy"), str(
-        Path(prepared.path) / "validation"
-    )
+    split = load_from_disk(str(prepared.path))["validation"].with_format("numpy")
+    return split, str(Path(prepared.path) / "validation")
