@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -266,10 +266,16 @@ class Runner:
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> Runner:
-        from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
+        from transformers import AutoConfig
 
-        model = load_model(path, "causal-lm", **kwargs)
-        return cls(model, load_tokenizer(resolve_model_dir(path)))
+        from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
+        from llmos_cli.errors import UserError
+
+        model_dir = resolve_model_dir(path)
+        if (model_dir / "config.json").exists() and getattr(
+                AutoConfig.from_pretrained(str(model_dir)), "is_encoder_decoder", False):
+            raise UserError(f"{model_dir} is an encoder-decoder (seq2seq) model; this runner generates with decoders")
+        return cls(load_model(model_dir, "causal-lm", **kwargs), load_tokenizer(model_dir))
 
     @property
     def model_name(self) -> str:
@@ -324,6 +330,38 @@ class Runner:
             batch.step()
 
 
-def with_defaults(params: SamplingParams, **overrides: Any) -> SamplingParams:
-    """A copy of `params` with the non-None overrides applied."""
-    return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+class EncoderRunner:
+    """An encoder (embeddings) or sequence classifier (labels and scores) and its tokenizer."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 512):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.is_classifier = type(model).__name__.endswith("ForSequenceClassification")
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> EncoderRunner:
+        from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
+
+        return cls(load_model(path, **kwargs), load_tokenizer(resolve_model_dir(path)))
+
+    def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def count_tokens(self, texts: list[str]) -> int:
+        return sum(len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"])
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised last hidden states."""
+        enc = self._batch(texts)
+        out = self.model(**enc, output_hidden_states=True)
+        hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()
+
+    @torch.inference_mode()
+    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+        """Label -> probability for each text, from the classification head."""
+        probs = self.model(**self._batch(texts)).logits.float().softmax(-1)
+        labels = self.model.config.id2label
+        return [{str(labels.get(j, j)): float(p) for j, p in enumerate(row)} for row in probs.tolist()]
