@@ -38,6 +38,7 @@ class Request:
 class EngineStats:
     requests_finished: int = 0
     requests_failed: int = 0
+    requests_cancelled: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
@@ -178,6 +179,7 @@ class Engine:
         keep: deque[Request] = deque()
         for r in self._queue:
             if r.seq.finished:
+                self.stats.requests_cancelled += 1
                 r.on_finish(r.seq.completion())
             else:
                 keep.append(r)
@@ -185,6 +187,7 @@ class Engine:
         for rid, r in list(self._active.items()):
             if r.seq.finished and r.seq.finish_reason == "cancelled":
                 del self._active[rid]
+                self.stats.requests_cancelled += 1
                 r.on_finish(r.seq.completion())
         self._cv.notify_all()
 

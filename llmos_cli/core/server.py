@@ -121,6 +121,8 @@ class Metrics:
                       f"llmos_generated_tokens_total {st.generated_tokens}",
                       "# TYPE llmos_queue_depth gauge", f"llmos_queue_depth {engine.queue_depth}",
                       "# TYPE llmos_running_requests gauge", f"llmos_running_requests {engine.running}",
+                      "# TYPE llmos_cancelled_requests_total counter",
+                      f"llmos_cancelled_requests_total {st.requests_cancelled}",
                       *self.ttft.lines("llmos_time_to_first_token_seconds")]
         lines += self.latency.lines("llmos_request_latency_seconds")
         return "\n".join(lines) + "\n"
