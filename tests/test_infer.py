@@ -27,13 +27,17 @@ def hf_generate(runner: Runner, prompt: str, **kwargs) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.fixture(scope="module")
+def hf_greedy(runner) -> list[list[int]]:
+    return [hf_generate(runner, p, max_new_tokens=24, do_sample=False) for p in PROMPTS]
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_batched_greedy_equals_per_prompt_hf_generate(runner, batch_size):
+def test_batched_greedy_equals_per_prompt_hf_generate(runner, hf_greedy, batch_size):
     # batch_size 3 < 7 prompts: sequences join and leave the running batch mid-generation
     results = runner.generate(PROMPTS, SamplingParams(max_new_tokens=24), batch_size=batch_size)
-    for prompt, c in zip(PROMPTS, results, strict=True):
-        assert c.token_ids == hf_generate(runner, prompt, max_new_tokens=24, do_sample=False), prompt
-        assert c.prompt_tokens == len(runner.encode(prompt))
+    assert [c.token_ids for c in results] == hf_greedy
+    assert [c.prompt_tokens for c in results] == [len(runner.encode(p)) for p in PROMPTS]
 
 
 def test_repetition_penalty_matches_hf(runner):

@@ -74,11 +74,12 @@ def test_streamed_chat_completion(client):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick"}]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
-                                            stream=True)
-    chunks = list(stream)
+                                            stream=True, stream_options={"include_usage": True})
+    *chunks, usage = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert usage.choices == [] and usage.usage.completion_tokens == 16
     assert text == whole.choices[0].message.content
 
 

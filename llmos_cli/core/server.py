@@ -43,6 +43,10 @@ def _error_bytes(status: int, message: str, type: str, code: str) -> bytes:
 # ---------------------------------------------------------------- request bodies
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -54,6 +58,7 @@ class _Body(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
 
 
@@ -318,7 +323,7 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
         if body.stream:
             if len(ids) != 1:
                 raise ApiError(400, "stream: true takes a single prompt", param="prompt")
-            return _sse(eng, ids[0], params[0], retry_after_s,
+            return _sse(eng, ids[0], params[0], retry_after_s, usage=_wants_usage(body),
                         first=None, delta=lambda t: chunk(t, None), last=lambda c: chunk("", _reason(c)))
         results = await asyncio.gather(*(_complete(eng, x, p, request, retry_after_s) for x, p in zip(ids, params, strict=True)))
         out = chunk("", None)
@@ -343,7 +348,7 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         if body.stream:
-            return _sse(eng, ids, params, retry_after_s, first=chunk({"role": "assistant", "content": ""}, None),
+            return _sse(eng, ids, params, retry_after_s, usage=_wants_usage(body), first=chunk({"role": "assistant", "content": ""}, None),
                         delta=lambda t: chunk({"content": t}, None), last=lambda c: chunk({}, _reason(c)))
         c = await _complete(eng, ids, params, request, retry_after_s)
         return JSONResponse({
@@ -444,9 +449,13 @@ async def _complete(engine: Engine, ids: list[int], params: SamplingParams, requ
     return result
 
 
-def _sse(engine: Engine, ids: list[int], params: SamplingParams, retry_after_s: int, *, first: dict | None,
-         delta: Callable[[str], dict], last: Callable[[Completion], dict]) -> StreamingResponse:
-    """Server-sent events: a chunk per text delta, a final chunk with finish_reason, then [DONE]."""
+def _wants_usage(body: _Body) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _sse(engine: Engine, ids: list[int], params: SamplingParams, retry_after_s: int, *, usage: bool,
+         first: dict | None, delta: Callable[[str], dict], last: Callable[[Completion], dict]) -> StreamingResponse:
+    """Server-sent events: a chunk per text delta, a final chunk with finish_reason, (usage), then [DONE]."""
     events: asyncio.Queue = asyncio.Queue()
     rid = _submit(engine, ids, params, events, stream=True, retry_after_s=retry_after_s)
 
@@ -464,7 +473,10 @@ def _sse(engine: Engine, ids: list[int], params: SamplingParams, retry_after_s: 
                     payload = {"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}}
                     yield f"data: {json.dumps(payload)}\n\n"
                 else:
-                    yield f"data: {json.dumps(last(item))}\n\n"
+                    final = last(item)
+                    yield f"data: {json.dumps(final)}\n\n"
+                    if usage:
+                        yield f"data: {json.dumps({**final, 'choices': [], 'usage': _usage([item])})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
         finally:
