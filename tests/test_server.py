@@ -81,6 +81,10 @@ def test_streamed_chat_completion(client):
     assert chunks[-1].choices[0].finish_reason == "length"
     assert usage.choices == [] and usage.usage.completion_tokens == 16
     assert text == whole.choices[0].message.content
+    parts = [{"role": "system", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+             messages[1]]
+    same = client.chat.completions.create(model="tiny", messages=parts, max_tokens=16, temperature=0)
+    assert same.choices[0].message.content == text
 
 
 def test_seeded_sampling_is_reproducible_over_http(client):
@@ -248,3 +252,39 @@ def test_classify(tmp_path):
             assert set(row["scores"]) == {"negative", "positive"}
             assert abs(sum(row["scores"].values()) - 1) < 1e-5 and row["score"] == max(row["scores"].values())
         assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 400
+
+
+@pytest.mark.slow
+def test_sigterm_lets_in_flight_requests_finish(runner, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    model = build_tiny_llama(tmp_path / "model")
+    port = free_port()
+    code = (f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
+            f"api_key_env='LLMOS_TEST_NO_KEY')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=pathlib.Path(__file__).parent.parent)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": "the quick", "max_tokens": 300, "temperature": 0, "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line and not lines:
+                    proc.send_signal(signal.SIGTERM)
+                if line:
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in lines[-2]
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()

@@ -43,6 +43,11 @@ def _error_bytes(status: int, message: str, type: str, code: str) -> bytes:
 # ---------------------------------------------------------------- request bodies
 
 
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -68,7 +73,11 @@ class CompletionBody(_Body):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[ContentPart]
+
+    def text(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
 
 
 class ChatBody(_Body):
@@ -337,7 +346,7 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
         check_model(body.model)
         eng = need_engine()
         try:
-            ids = eng.runner.encode_chat([m.model_dump() for m in body.messages])
+            ids = eng.runner.encode_chat([m.text() for m in body.messages])
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from err
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
