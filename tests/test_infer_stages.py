@@ -48,6 +48,15 @@ def test_generate_names_the_bad_line(model_dir, tmp_path, line, match):
         generate.run(str(model_dir), input_path=src, output_path=tmp_path / "o.jsonl")
 
 
+def test_generate_rejects_prompts_over_the_context_window(model_dir, tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('{"prompt": "ok"}\n' + json.dumps({"prompt": "x y " * 300}) + "\n")
+    with pytest.raises(UserError, match="prompts.jsonl:2: the prompt is .* context window of 512"):
+        generate.run(str(model_dir), input_path=src, output_path=tmp_path / "o.jsonl")
+    with pytest.raises(UserError, match="--prompt: .* context window"):
+        generate.run(str(model_dir), prompt="hi", max_new_tokens=600)
+
+
 def test_generate_rejects_bad_flags(model_dir):
     with pytest.raises(UserError, match="exactly one"):
         generate.run(str(model_dir))

@@ -104,7 +104,8 @@ def test_auth_failure(server):
 
 @pytest.mark.parametrize("kwargs, param", [
     ({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"), ({"model": "gpt-4"}, "model"),
+    ({"n": 2}, "n"), ({"model": "gpt-4"}, "model"), ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"logprobs": 3}, "logprobs"),
 ])
 def test_bad_parameters(client, kwargs, param):
     args = {"model": "tiny", "prompt": "hi", "max_tokens": 4, **kwargs}

@@ -65,6 +65,11 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    # Accepted for compatibility only at their neutral values; anything else is a 400, not silently ignored.
+    logprobs: Literal[False, 0] | None = None
+    top_logprobs: Literal[0] | None = None
+    frequency_penalty: Literal[0] = 0
+    presence_penalty: Literal[0] = 0
 
 
 class CompletionBody(_Body):

@@ -33,19 +33,24 @@ def run(model: str, *, prompt: str | None = None, input_path: Path | None = None
     runner = Runner.load(model)
 
     if rows is None:
-        pieces = []
-        for piece in runner.stream(prompt, params):
+        ids, pieces = runner.encode(prompt), []
+        check_fits(runner, ids, max_new_tokens, where="--prompt")
+        for piece in runner.stream(ids, params):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return ["".join(pieces)]
 
-    prompts = [runner.encode_chat(r["messages"]) if "messages" in r else runner.encode(r["prompt"]) for r in rows]
+    prompts = []
+    for n, row in rows:
+        ids = runner.encode_chat(row["messages"]) if "messages" in row else runner.encode(row["prompt"])
+        check_fits(runner, ids, max_new_tokens, where=f"{input_path}:{n}")
+        prompts.append(ids)
     with out.progress("generating", total=len(prompts)) as bar:
         results = runner.generate(prompts, params, batch_size=batch_size, on_done=lambda i, c: bar.update(1))
     lines = [json.dumps({**row, "completion": c.text, "finish_reason": c.finish_reason}, ensure_ascii=False)
-             for row, c in zip(rows, results, strict=True)]
+             for (_, row), c in zip(rows, results, strict=True)]
     if output_path is None:
         print("\n".join(lines))
     else:
@@ -54,8 +59,15 @@ def run(model: str, *, prompt: str | None = None, input_path: Path | None = None
     return [c.text for c in results]
 
 
-def read_prompts(path: Path) -> list[dict[str, Any]]:
-    """JSON lines with a "prompt" string (or a chat "messages" list); errors name the file and line."""
+def check_fits(runner: Runner, ids: list[int], max_new_tokens: int, *, where: str) -> None:
+    window = runner.context_window
+    if window is not None and len(ids) + max_new_tokens > window:
+        raise UserError(f"{where}: the prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it is "
+                        f"over the model's context window of {window} tokens")
+
+
+def read_prompts(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for JSON lines with a "prompt" string or a chat "messages" list; errors name the line."""
     if not path.is_file():
         raise UserError(f"--input: {path} does not exist")
     rows = []
@@ -70,7 +82,7 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
         ok_chat = isinstance(row, dict) and isinstance(row.get("messages"), list)
         if not (ok_prompt or ok_chat):
             raise UserError(f'{path}:{n}: expected an object with a "prompt" string or a "messages" list')
-        rows.append(row)
+        rows.append((n, row))
     if not rows:
         raise UserError(f"{path} holds no prompts")
     return rows
