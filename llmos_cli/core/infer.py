@@ -262,7 +262,13 @@ class Runner:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
-        self.context_window = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0) or None
+        text_config = model.config.get_text_config()
+        window = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
+        sliding = getattr(text_config, "sliding_window", None)
+        if isinstance(sliding, int) and sliding > 1:
+            # DecodeBatch re-pads caches by hand; a sliding-window layer that started dropping keys would misalign.
+            window = min(window or sliding - 1, sliding - 1)
+        self.context_window = window
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> Runner:
@@ -276,10 +282,6 @@ class Runner:
                 AutoConfig.from_pretrained(str(model_dir)), "is_encoder_decoder", False):
             raise UserError(f"{model_dir} is an encoder-decoder (seq2seq) model; this runner generates with decoders")
         return cls(load_model(model_dir, "causal-lm", **kwargs), load_tokenizer(model_dir))
-
-    @property
-    def model_name(self) -> str:
-        return Path(getattr(self.model.config, "_name_or_path", "") or "model").name
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
