@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternate the phases this often, keep the best")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy box")
     ap.add_argument("--markdown", type=Path, help="append a result row to this markdown file")
     args = ap.parse_args()
 
@@ -79,7 +81,8 @@ def main() -> None:
         s.close()
         code = (f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
                 f"api_key_env='LLMOS_BENCH_NO_KEY', max_batch_size={args.clients}, max_queue=256)")
-        server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
