@@ -289,3 +289,14 @@ def test_sigterm_lets_in_flight_requests_finish(runner, tmp_path):
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         proc.kill()
+
+
+def test_a_long_request_does_not_hold_a_short_one_back(runner):
+    engine, order = Engine(runner, max_batch_size=4).start(), []
+    ids = runner.encode("the quick")
+    engine.submit(ids, SamplingParams(max_new_tokens=200), on_finish=lambda c: order.append(("long", c)))
+    time.sleep(0.05)  # the long request is already decoding when the short one arrives
+    engine.submit(ids, SamplingParams(max_new_tokens=3), on_finish=lambda c: order.append(("short", c)))
+    engine.stop(timeout=60)
+    assert [name for name, _ in order] == ["short", "long"]
+    assert [len(c.token_ids) for _, c in order] == [3, 200]
