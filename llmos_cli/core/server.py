@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -421,7 +422,8 @@ def _submit(engine: Engine, ids: list[int], params: SamplingParams, events: asyn
     loop = asyncio.get_running_loop()
 
     def put(item: Any) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting for this result
+            loop.call_soon_threadsafe(events.put_nowait, item)
 
     try:
         return engine.submit(ids, params, on_delta=put if stream else None, on_finish=put)
