@@ -1,0 +1,216 @@
+"""Continuous batching for serving: a bounded request queue and one generation thread.
+
+Requests join the running `DecodeBatch` between decode steps and leave it as soon as they finish or are
+cancelled, so a long request does not hold short ones back. Results are delivered through callbacks called on the
+engine thread; the server forwards them to its event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llmos_cli.core.infer import Completion, DecodeBatch, GenSequence, Runner, SamplingParams
+
+
+class QueueFull(Exception):
+    """The request queue is at its limit; retry later."""
+
+
+class EngineUnavailable(Exception):
+    """The engine is shutting down, or the model failed and the engine stopped."""
+
+
+@dataclass
+class Request:
+    id: str
+    seq: GenSequence
+    on_finish: Callable[[Completion | BaseException], None]
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+@dataclass
+class EngineStats:
+    requests_finished: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+class Engine:
+    """Serve generation requests from a bounded queue with continuous batching on one background thread."""
+
+    def __init__(self, runner: Runner, *, max_batch_size: int = 16, max_queue: int = 256,
+                 on_first_token: Callable[[float], None] | None = None):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        self.runner, self.max_batch_size, self.max_queue = runner, max_batch_size, max_queue
+        self.on_first_token = on_first_token
+        self.stats = EngineStats()
+        self.error: BaseException | None = None
+        self._queue: deque[Request] = deque()
+        self._active: dict[str, Request] = {}
+        self._cancels: set[str] = set()
+        self._cv = threading.Condition()
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- client side (any thread) ----
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Engine:
+        with self._cv:
+            if self._thread is None:
+                self._accepting = True
+                self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *,
+               on_delta: Callable[[str], None] | None = None,
+               on_finish: Callable[[Completion | BaseException], None]) -> str:
+        """Queue a request and return its id. Raises QueueFull, EngineUnavailable or ValueError (bad params)."""
+        params.check()
+        with self._cv:
+            if not self._accepting:
+                raise EngineUnavailable("the model failed" if self.error else "the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting")
+            req = Request(uuid.uuid4().hex, self.runner.sequence(prompt_ids, params, on_delta), on_finish)
+            self._queue.append(req)
+            self._cv.notify()
+        return req.id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a queued or running request; its slot is freed before the next decode step."""
+        with self._cv:
+            self._cancels.add(request_id)
+            self._cv.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let in-flight ones finish for up to `timeout` seconds, cancel the rest."""
+        with self._cv:
+            self._accepting = False
+            deadline = time.monotonic() + timeout
+            while (self._queue or self._active) and self._thread and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ---- engine thread ----
+
+    def _run(self) -> None:
+        batch = DecodeBatch(self.runner.model, self.runner.pad_id)
+        while True:
+            admit = self._next_admissions(batch)
+            if admit is None:
+                break
+            batch.drop_finished()  # cancelled requests leave before the next step
+            try:
+                if admit:
+                    batch.add([r.seq for r in admit])
+                    now = time.monotonic()
+                    for r in admit:
+                        r.first_token_at = now
+                        if self.on_first_token is not None:
+                            self.on_first_token(now - r.submitted_at)
+                else:
+                    batch.step()
+                self.stats.steps += 1
+            except Exception as err:  # noqa: BLE001 - a model failure fails every request, then the engine stops
+                self._fail_all(err)
+                return
+            finished = batch.drop_finished()
+            if finished:
+                self._finish(finished)
+
+    def _next_admissions(self, batch: DecodeBatch) -> list[Request] | None:
+        """Apply cancellations and pick queued requests for free slots; None when the engine should exit."""
+        with self._cv:
+            while not batch.seqs and not self._queue and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                for r in list(self._queue) + list(self._active.values()):
+                    r.seq.cancel()
+                self._flush_cancelled()
+                return None
+            for rid in self._cancels:
+                req = self._active.get(rid)
+                if req is not None:
+                    req.seq.cancel()
+            for r in self._queue:
+                if r.id in self._cancels:
+                    r.seq.cancel()
+            self._cancels.clear()
+            self._flush_cancelled()
+            admit: list[Request] = []
+            while self._queue and len(batch) + len(admit) < self.max_batch_size:
+                req = self._queue.popleft()
+                self._active[req.id] = req
+                admit.append(req)
+            return admit
+
+    def _flush_cancelled(self) -> None:
+        """Deliver cancelled queued requests now; running ones leave at the next drop_finished."""
+        keep: deque[Request] = deque()
+        for r in self._queue:
+            if r.seq.finished:
+                self.stats.requests_cancelled += 1
+                r.on_finish(r.seq.completion())
+            else:
+                keep.append(r)
+        self._queue = keep
+        for rid, r in list(self._active.items()):
+            if r.seq.finished and r.seq.finish_reason == "cancelled":
+                del self._active[rid]
+                self.stats.requests_cancelled += 1
+                r.on_finish(r.seq.completion())
+        self._cv.notify_all()
+
+    def _finish(self, seqs: list[GenSequence]) -> None:
+        with self._cv:
+            done = {id(s) for s in seqs}
+            for rid, r in list(self._active.items()):
+                if id(r.seq) in done:
+                    del self._active[rid]
+                    self.stats.requests_finished += 1
+                    self.stats.prompt_tokens += len(r.seq.prompt_ids)
+                    self.stats.generated_tokens += len(r.seq.output_ids)
+                    r.on_finish(r.seq.completion())
+            self._cv.notify_all()
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._cv:
+            self.error = err
+            self._accepting = False
+            failed = list(self._queue) + list(self._active.values())
+            self._queue.clear()
+            self._active.clear()
+            self.stats.requests_failed += len(failed)
+            self._cv.notify_all()
+        for r in failed:
+            r.on_finish(err)

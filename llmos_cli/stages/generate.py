@@ -1,0 +1,100 @@
+"""`llmos generate`: one completion streamed to stdout, or a JSONL file of prompts completed in batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmos_cli.console import out
+from llmos_cli.core.infer import Runner, SamplingParams
+from llmos_cli.errors import UserError
+
+
+def run(model: str, *, prompt: str | None = None, input_path: Path | None = None, output_path: Path | None = None,
+        max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+        batch_size: int = 16) -> list[str]:
+    """Complete `prompt` (printed as it is generated) or every line of `input_path` (written to `output_path`)."""
+    if (prompt is None) == (input_path is None):
+        raise UserError("pass exactly one of --prompt TEXT or --input prompts.jsonl")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+    try:
+        params.check()
+    except ValueError as err:
+        raise UserError(f"--{str(err).replace('_', '-')}") from err
+    rows = read_prompts(input_path) if input_path is not None else None
+    runner = Runner.load(model)
+
+    if rows is None:
+        ids, pieces = runner.encode(prompt), []
+        check_fits(runner, ids, max_new_tokens, where="--prompt")
+        for piece in runner.stream(ids, params):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return ["".join(pieces)]
+
+    prompts = []
+    for n, row in rows:
+        ids = runner.encode_chat(row["messages"]) if "messages" in row else runner.encode(row["prompt"])
+        check_fits(runner, ids, max_new_tokens, where=f"{input_path}:{n}")
+        prompts.append(ids)
+    with out.progress("generating", total=len(prompts)) as bar:
+        results = runner.generate(prompts, params, batch_size=batch_size, on_done=lambda i, c: bar.update(1))
+    lines = [json.dumps({**row, "completion": c.text, "finish_reason": c.finish_reason}, ensure_ascii=False)
+             for (_, row), c in zip(rows, results, strict=True)]
+    if output_path is None:
+        print("\n".join(lines))
+    else:
+        write_atomic(output_path, "\n".join(lines) + "\n")
+        out.info(f"wrote {len(lines)} completions to {output_path}")
+    return [c.text for c in results]
+
+
+def check_fits(runner: Runner, ids: list[int], max_new_tokens: int, *, where: str) -> None:
+    window = runner.context_window
+    if window is not None and len(ids) + max_new_tokens > window:
+        raise UserError(f"{where}: the prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it is "
+                        f"over the model's context window of {window} tokens")
+
+
+def read_prompts(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for JSON lines with a "prompt" string or a chat "messages" list; errors name the line."""
+    if not path.is_file():
+        raise UserError(f"--input: {path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{n}: not valid JSON: {err.msg}") from err
+        ok_prompt = isinstance(row, dict) and isinstance(row.get("prompt"), str)
+        ok_chat = isinstance(row, dict) and isinstance(row.get("messages"), list)
+        if not (ok_prompt or ok_chat):
+            raise UserError(f'{path}:{n}: expected an object with a "prompt" string or a "messages" list')
+        rows.append((n, row))
+    if not rows:
+        raise UserError(f"{path} holds no prompts")
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
