@@ -22,6 +22,7 @@ demo: install
 	$(LLMOS) data $(DEMO)
 	$(LLMOS) pretrain $(DEMO)
 	$(LLMOS) eval $(DEMO)
+	$(LLMOS) generate runs/quickstart --prompt "def fibonacci(n):" --max-new-tokens 48
 	@echo
 	@echo "demo done:"
 	@echo "  prepared data + tokenizer + report  runs/data/quickstart/"

@@ -254,21 +254,29 @@ def _model_or_recipe(value: str, sets: list[str]) -> tuple[str, Any]:
 def serve(
     model: str = typer.Argument(..., help="Model dir, run dir or recipe."),
     host: str | None = typer.Option(None, "--host", help="Bind address (default serve.host, 127.0.0.1)."),
-    port: int | None = typer.Option(None, "--port", min=0, max=65535),
+    port: int | None = typer.Option(
+        None, "--port", min=0, max=65535, help="Port (default serve.port, 8000)."
+    ),
+    max_batch_size: int | None = typer.Option(
+        None, "--max-batch-size", min=1, help="Requests decoded together."
+    ),
+    max_queue: int | None = typer.Option(None, "--max-queue", min=1, help="Waiting requests before 503."),
+    api_key_env: str | None = typer.Option(None, "--api-key-env", help="Variable holding the API key."),
     model_name: str | None = typer.Option(None, "--model-name", help="Name shown in /v1/models."),
     set_: list[str] = SetOpt,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health."""
     path, r = _model_or_recipe(model, set_)
+    s = r.serve
     from llmos_cli.stages import serve as stage
 
     stage.run(
         path,
-        host=host or r.serve.host,
-        port=r.serve.port if port is None else port,
-        api_key_env=r.serve.api_key_env,
-        max_batch_size=r.serve.max_batch_size,
-        max_queue=r.serve.max_queue,
+        host=host or s.host,
+        port=s.port if port is None else port,
+        api_key_env=api_key_env or s.api_key_env,
+        max_batch_size=max_batch_size or s.max_batch_size,
+        max_queue=max_queue or s.max_queue,
         model_name=model_name,
     )
 

@@ -47,8 +47,14 @@ class EngineStats:
 class Engine:
     """Serve generation requests from a bounded queue with continuous batching on one background thread."""
 
-    def __init__(self, runner: Runner, *, max_batch_size: int = 16, max_queue: int = 256,
-                 on_first_token: Callable[[float], None] | None = None):
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        on_first_token: Callable[[float], None] | None = None,
+    ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
         self.runner, self.max_batch_size, self.max_queue = runner, max_batch_size, max_queue
@@ -85,9 +91,14 @@ class Engine:
                 self._thread.start()
         return self
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, *,
-               on_delta: Callable[[str], None] | None = None,
-               on_finish: Callable[[Completion | BaseException], None]) -> str:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        on_delta: Callable[[str], None] | None = None,
+        on_finish: Callable[[Completion | BaseException], None],
+    ) -> str:
         """Queue a request and return its id. Raises QueueFull, EngineUnavailable or ValueError (bad params)."""
         params.check()
         with self._cv:

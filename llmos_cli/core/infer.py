@@ -77,7 +77,8 @@ class GenSequence:
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(
-            self.params.seed if self.params.seed is not None else random.getrandbits(63))
+            self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        )
         self._hold = max((len(s) for s in self.params.stop), default=1) - 1
 
     @property
@@ -119,11 +120,13 @@ class GenSequence:
     def _release(self, end: int) -> None:
         if end > self.emitted:
             if self.on_delta is not None:
-                self.on_delta(self.text[self.emitted:end])
+                self.on_delta(self.text[self.emitted : end])
             self.emitted = end
 
     def completion(self) -> Completion:
-        return Completion(self.text, list(self.output_ids), len(self.prompt_ids), self.finish_reason or "length")
+        return Completion(
+            self.text, list(self.output_ids), len(self.prompt_ids), self.finish_reason or "length"
+        )
 
 
 def pick_tokens(logits: torch.Tensor, seqs: Sequence[GenSequence]) -> list[int]:
@@ -191,8 +194,14 @@ class DecodeBatch:
         mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in new])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self._merge(list(new), cache, mask, out.logits[:, -1])
 
     @torch.inference_mode()
@@ -201,8 +210,13 @@ class DecodeBatch:
         if not self.seqs:
             return
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], dim=1)
-        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.positions[:, None],
-                         cache=self.cache, use_cache=True)
+        out = self.model(
+            input_ids=self.last[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
         self.positions = self.positions + 1
         self._accept(self.seqs, out.logits[:, -1])
 
@@ -279,8 +293,11 @@ class Runner:
 
         model_dir = resolve_model_dir(path)
         if (model_dir / "config.json").exists() and getattr(
-                AutoConfig.from_pretrained(str(model_dir)), "is_encoder_decoder", False):
-            raise UserError(f"{model_dir} is an encoder-decoder (seq2seq) model; this runner generates with decoders")
+            AutoConfig.from_pretrained(str(model_dir)), "is_encoder_decoder", False
+        ):
+            raise UserError(
+                f"{model_dir} is an encoder-decoder (seq2seq) model; this runner generates with decoders"
+            )
         return cls(load_model(model_dir, "causal-lm", **kwargs), load_tokenizer(model_dir))
 
     def encode(self, prompt: str) -> list[int]:
@@ -290,16 +307,24 @@ class Runner:
         """Token ids of `messages` through the tokenizer's chat template, ready for the assistant's turn."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False)
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def sequence(self, prompt_ids: list[int], params: SamplingParams,
-                 on_delta: Callable[[str], None] | None = None) -> GenSequence:
+    def sequence(
+        self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[str], None] | None = None
+    ) -> GenSequence:
         return GenSequence(list(prompt_ids), params, self.tokenizer, self.eos_ids, on_delta)
 
-    def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams, *, batch_size: int = 16,
-                 on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams,
+        *,
+        batch_size: int = 16,
+        on_done: Callable[[int, Completion], None] | None = None,
+    ) -> list[Completion]:
         """Complete every prompt, `batch_size` at a time; a finished sequence's slot goes to the next prompt."""
         params.check()
         seqs = [self.sequence(p if isinstance(p, list) else self.encode(p), params) for p in prompts]
@@ -321,7 +346,9 @@ class Runner:
         """Yield the completion's text as it is generated."""
         params.check()
         pieces: list[str] = []
-        seq = self.sequence(prompt if isinstance(prompt, list) else self.encode(prompt), params, pieces.append)
+        seq = self.sequence(
+            prompt if isinstance(prompt, list) else self.encode(prompt), params, pieces.append
+        )
         batch = DecodeBatch(self.model, self.pad_id)
         batch.add([seq])
         while True:
@@ -346,17 +373,26 @@ class EncoderRunner:
         return cls(load_model(path, **kwargs), load_tokenizer(resolve_model_dir(path)))
 
     def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
 
     def count_tokens(self, texts: list[str]) -> int:
-        return sum(len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"])
+        return sum(
+            len(ids)
+            for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        )
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Mean-pooled, L2-normalised last hidden states."""
         enc = self._batch(texts)
         out = self.model(**enc, output_hidden_states=True)
-        hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+        hidden = (
+            out.last_hidden_state
+            if getattr(out, "last_hidden_state", None) is not None
+            else out.hidden_states[-1]
+        )
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()

@@ -26,8 +26,16 @@ from llmos_cli.core.infer import Completion, EncoderRunner, SamplingParams
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -116,8 +124,13 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         rows = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.BUCKETS, self.counts, strict=True)]
-        return [f"# TYPE {name} histogram", *rows, f'{name}_bucket{{le="+Inf"}} {self.n}',
-                f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
+        return [
+            f"# TYPE {name} histogram",
+            *rows,
+            f'{name}_bucket{{le="+Inf"}} {self.n}',
+            f"{name}_sum {self.total:.6f}",
+            f"{name}_count {self.n}",
+        ]
 
 
 class Metrics:
@@ -133,17 +146,25 @@ class Metrics:
 
     def render(self, engine: Engine | None) -> str:
         lines = ["# TYPE llmos_requests_total counter"]
-        lines += [f'llmos_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+        lines += [
+            f'llmos_requests_total{{path="{p}",status="{s}"}} {n}'
+            for (p, s), n in sorted(self.requests.items())
+        ]
         if engine is not None:
             st = engine.stats
-            lines += ["# TYPE llmos_prompt_tokens_total counter", f"llmos_prompt_tokens_total {st.prompt_tokens}",
-                      "# TYPE llmos_generated_tokens_total counter",
-                      f"llmos_generated_tokens_total {st.generated_tokens}",
-                      "# TYPE llmos_queue_depth gauge", f"llmos_queue_depth {engine.queue_depth}",
-                      "# TYPE llmos_running_requests gauge", f"llmos_running_requests {engine.running}",
-                      "# TYPE llmos_cancelled_requests_total counter",
-                      f"llmos_cancelled_requests_total {st.requests_cancelled}",
-                      *self.ttft.lines("llmos_time_to_first_token_seconds")]
+            lines += [
+                "# TYPE llmos_prompt_tokens_total counter",
+                f"llmos_prompt_tokens_total {st.prompt_tokens}",
+                "# TYPE llmos_generated_tokens_total counter",
+                f"llmos_generated_tokens_total {st.generated_tokens}",
+                "# TYPE llmos_queue_depth gauge",
+                f"llmos_queue_depth {engine.queue_depth}",
+                "# TYPE llmos_running_requests gauge",
+                f"llmos_running_requests {engine.running}",
+                "# TYPE llmos_cancelled_requests_total counter",
+                f"llmos_cancelled_requests_total {st.requests_cancelled}",
+                *self.ttft.lines("llmos_time_to_first_token_seconds"),
+            ]
         lines += self.latency.lines("llmos_request_latency_seconds")
         return "\n".join(lines) + "\n"
 
@@ -172,20 +193,35 @@ class Guard:
 
         try:
             if path != "/health" and self.api_key is not None and not self._authorized(scope):
-                await self._reject(send_recording, 401, "invalid or missing API key", "authentication_error",
-                                   "invalid_api_key")
+                await self._reject(
+                    send_recording,
+                    401,
+                    "invalid or missing API key",
+                    "authentication_error",
+                    "invalid_api_key",
+                )
                 return
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                await self._reject(send_recording, 413, f"request body is over {self.max_body_bytes} bytes",
-                                   "invalid_request_error", "request_too_large")
+                await self._reject(
+                    send_recording,
+                    413,
+                    f"request body is over {self.max_body_bytes} bytes",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
                 return
             if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await self._read_capped(receive)
                 if body is None:
-                    await self._reject(send_recording, 413, f"request body is over {self.max_body_bytes} bytes",
-                                       "invalid_request_error", "request_too_large")
+                    await self._reject(
+                        send_recording,
+                        413,
+                        f"request body is over {self.max_body_bytes} bytes",
+                        "invalid_request_error",
+                        "request_too_large",
+                    )
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_recording)
@@ -212,8 +248,16 @@ class Guard:
     @staticmethod
     async def _reject(send: Send, status: int, message: str, type: str, code: str) -> None:
         body = _error_bytes(status, message, type, code)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -230,16 +274,30 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
-               "/v1/classify"}
+KNOWN_PATHS = {
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/classify",
+}
 
 
 # ---------------------------------------------------------------- the app
 
 
-def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20, default_max_tokens: int = 256, retry_after_s: int = 1,
-               drain_timeout_s: float = 30.0) -> FastAPI:
+def create_app(
+    backend: Engine | EncoderRunner,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    default_max_tokens: int = 256,
+    retry_after_s: int = 1,
+    drain_timeout_s: float = 30.0,
+) -> FastAPI:
     """The FastAPI app. An Engine serves completions and chat; an EncoderRunner serves embeddings or classify."""
     engine = backend if isinstance(backend, Engine) else None
     encoder = backend if isinstance(backend, EncoderRunner) else None
@@ -268,7 +326,11 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
         first = err.errors()[0] if err.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))
+        message = (
+            f"{param}: {first.get('msg', 'invalid value')}"
+            if param
+            else str(first.get("msg", "invalid body"))
+        )
         return ApiError(400, message, param=param, code="invalid_parameter").response()
 
     @app.get("/health")
@@ -284,36 +346,60 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "llmos"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llmos"}],
+        }
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise ApiError(400, f"model '{name}' is not served here; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                400,
+                f"model '{name}' is not served here; this server serves '{model_name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def need_engine() -> Engine:
         if engine is None:
-            raise ApiError(400, f"'{model_name}' is not a generative model; use /v1/embeddings or /v1/classify",
-                           code="unsupported_endpoint")
+            raise ApiError(
+                400,
+                f"'{model_name}' is not a generative model; use /v1/embeddings or /v1/classify",
+                code="unsupported_endpoint",
+            )
         return engine
 
     def sampling(body: _Body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
         window = need_engine().runner.context_window
         if window is not None and prompt_len >= window:
-            raise ApiError(400, f"the prompt is {prompt_len} tokens; this model's context window is {window}",
-                           param="messages" if isinstance(body, ChatBody) else "prompt",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {prompt_len} tokens; this model's context window is {window}",
+                param="messages" if isinstance(body, ChatBody) else "prompt",
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
-            max_tokens = default_max_tokens if window is None else min(default_max_tokens, window - prompt_len)
+            max_tokens = (
+                default_max_tokens if window is None else min(default_max_tokens, window - prompt_len)
+            )
         elif window is not None and prompt_len + max_tokens > window:
-            raise ApiError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over this "
-                           f"model's context window of {window} tokens", param="max_tokens",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over this "
+                f"model's context window of {window} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                                stop=stop)
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=stop,
+        )
         try:
             params.check()
         except ValueError as err:
@@ -332,18 +418,35 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
         rid = f"cmpl-{uuid.uuid4().hex}"
 
         def chunk(text: str, finish: str | None, index: int = 0) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
 
         if body.stream:
             if len(ids) != 1:
                 raise ApiError(400, "stream: true takes a single prompt", param="prompt")
-            return _sse(eng, ids[0], params[0], retry_after_s, usage=_wants_usage(body),
-                        first=None, delta=lambda t: chunk(t, None), last=lambda c: chunk("", _reason(c)))
-        results = await asyncio.gather(*(_complete(eng, x, p, request, retry_after_s) for x, p in zip(ids, params, strict=True)))
+            return _sse(
+                eng,
+                ids[0],
+                params[0],
+                retry_after_s,
+                usage=_wants_usage(body),
+                first=None,
+                delta=lambda t: chunk(t, None),
+                last=lambda c: chunk("", _reason(c)),
+            )
+        results = await asyncio.gather(
+            *(_complete(eng, x, p, request, retry_after_s) for x, p in zip(ids, params, strict=True))
+        )
         out = chunk("", None)
-        out["choices"] = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": _reason(c)}
-                          for i, c in enumerate(results)]
+        out["choices"] = [
+            {"index": i, "text": c.text, "logprobs": None, "finish_reason": _reason(c)}
+            for i, c in enumerate(results)
+        ]
         out["usage"] = _usage(results)
         return JSONResponse(out)
 
@@ -359,19 +462,43 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
 
         if body.stream:
-            return _sse(eng, ids, params, retry_after_s, usage=_wants_usage(body), first=chunk({"role": "assistant", "content": ""}, None),
-                        delta=lambda t: chunk({"content": t}, None), last=lambda c: chunk({}, _reason(c)))
+            return _sse(
+                eng,
+                ids,
+                params,
+                retry_after_s,
+                usage=_wants_usage(body),
+                first=chunk({"role": "assistant", "content": ""}, None),
+                delta=lambda t: chunk({"content": t}, None),
+                last=lambda c: chunk({}, _reason(c)),
+            )
         c = await _complete(eng, ids, params, request, retry_after_s)
-        return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                         "finish_reason": _reason(c)}],
-            "usage": _usage([c]),
-        })
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": None,
+                        "finish_reason": _reason(c),
+                    }
+                ],
+                "usage": _usage([c]),
+            }
+        )
 
     async def run_encoder(body: EncodeBody, fn: Callable[[list[str]], Any]) -> tuple[list[str], Any]:
         check_model(body.model)
@@ -387,8 +514,12 @@ def create_app(backend: Engine | EncoderRunner, *, model_name: str, api_key: str
             raise ApiError(400, f"'{model_name}' does not serve embeddings", code="unsupported_endpoint")
         texts, vectors = await run_encoder(body, encoder.embed)
         n = encoder.count_tokens(texts)
-        return {"object": "list", "model": model_name, "usage": {"prompt_tokens": n, "total_tokens": n},
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
+        return {
+            "object": "list",
+            "model": model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        }
 
     @app.post("/v1/classify")
     async def classify(body: EncodeBody) -> dict[str, Any]:
@@ -417,8 +548,14 @@ def _usage(results: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen}
 
 
-def _submit(engine: Engine, ids: list[int], params: SamplingParams, events: asyncio.Queue, stream: bool,
-            retry_after_s: int) -> str:
+def _submit(
+    engine: Engine,
+    ids: list[int],
+    params: SamplingParams,
+    events: asyncio.Queue,
+    stream: bool,
+    retry_after_s: int,
+) -> str:
     loop = asyncio.get_running_loop()
 
     def put(item: Any) -> None:
@@ -428,20 +565,30 @@ def _submit(engine: Engine, ids: list[int], params: SamplingParams, events: asyn
     try:
         return engine.submit(ids, params, on_delta=put if stream else None, on_finish=put)
     except QueueFull as err:
-        raise ApiError(503, f"the server is busy ({err}); retry shortly", type="server_error",
-                       code="queue_full", headers={"Retry-After": str(retry_after_s)}) from err
+        raise ApiError(
+            503,
+            f"the server is busy ({err}); retry shortly",
+            type="server_error",
+            code="queue_full",
+            headers={"Retry-After": str(retry_after_s)},
+        ) from err
     except EngineUnavailable as err:
-        raise ApiError(503, str(err), type="server_error", code="unavailable", headers={"Retry-After": "5"}) from err
+        raise ApiError(
+            503, str(err), type="server_error", code="unavailable", headers={"Retry-After": "5"}
+        ) from err
     except ValueError as err:
         raise ApiError(400, str(err)) from err
 
 
 def _failed(err: BaseException) -> ApiError:
-    return ApiError(500, f"the model failed: {type(err).__name__}: {err}", type="server_error", code="model_error")
+    return ApiError(
+        500, f"the model failed: {type(err).__name__}: {err}", type="server_error", code="model_error"
+    )
 
 
-async def _complete(engine: Engine, ids: list[int], params: SamplingParams, request: Request,
-                    retry_after_s: int) -> Completion:
+async def _complete(
+    engine: Engine, ids: list[int], params: SamplingParams, request: Request, retry_after_s: int
+) -> Completion:
     """Wait for a request's result; cancel it if the client goes away."""
     events: asyncio.Queue = asyncio.Queue()
     rid = _submit(engine, ids, params, events, stream=False, retry_after_s=retry_after_s)
@@ -460,8 +607,12 @@ async def _complete(engine: Engine, ids: list[int], params: SamplingParams, requ
     if isinstance(result, BaseException):
         raise _failed(result)
     if result.finish_reason == "cancelled":
-        raise ApiError(503, "the request was cancelled: the server is shutting down", type="server_error",
-                       code="cancelled")
+        raise ApiError(
+            503,
+            "the request was cancelled: the server is shutting down",
+            type="server_error",
+            code="cancelled",
+        )
     return result
 
 
@@ -469,8 +620,17 @@ def _wants_usage(body: _Body) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-def _sse(engine: Engine, ids: list[int], params: SamplingParams, retry_after_s: int, *, usage: bool,
-         first: dict | None, delta: Callable[[str], dict], last: Callable[[Completion], dict]) -> StreamingResponse:
+def _sse(
+    engine: Engine,
+    ids: list[int],
+    params: SamplingParams,
+    retry_after_s: int,
+    *,
+    usage: bool,
+    first: dict | None,
+    delta: Callable[[str], dict],
+    last: Callable[[Completion], dict],
+) -> StreamingResponse:
     """Server-sent events: a chunk per text delta, a final chunk with finish_reason, (usage), then [DONE]."""
     events: asyncio.Queue = asyncio.Queue()
     rid = _submit(engine, ids, params, events, stream=True, retry_after_s=retry_after_s)
@@ -486,7 +646,9 @@ def _sse(engine: Engine, ids: list[int], params: SamplingParams, retry_after_s: 
                     continue
                 if isinstance(item, BaseException):
                     err = _failed(item)
-                    payload = {"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}}
+                    payload = {
+                        "error": {"message": err.message, "type": err.type, "param": None, "code": err.code}
+                    }
                     yield f"data: {json.dumps(payload)}\n\n"
                 else:
                     final = last(item)
@@ -499,4 +661,3 @@ def _sse(engine: Engine, ids: list[int], params: SamplingParams, retry_after_s: 
             engine.cancel(rid)  # a no-op once finished; frees the slot when the client disconnects
 
     return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-

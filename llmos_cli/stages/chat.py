@@ -10,7 +10,9 @@ from llmos_cli.errors import UserError
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
-def run(model: str, *, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7) -> None:
+def run(
+    model: str, *, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7
+) -> None:
     """Read a user turn, stream the assistant's reply, repeat."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     try:
@@ -19,7 +21,9 @@ def run(model: str, *, system: str | None = None, max_new_tokens: int = 256, tem
         raise UserError(f"--{str(err).replace('_', '-')}") from err
     runner = Runner.load(model)
     if not getattr(runner.tokenizer, "chat_template", None):
-        raise UserError(f"{model}: the tokenizer has no chat template", hint="use `llmos generate` for plain text")
+        raise UserError(
+            f"{model}: the tokenizer has no chat template", hint="use `llmos generate` for plain text"
+        )
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     print(HELP, file=sys.stderr)
@@ -59,6 +63,8 @@ def fit_context(runner: Runner, messages: list[dict[str, str]], max_new_tokens: 
             return ids
         first = 1 if messages[0]["role"] == "system" else 0
         if len(messages) - first <= 1:
-            raise UserError(f"the message is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it does "
-                            f"not fit the model's context window of {window}")
+            raise UserError(
+                f"the message is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it does "
+                f"not fit the model's context window of {window}"
+            )
         del messages[first]

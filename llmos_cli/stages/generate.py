@@ -14,17 +14,35 @@ from llmos_cli.core.infer import Runner, SamplingParams
 from llmos_cli.errors import UserError
 
 
-def run(model: str, *, prompt: str | None = None, input_path: Path | None = None, output_path: Path | None = None,
-        max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-        repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-        batch_size: int = 16) -> list[str]:
+def run(
+    model: str,
+    *,
+    prompt: str | None = None,
+    input_path: Path | None = None,
+    output_path: Path | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    batch_size: int = 16,
+) -> list[str]:
     """Complete `prompt` (printed as it is generated) or every line of `input_path` (written to `output_path`)."""
     if (prompt is None) == (input_path is None):
         raise UserError("pass exactly one of --prompt TEXT or --input prompts.jsonl")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
     try:
         params.check()
     except ValueError as err:
@@ -49,8 +67,10 @@ def run(model: str, *, prompt: str | None = None, input_path: Path | None = None
         prompts.append(ids)
     with out.progress("generating", total=len(prompts)) as bar:
         results = runner.generate(prompts, params, batch_size=batch_size, on_done=lambda i, c: bar.update(1))
-    lines = [json.dumps({**row, "completion": c.text, "finish_reason": c.finish_reason}, ensure_ascii=False)
-             for (_, row), c in zip(rows, results, strict=True)]
+    lines = [
+        json.dumps({**row, "completion": c.text, "finish_reason": c.finish_reason}, ensure_ascii=False)
+        for (_, row), c in zip(rows, results, strict=True)
+    ]
     if output_path is None:
         print("\n".join(lines))
     else:
@@ -62,8 +82,10 @@ def run(model: str, *, prompt: str | None = None, input_path: Path | None = None
 def check_fits(runner: Runner, ids: list[int], max_new_tokens: int, *, where: str) -> None:
     window = runner.context_window
     if window is not None and len(ids) + max_new_tokens > window:
-        raise UserError(f"{where}: the prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it is "
-                        f"over the model's context window of {window} tokens")
+        raise UserError(
+            f"{where}: the prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it is "
+            f"over the model's context window of {window} tokens"
+        )
 
 
 def read_prompts(path: Path) -> list[tuple[int, dict[str, Any]]]:

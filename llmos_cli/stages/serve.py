@@ -11,26 +11,44 @@ from llmos_cli.errors import UserError
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str = "LLMOS_API_KEY",
-        max_batch_size: int = 16, max_queue: int = 256, model_name: str | None = None) -> None:
+def run(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key_env: str = "LLMOS_API_KEY",
+    max_batch_size: int = 16,
+    max_queue: int = 256,
+    model_name: str | None = None,
+) -> None:
     """Serve `model` on host:port until SIGTERM/Ctrl-C; in-flight requests get time to finish."""
     import uvicorn
 
     api_key = os.environ.get(api_key_env) or None
     if host not in LOOPBACK and api_key is None:
-        raise UserError(f"refusing to listen on {host} without an API key",
-                        hint=f"set the {api_key_env} environment variable (serve.api_key_env), or bind 127.0.0.1")
+        raise UserError(
+            f"refusing to listen on {host} without an API key",
+            hint=f"set the {api_key_env} environment variable (serve.api_key_env), or bind 127.0.0.1",
+        )
     if max_batch_size < 1 or max_queue < 1:
         raise UserError("serve.max_batch_size and serve.max_queue must be at least 1")
-    app = build_app(model, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
-                    model_name=model_name)
+    app = build_app(
+        model, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue, model_name=model_name
+    )
     out.info(f"serving {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                  timeout_graceful_shutdown=30)).run()
+    uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    ).run()
 
 
-def build_app(model: str, *, api_key: str | None, max_batch_size: int = 16, max_queue: int = 256,
-              model_name: str | None = None):  # noqa: ANN201 - FastAPI, imported lazily
+def build_app(
+    model: str,
+    *,
+    api_key: str | None,
+    max_batch_size: int = 16,
+    max_queue: int = 256,
+    model_name: str | None = None,
+):  # noqa: ANN201 - FastAPI, imported lazily
     """Load `model` and wrap it: a causal LM gets the generation engine, an encoder or classifier its endpoints."""
     from transformers import AutoConfig
 
