@@ -15,6 +15,7 @@ import pytest
 
 from llmos_cli.core.registry import SCHEMA_VERSION, Registry, register_run
 from llmos_cli.errors import UserError
+from llmos_cli.stages import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +46,13 @@ def test_add_show_lineage_and_remove(tmp_path: Path, home: Path) -> None:
         data_fingerprint="fp1",
         metrics={"loss": 1.5},
     )
-    rerun = reg.register_run(tmp_path / "runs" / "ft" / "final", name="ignored", parent="base", metrics={"loss": 1.2})
+    rerun = reg.register_run(
+        tmp_path / "runs" / "ft" / "final", name="ignored", parent="base", metrics={"loss": 1.2}
+    )
     assert rerun.name == "ft"  # the same path updates its own entry
-    reg.register_run(model_dir(tmp_path, "onnx"), name="ft-onnx", kind="export", parent="ft", metrics={"x": 1})
+    reg.register_run(
+        model_dir(tmp_path, "onnx"), name="ft-onnx", kind="export", parent="ft", metrics={"x": 1}
+    )
 
     assert [e.name for e in reg.list()] == ["base", "ft", "ft-onnx"]
     assert [e.name for e in reg.list("export")] == ["ft-onnx"]
@@ -147,18 +152,65 @@ def test_concurrent_writers_from_threads(tmp_path: Path) -> None:
     assert sorted(e.name for e in reg.list()) == sorted(["t"] + [f"t-{n}" for n in range(2, 41)])
 
 
-def test_models_cli_add_list_show_rm(tmp_path: Path, run_cli) -> None:
-    model_dir(tmp_path, "base")
-    res = run_cli("--json", "models", "add", tmp_path / "base", "--name", "b")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["name"] == "b"
-    res = run_cli("models", "list")
-    assert res.code == 0 and "b" in res.stderr and "base" in res.stderr
-    res = run_cli("--json", "models", "show", "b")
-    shown = json.loads(res.stdout)
-    assert shown["path"] == str((tmp_path / "base").resolve()) and shown["lineage"] == ["b"]
-    assert run_cli("models", "rm", "b").code == 0
-    res = run_cli("models", "show", "b")
-    assert res.code == 2 and "no model 'b'" in res.stderr
-    res = run_cli("models", "add", tmp_path / "missing")
-    assert res.code == 2 and "not found" in res.stderr
+def test_models_add_list_show_rm(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "runs" / "ft"
+    model_dir(run, "final")
+    assert models.add_model(model_dir(tmp_path, "base"), name="b")["name"] == "b"
+    added = models.add_model(run, kind="run", parent="b")  # a run dir registers its final/
+    assert added["name"] == "ft" and added["path"] == str((run / "final").resolve())
+    listed = models.list_models()
+    assert [m["name"] for m in listed] == ["b", "ft"] and "ft" in capsys.readouterr().err
+    shown = models.show_model("ft")
+    assert shown["lineage"] == ["ft", "b"] and shown["parent"] == "b"
+    assert models.remove_model("ft", delete_files=True)["deleted_files"] and not (run / "final").exists()
+    with pytest.raises(UserError, match="no model 'ft'"):
+        models.show_model("ft")
+    with pytest.raises(UserError, match="not found"):
+        models.add_model(tmp_path / "missing")
+
+
+def test_adapter_parent_is_its_base(tmp_path: Path) -> None:
+    models.add_model(model_dir(tmp_path, "base"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(tmp_path / "base")})
+    )
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    assert models.add_model(adapter, kind="run")["parent"] == "base"
+
+
+def test_pull_fails_clearly_offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="offline mode is on"):
+        models.pull_model("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_pull_downloads_safetensors_only_and_registers(tmp_path: Path, home: Path, monkeypatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def fake_download(repo_id, *, revision, local_dir, allow_patterns):
+        calls.append((repo_id, revision, allow_patterns))
+        model_dir(Path(local_dir).parent, Path(local_dir).name)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    pulled = models.pull_model("org/tiny-model")
+    assert pulled["name"] == "tiny-model" and pulled["source"] == "hf://org/tiny-model"
+    assert pulled["path"] == str((home / "models" / "org--tiny-model").resolve())
+    assert "*.safetensors" in calls[0][2] and "*.bin" not in calls[0][2]
+    with pytest.raises(UserError, match="already in the registry"):
+        models.pull_model("org/tiny-model")
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(UserError, match="unreachable"):
+        models.pull_model("org/other")

@@ -159,7 +159,7 @@ class Registry:
     def get(self, ref: str) -> ModelEntry:
         entry = self.find(ref)
         if entry is None:
-            raise UserError(f"no model '{ref}' in the registry ({self.db_path})", hint="see `llmos models list`")
+            raise self._missing(ref)
         return entry
 
     def lineage(self, ref: str) -> list[ModelEntry]:
@@ -171,7 +171,7 @@ class Registry:
                 chain.append(entry)
                 entry = _find(conn, entry.parent) if entry.parent else None
         if not chain:
-            raise UserError(f"no model '{ref}' in the registry ({self.db_path})", hint="see `llmos models list`")
+            raise self._missing(ref)
         return chain
 
     # ------------------------------------------------------------ writes
@@ -232,9 +232,12 @@ class Registry:
         with self._connect() as conn, _transaction(conn):
             entry = _find(conn, ref)
             if entry is None:
-                raise UserError(f"no model '{ref}' in the registry ({self.db_path})", hint="see `llmos models list`")
+                raise self._missing(ref)
             conn.execute("DELETE FROM models WHERE name = ?", (entry.name,))
         return entry
+
+    def _missing(self, ref: str) -> UserError:
+        return UserError(f"no model '{ref}' in the registry ({self.db_path})", hint="see `llmos models list`")
 
     def _entry(
         self,
@@ -253,7 +256,9 @@ class Registry:
         if name is None:
             name = p.parent.name if p.name == "final" else p.name
         if not name or name != name.strip() or "/" in name:
-            raise UserError(f"invalid model name {name!r}: use a non-empty name without '/' or surrounding spaces")
+            raise UserError(
+                f"invalid model name {name!r}: use a non-empty name without '/' or surrounding spaces"
+            )
         return ModelEntry(
             name=name,
             kind=kind,
