@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmos_cli.core.lockfile import FileHashes
 from llmos_cli.core.registry import Registry
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import load_recipe
@@ -93,23 +95,35 @@ def test_lock_records_versions_inputs_and_fingerprints_and_replays(
         lock["packages"]
     )
     assert lock["packages"]["torch"] is not None
-    assert lock["inputs"] == {str(corpus): pipeline.FileHashes({}).file(corpus)}
+    assert lock["inputs"] == {str(corpus): FileHashes({}).file(corpus)}
     assert lock["stages"] == {"data": result["stages"][0]["fingerprint"]}
     assert load_recipe(pipeline_recipe, data_only).model_dump(mode="json") == lock["recipe"]
 
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)  # replay sets them; monkeypatch restores them after
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = []
+    data_stage = pipeline.STAGES["data"]
+
+    def spy_call(recipe):
+        seen.append(constants.HF_HUB_OFFLINE)
+        return data_stage.call(recipe)
+
+    spy = dataclasses.replace(data_stage, call=spy_call)
+    monkeypatch.setitem(pipeline.STAGES, "data", spy)
     lock["packages"]["torch"] = "0.0.1"
     lock_path.write_text(json.dumps(lock))
     capsys.readouterr()
     replayed = pipeline.replay(lock_path)
     assert replayed["matches_lock"] and statuses(replayed) == {"data": "skipped"}
     assert "torch 0.0.1 locked" in capsys.readouterr().err and replayed["version_drift"]
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
     shutil.rmtree(tmp_path / "data")  # outputs gone (a fresh checkout): replay rebuilds them, identically
     rebuilt = pipeline.replay(lock_path)
     assert rebuilt["matches_lock"] and statuses(rebuilt) == {"data": "ran"}
+    assert seen == [True]  # the stage ran with the hub switched off...
+    assert constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ  # ...and only then
 
     corpus.write_text(corpus.read_text() + json.dumps({"text": "changed"}) + "\n")
     with pytest.raises(UserError, match="changed since the lock was written"):

@@ -58,6 +58,7 @@ def test_add_show_lineage_and_remove(tmp_path: Path, home: Path) -> None:
     assert [e.name for e in reg.list("export")] == ["ft-onnx"]
     assert [e.name for e in reg.lineage("ft-onnx")] == ["ft-onnx", "ft", "base"]
     assert reg.get(str(tmp_path / "base")).name == "base"  # found by path too
+    assert reg.get(str(tmp_path / "runs" / "ft")).name == "ft"  # a run dir names its final/
     assert (home / "registry.db").exists()
     assert run.metrics == {"loss": 1.5} and reg.get("ft").metrics == {"loss": 1.2}
     assert reg.get("ft").recipe_hash is None  # the re-run's entry replaces the old one whole

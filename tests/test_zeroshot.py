@@ -94,6 +94,12 @@ def test_causal_lm_scores_are_the_mean_label_log_likelihood(bpe) -> None:
         assert ranked[label] == pytest.approx(expected, abs=1e-5)
     assert list(ranked.values()) == sorted(ranked.values(), reverse=True)
 
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # B=0: same outputs
+    assert model_kind(wrapped) == "causal"
+    assert dict(zero_shot_scores(wrapped, bpe, text, labels)) == pytest.approx(ranked, abs=1e-6)
+
 
 def test_seq2seq_scores_are_the_mean_label_log_likelihood(bpe) -> None:
     from transformers import T5Config, T5ForConditionalGeneration

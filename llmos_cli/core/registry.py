@@ -296,9 +296,12 @@ def _by_path(conn: sqlite3.Connection, path: str) -> ModelEntry | None:
 
 
 def _find(conn: sqlite3.Connection, ref: str) -> ModelEntry | None:
+    """By name, else by path (a run dir also matches its final/)."""
     entry = _select(conn, "name", ref)
-    if entry is None and Path(ref).expanduser().exists():
-        entry = _by_path(conn, str(Path(ref).expanduser().resolve()))
+    path = Path(ref).expanduser()
+    if entry is None and path.exists():
+        path = path.resolve()
+        entry = _by_path(conn, str(path)) or _by_path(conn, str(path / "final"))
     return entry
 
 

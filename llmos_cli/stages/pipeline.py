@@ -19,30 +19,25 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llmos_cli import __version__
 from llmos_cli.console import out
-from llmos_cli.core.data.cache import hash_file
 from llmos_cli.core.data.read import list_files
+from llmos_cli.core.lockfile import (
+    LOCK_VERSION,
+    FileHashes,
+    check_versions,
+    offline,
+    package_versions,
+    read_lock,
+    verify_inputs,
+)
 from llmos_cli.core.rundir import RunDir, write_atomic
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe, load_recipe, validate_recipe
 
 STATE_VERSION = 1
-LOCK_VERSION = 1
-LOCKED_PACKAGES = (
-    "llmos-cli",
-    "torch",
-    "transformers",
-    "datasets",
-    "tokenizers",
-    "peft",
-    "safetensors",
-    "accelerate",
-)
 TRAINING = ("pretrain", "finetune")
 
 
@@ -85,10 +80,11 @@ def _run_export(recipe: Recipe) -> Any:
     from llmos_cli.stages.common import trained_model_path
 
     return export.run(
-        model=Path(trained_model_path(recipe)),
-        formats=recipe.export.formats,
+        model=trained_model_path(recipe),
+        formats=list(recipe.export.formats),
         out=export_dir(recipe),
         merge_lora=recipe.export.merge_lora,
+        allow_pickle=recipe.model.allow_pickle,
     )
 
 
@@ -165,32 +161,6 @@ STAGES: dict[str, Stage] = {
 
 
 # ---------------------------------------------------------------- fingerprints
-
-
-class FileHashes:
-    """sha256 of files, cached by (size, mtime) in pipeline.json so unchanged inputs are not re-read."""
-
-    def __init__(self, cache: dict[str, list[Any]]):
-        self.cache = cache
-
-    def file(self, path: Path) -> str:
-        st = path.stat()
-        key = str(path.resolve())
-        hit = self.cache.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
-        digest = hash_file(path)
-        self.cache[key] = [st.st_size, st.st_mtime_ns, digest]
-        return digest
-
-    def tree(self, path: Path) -> str:
-        """A file's hash, or one hash over a folder's relative names and file hashes."""
-        if path.is_file():
-            return self.file(path)
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(path)}\0{self.file(f)}\n".encode())
-        return h.hexdigest()
 
 
 def _digest(obj: Any) -> str:
@@ -311,7 +281,9 @@ def run_recipe(recipe: Recipe, *, force: bool = False) -> dict[str, Any]:
         if d.why is None:
             out.info(f"run: {name}: unchanged, skipped")
             result = (record or {}).get("result")
-            report.append({"stage": name, "status": "skipped", "fingerprint": d.fingerprint, "result": result})
+            report.append(
+                {"stage": name, "status": "skipped", "fingerprint": d.fingerprint, "result": result}
+            )
             continue
         out.info(f"run: {name}: running ({d.why})")
         if name in TRAINING:
@@ -373,24 +345,13 @@ def _jsonable(result: Any) -> Any:
 # ---------------------------------------------------------------- lock and replay
 
 
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in LOCKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = __version__ if name == "llmos-cli" else None
-    return versions
-
-
 def write_lock(recipe: Recipe, fingerprints: dict[str, str], hashes: FileHashes) -> Path:
     """`<output_dir>/llmos.lock`: everything needed to replay the pipeline and check it is the same one."""
     stages = list(fingerprints)
     inputs: dict[str, str] = {}
     for name in stages:
         for path in STAGES[name].inputs(recipe, stages):
-            if path.exists():  # e.g. a model dir this pipeline itself produced may be gone
-                inputs[str(path)] = hashes.tree(path)
+            inputs[str(path)] = hashes.tree(path)
     lock = {
         "lock_version": LOCK_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -408,16 +369,7 @@ def write_lock(recipe: Recipe, fingerprints: dict[str, str], hashes: FileHashes)
 
 def replay(lock_path: Path, *, force: bool = False) -> dict[str, Any]:
     """Re-run a locked pipeline offline: same recipe, inputs checked by hash, version drift warned."""
-    try:
-        lock = json.loads(Path(lock_path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"lock file not found: {lock_path}") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{lock_path}: not a valid llmos.lock ({err})") from None
-    if lock.get("lock_version") != LOCK_VERSION:
-        raise UserError(
-            f"{lock_path}: lock version {lock.get('lock_version')!r} is not supported ({LOCK_VERSION})"
-        )
+    lock = read_lock(lock_path)
     drift = check_versions(lock.get("packages", {}))
     for line in drift:
         out.warn(f"{lock_path}: {line}")
@@ -425,35 +377,13 @@ def replay(lock_path: Path, *, force: bool = False) -> dict[str, Any]:
         out.warn(
             f"{lock_path}: written in {lock['working_dir']}; relative paths now resolve from {Path.cwd()}"
         )
-    hashes = FileHashes({})
-    for name, digest in lock.get("inputs", {}).items():
-        path = Path(name)
-        if not path.exists():
-            raise UserError(
-                f"{lock_path}: input {name} is missing", hint="restore it to replay this pipeline"
-            )
-        if hashes.tree(path) != digest:
-            raise UserError(
-                f"{lock_path}: input {name} changed since the lock was written",
-                hint="restore the locked version, or `llmos run` the recipe to make a new lock",
-            )
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ[var] = "1"
+    verify_inputs(lock, lock_path)
     recipe = validate_recipe(lock["recipe"], str(lock_path))
-    result = run_recipe(recipe, force=force)
+    with offline():
+        result = run_recipe(recipe, force=force)
     fingerprints = {s["stage"]: s["fingerprint"] for s in result["stages"]}
     result["matches_lock"] = fingerprints == lock.get("stages")
     result["version_drift"] = drift
     if not result["matches_lock"]:
         out.warn(f"{lock_path}: the replayed stages' fingerprints differ from the locked ones")
     return result
-
-
-def check_versions(locked: dict[str, str | None]) -> list[str]:
-    """One line per package whose installed version differs from the locked one."""
-    now = package_versions()
-    return [
-        f"{name} {want} locked, {now.get(name)} installed"
-        for name, want in locked.items()
-        if now.get(name, want) != want
-    ]
