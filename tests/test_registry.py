@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmos_cli.core.registry import SCHEMA_VERSION, Registry, register_run
+from llmos_cli.core.registry import SCHEMA_VERSION, Registry, register_run, registered_path
 from llmos_cli.errors import UserError
 from llmos_cli.stages import models
 
@@ -205,6 +205,8 @@ def test_pull_downloads_safetensors_only_and_registers(tmp_path: Path, home: Pat
     pulled = models.pull_model("org/tiny-model")
     assert pulled["name"] == "tiny-model" and pulled["source"] == "hf://org/tiny-model"
     assert pulled["path"] == str((home / "models" / "org--tiny-model").resolve())
+    assert registered_path("org/tiny-model") == registered_path("tiny-model") == Path(pulled["path"])
+    assert registered_path("unknown") is None
     assert "*.safetensors" in calls[0][2] and "*.bin" not in calls[0][2]
     with pytest.raises(UserError, match="already in the registry"):
         models.pull_model("org/tiny-model")

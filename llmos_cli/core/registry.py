@@ -296,8 +296,8 @@ def _by_path(conn: sqlite3.Connection, path: str) -> ModelEntry | None:
 
 
 def _find(conn: sqlite3.Connection, ref: str) -> ModelEntry | None:
-    """By name, else by path (a run dir also matches its final/)."""
-    entry = _select(conn, "name", ref)
+    """By name, else by hub id of a pulled model, else by path (a run dir also matches its final/)."""
+    entry = _select(conn, "name", ref) or _select(conn, "source", f"hf://{ref}")
     path = Path(ref).expanduser()
     if entry is None and path.exists():
         path = path.resolve()
@@ -352,3 +352,15 @@ def register_run(
     except (OSError, sqlite3.Error, UserError, ValueError) as err:
         out.warn(f"could not record {path} in the model registry ({llmos_home()}): {err}")
         return None
+
+
+def registered_path(ref: str) -> Path | None:
+    """The folder of the model registered as `ref` (a name or pulled hub id), for loaders that accept
+    registry names; None when `ref` is an existing path, is not registered, or the registry is unusable."""
+    if Path(ref).expanduser().exists():
+        return None
+    try:
+        entry = Registry().find(ref)
+    except (OSError, sqlite3.Error, UserError):
+        return None
+    return Path(entry.path) if entry else None
