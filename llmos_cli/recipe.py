@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmos_cli.errors import UserError
 
@@ -143,6 +143,25 @@ class ExportSection(Section):
     out: str | None = None
 
 
+PipelineStage = Literal["data", "pretrain", "finetune", "eval", "export"]
+PIPELINE_ORDER: tuple[str, ...] = ("data", "pretrain", "finetune", "eval", "export")
+
+
+class PipelineSection(Section):
+    stages: list[PipelineStage] = Field(default_factory=list, description="what `llmos run` chains, in order")
+
+    @field_validator("stages")
+    @classmethod
+    def _order(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"a stage is listed twice: {stages}")
+        if "pretrain" in stages and "finetune" in stages:
+            raise ValueError("a pipeline trains once: list pretrain or finetune, not both")
+        if stages != sorted(stages, key=PIPELINE_ORDER.index):
+            raise ValueError(f"stages must follow the order {' -> '.join(PIPELINE_ORDER)}")
+        return stages
+
+
 class Recipe(Section):
     run: RunSection = Field(default_factory=RunSection)
     task: Task = "causal-lm"
@@ -153,6 +172,7 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
     source: str | None = Field(None, exclude=True, description="the recipe file this came from")
 
     @property

@@ -8,6 +8,7 @@ from llmos_cli.console import out
 from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.objectives import CAUSAL_LM
+from llmos_cli.core.registry import register_run
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
 from llmos_cli.errors import UserError
@@ -56,6 +57,17 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
     result = train(job)
     save_final(run_dir, model, tokenizer)
+    register_run(
+        run_dir.final,
+        name=recipe.run.name,
+        parent=None,
+        recipe_hash=config_hash(recipe.model_dump(mode="json")),
+        data_fingerprint=prepared.fingerprint,
+        metrics={
+            "train_loss": result.final_loss,
+            **{f"validation_{k}": v for k, v in (result.validation or {}).items()},
+        },
+    )
     summary = {
         "run_dir": str(run_dir.path),
         "final": str(run_dir.final),

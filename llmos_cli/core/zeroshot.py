@@ -1,0 +1,135 @@
+"""Zero-shot classification with any model: no head, no training.
+
+- Encoders (BERT, MiniLM, ...): cosine similarity between the text's embedding and each label's
+  (mean pooling over the attention mask, then L2 normalisation, as sentence-transformers does for
+  all-MiniLM-L6-v2). The score is the cosine similarity, in [-1, 1].
+- Causal LMs: the log-likelihood of each label as the continuation of a prompt, averaged per label
+  token so that long labels are not penalised for their length. The score is that mean log-prob (<= 0).
+- Seq2seq models: the same, with the label as the decoder's target.
+
+Scores are returned best first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+ENCODER_TEMPLATE = "{label}"
+CAUSAL_TEMPLATE = "{text}\nAnswer: {label}"
+SEQ2SEQ_TEMPLATE = "{label}"
+
+
+def model_kind(model: Any) -> str:
+    """'seq2seq', 'causal' or 'encoder', from the loaded model's class (a PEFT wrapper is looked through)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if type(_unwrap(model)).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal"
+    return "encoder"
+
+
+def _unwrap(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def zero_shot_scores(
+    model: Any, tokenizer: Any, text: str, labels: list[str], *, template: str | None = None
+) -> list[tuple[str, float]]:
+    """Score every label for `text`, best first.
+
+    `template` shapes what is compared: for encoders it is applied to each label (default
+    "{label}", e.g. "This review is {label}."); for causal LMs it holds both `{text}` and
+    `{label}`, and the label is scored as the continuation of what precedes `{label}`.
+    """
+    if not labels:
+        raise ValueError("zero-shot prediction needs at least one label")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be distinct, got {labels}")
+    kind = model_kind(model)
+    if kind == "encoder":
+        scores = _encoder_scores(model, tokenizer, text, labels, template or ENCODER_TEMPLATE)
+    elif kind == "causal":
+        scores = _causal_scores(model, tokenizer, text, labels, template or CAUSAL_TEMPLATE)
+    else:
+        scores = _seq2seq_scores(model, tokenizer, text, labels, template or SEQ2SEQ_TEMPLATE)
+    return sorted(zip(labels, scores, strict=True), key=lambda pair: -pair[1])
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The average of the token embeddings, padding excluded."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def embed(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """Sentence embeddings, mean-pooled and L2-normalised (one row per text)."""
+    device = next(model.parameters()).device
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+    backbone = _unwrap(model).base_model  # e.g. BertModel under BertForSequenceClassification
+    hidden = backbone(**batch).last_hidden_state
+    return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+
+
+def _encoder_scores(model: Any, tokenizer: Any, text: str, labels: list[str], template: str) -> list[float]:
+    vectors = embed(model, tokenizer, [text] + [template.format(label=label) for label in labels])
+    return (vectors[1:] @ vectors[0]).tolist()
+
+
+def _causal_scores(model: Any, tokenizer: Any, text: str, labels: list[str], template: str) -> list[float]:
+    if "{label}" not in template:
+        raise ValueError(f"a causal-LM template must contain {{label}}: {template!r}")
+    head, _, tail = template.partition("{label}")
+    context = head.format(text=text)
+    # The space before the label belongs to the label's first token in BPE vocabularies.
+    stripped = context.rstrip(" ")
+    lead = context[len(stripped) :]
+    context_ids = tokenizer(stripped)["input_ids"]
+    sequences, spans = [], []
+    for label in labels:
+        label_ids = tokenizer(lead + label + tail.format(text=text), add_special_tokens=False)["input_ids"]
+        sequences.append(context_ids + label_ids)
+        spans.append((len(context_ids), len(context_ids) + len(label_ids)))
+    return _continuation_logprobs(model, tokenizer, sequences, spans)
+
+
+def _continuation_logprobs(
+    model: Any, tokenizer: Any, sequences: list[list[int]], spans: list[tuple[int, int]]
+) -> list[float]:
+    """Mean log-prob of tokens [start, end) of each sequence, each predicted from those before it."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(sequences):  # right padding keeps every real token at its own position
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    scores = []
+    for i, (start, end) in enumerate(spans):
+        if start == 0:
+            raise ValueError("the prompt before {label} must not be empty for a causal LM")
+        targets = ids[i, start:end].to(device)
+        picked = logprobs[i, start - 1 : end - 1].gather(-1, targets.unsqueeze(-1))
+        scores.append(float(picked.mean()))
+    return scores
+
+
+def _seq2seq_scores(model: Any, tokenizer: Any, text: str, labels: list[str], template: str) -> list[float]:
+    device = next(model.parameters()).device
+    source = tokenizer([text] * len(labels), padding=True, truncation=True, return_tensors="pt").to(device)
+    targets = tokenizer(
+        text_target=[template.format(label=label, text=text) for label in labels],
+        padding=True,
+        return_tensors="pt",
+    )["input_ids"].to(device)
+    pad = tokenizer.pad_token_id
+    logits = model(**source, labels=targets.masked_fill(targets == pad, -100)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    keep = (targets != pad).float()
+    return ((logprobs * keep).sum(1) / keep.sum(1)).tolist()
