@@ -6,7 +6,7 @@ LLMOS := $(VENV)/bin/llmos
 # CPU-only machines get the CPU build of torch; machines with an NVIDIA GPU keep (or get) a CUDA build.
 TORCH_CONSTRAINT := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)
 STAMP := $(VENV)/.installed
-DEMO := recipes/quickstart.yaml
+DEMO := recipes/pipeline-quickstart.yaml
 
 .PHONY: install demo test test-all bench lint format clean
 
@@ -19,9 +19,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $(STAMP)
 
 demo: install
-	$(LLMOS) data $(DEMO)
-	$(LLMOS) pretrain $(DEMO)
-	$(LLMOS) eval $(DEMO)
+	$(LLMOS) run $(DEMO)
 	$(LLMOS) generate runs/quickstart --prompt "def fibonacci(n):" --max-new-tokens 48
 	@echo
 	@echo "demo done:"
@@ -30,6 +28,8 @@ demo: install
 	@echo "  checkpoints                         runs/quickstart/checkpoints/"
 	@echo "  final model (HF format)             runs/quickstart/final/"
 	@echo "  evaluation                          runs/quickstart/eval.json"
+	@echo "  pipeline state + lock (replayable)  runs/quickstart/pipeline.json, runs/quickstart/llmos.lock"
+	@echo "  model library                       $${LLMOS_HOME:-~/.llmos}  (llmos models list)"
 
 test: install
 	$(PY) -m pytest -q

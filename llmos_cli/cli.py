@@ -24,6 +24,11 @@ recipe_app = typer.Typer(
     help="Check a recipe or print it resolved, defaults filled in.", no_args_is_help=True
 )
 app.add_typer(recipe_app, name="recipe")
+models_app = typer.Typer(
+    help="The local model library under LLMOS_HOME (default ~/.llmos): base models, runs, exports.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 SetOpt = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable).")
@@ -317,6 +322,91 @@ def export(
             allow_pickle=allow_pickle or r.model.allow_pickle,
         )
     )
+
+
+@app.command("run")
+def run_(
+    recipe: Path | None = typer.Argument(
+        None, help="Pipeline recipe (a recipe with pipeline.stages).", show_default=False
+    ),
+    set_: list[str] = SetOpt,
+    dry_run: bool = DryRunOpt,
+    force: bool = typer.Option(False, "--force", help="Run every stage, changed or not."),
+    replay: Path | None = typer.Option(
+        None, "--replay", help="Re-run the pipeline an llmos.lock records, offline."
+    ),
+) -> None:
+    """Chain data -> pretrain/finetune -> eval -> export, skipping stages whose inputs have not changed."""
+    from llmos_cli.stages import pipeline as stage
+
+    if replay is not None:
+        if recipe is not None or set_:
+            raise UserError("llmos run: pass a recipe or --replay LOCK, not both (a lock holds its recipe)")
+        return out.emit(stage.replay(replay, force=force))
+    if recipe is None:
+        raise UserError("llmos run: give a pipeline recipe, or --replay runs/NAME/llmos.lock")
+    if dry_run:
+        steps = stage.plan(recipe, set_, force=force)
+        out.info("plan (dry run, nothing written):")
+        for i, step in enumerate(steps, 1):
+            out.info(f"  {i}. {step['stage']}: {step['action']} ({step['reason']})")
+        return out.emit({"plan": steps})
+    out.emit(stage.run(recipe, set_, force=force))
+
+
+@models_app.command("list")
+def models_list(kind: str | None = typer.Option(None, "--kind", help="Only base, run or export.")) -> None:
+    """Registered models: kind, parent, size, created, metrics, path."""
+    from llmos_cli.stages import models as stage
+
+    out.emit(stage.list_models(kind))
+
+
+@models_app.command("show")
+def models_show(name: str = typer.Argument(..., help="Registered name or path.")) -> None:
+    """One model and its lineage: parent, recipe hash, data fingerprint, metrics, size."""
+    from llmos_cli.stages import models as stage
+
+    out.emit(stage.show_model(name))
+
+
+@models_app.command("add")
+def models_add(
+    path: Path = typer.Argument(..., help="HF-format model dir or run dir."),
+    name: str | None = typer.Option(None, "--name", help="Default: the folder's name."),
+    kind: str = typer.Option("base", "--kind", help="base, run or export."),
+    parent: str | None = typer.Option(None, "--parent", help="The model it came from (name or path)."),
+) -> None:
+    """Register a local model."""
+    from llmos_cli.stages import models as stage
+
+    out.emit(stage.add_model(path, name=name, kind=kind, parent=parent))
+
+
+@models_app.command("rm")
+def models_rm(
+    name: str = typer.Argument(..., help="Registered name or path."),
+    delete_files: bool = typer.Option(False, "--delete-files", help="Also delete the model's folder."),
+) -> None:
+    """Forget a model (its files stay unless --delete-files)."""
+    from llmos_cli.stages import models as stage
+
+    out.emit(stage.remove_model(name, delete_files=delete_files))
+
+
+@models_app.command("pull")
+def models_pull(
+    hub_id: str = typer.Argument(
+        ..., help="Hugging Face Hub id, e.g. sentence-transformers/all-MiniLM-L6-v2."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Default: the id's last part."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also fetch pickle (.bin) weights."),
+) -> None:
+    """Download a model from the Hugging Face Hub into LLMOS_HOME/models and register it (needs network)."""
+    from llmos_cli.stages import models as stage
+
+    out.emit(stage.pull_model(hub_id, name=name, revision=revision, allow_pickle=allow_pickle))
 
 
 @recipe_app.command("validate")

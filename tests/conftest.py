@@ -26,6 +26,12 @@ TINY_MODEL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _llmos_home(tmp_path_factory, monkeypatch):
+    """Runs register themselves in the model library: keep every test's library private."""
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path_factory.mktemp("llmos-home")))
+
+
 @dataclass
 class CliResult:
     code: int

@@ -12,8 +12,15 @@ from llmos_cli.core.infer import Runner, SamplingParams
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROMPTS = ["the quick", "def fib(n): return", "a", "language models predict the next token from the", "x y z",
-           "continuous batching lets short requests", "tokenizer"]
+PROMPTS = [
+    "the quick",
+    "def fib(n): return",
+    "a",
+    "language models predict the next token from the",
+    "x y z",
+    "continuous batching lets short requests",
+    "tokenizer",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +30,10 @@ def runner(tmp_path_factory) -> Runner:
 
 def hf_generate(runner: Runner, prompt: str, **kwargs) -> list[int]:
     ids = torch.tensor([runner.encode(prompt)])
-    out = runner.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=runner.pad_id, **kwargs)
-    return out[0, ids.shape[1]:].tolist()
+    out = runner.model.generate(
+        ids, attention_mask=torch.ones_like(ids), pad_token_id=runner.pad_id, **kwargs
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +50,13 @@ def test_batched_greedy_equals_per_prompt_hf_generate(runner, hf_greedy, batch_s
 
 
 def test_repetition_penalty_matches_hf(runner):
-    results = runner.generate(PROMPTS[:3], SamplingParams(max_new_tokens=16, repetition_penalty=1.5), batch_size=2)
+    results = runner.generate(
+        PROMPTS[:3], SamplingParams(max_new_tokens=16, repetition_penalty=1.5), batch_size=2
+    )
     for prompt, c in zip(PROMPTS, results, strict=False):
-        assert c.token_ids == hf_generate(runner, prompt, max_new_tokens=16, do_sample=False,
-                                          repetition_penalty=1.5)
+        assert c.token_ids == hf_generate(
+            runner, prompt, max_new_tokens=16, do_sample=False, repetition_penalty=1.5
+        )
 
 
 def test_seeded_sampling_is_reproducible_across_batch_shapes(runner):
@@ -57,7 +69,9 @@ def test_seeded_sampling_is_reproducible_across_batch_shapes(runner):
 
 
 def test_top_k_one_is_greedy(runner):
-    sampled = runner.generate(PROMPTS[:2], SamplingParams(max_new_tokens=12, temperature=0.8, top_k=1, seed=0))
+    sampled = runner.generate(
+        PROMPTS[:2], SamplingParams(max_new_tokens=12, temperature=0.8, top_k=1, seed=0)
+    )
     greedy = runner.generate(PROMPTS[:2], SamplingParams(max_new_tokens=12))
     assert [c.token_ids for c in sampled] == [c.token_ids for c in greedy]
 
@@ -90,9 +104,16 @@ def test_eos_ends_a_sequence(runner):
     assert c.finish_reason == "stop" and c.token_ids == [eos] and c.text == ""
 
 
-@pytest.mark.parametrize("kwargs, name", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
-                                          ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
-                                          ({"repetition_penalty": 0}, "repetition_penalty")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+    ],
+)
 def test_bad_sampling_params_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs).check()

@@ -39,8 +39,13 @@ def test_generate_batch_jsonl(model_dir, tmp_path):
     assert [p.name for p in dst.parent.iterdir()] == ["completions.jsonl"]  # no temp file left behind
 
 
-@pytest.mark.parametrize("line, match", [("not json", "prompts.jsonl:2: not valid JSON"),
-                                         ('{"text": "x"}', 'prompts.jsonl:2: expected an object')])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("not json", "prompts.jsonl:2: not valid JSON"),
+        ('{"text": "x"}', "prompts.jsonl:2: expected an object"),
+    ],
+)
 def test_generate_names_the_bad_line(model_dir, tmp_path, line, match):
     src = tmp_path / "prompts.jsonl"
     src.write_text('{"prompt": "ok"}\n' + line + "\n")
@@ -69,7 +74,9 @@ def test_chat_streams_replies_with_the_template(model_dir, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
     chat.run(str(model_dir), system="be brief", max_new_tokens=5, temperature=0)
     runner = Runner.load(model_dir)
-    ids = runner.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "again"}])
+    ids = runner.encode_chat(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "again"}]
+    )
     expected = runner.generate([ids], SamplingParams(max_new_tokens=5))[0].text
     assert capsys.readouterr().out.endswith(expected + "\n")
 

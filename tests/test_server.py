@@ -40,8 +40,14 @@ def server(runner):
     """uvicorn on 127.0.0.1 in a background thread; yields (base_url, engine)."""
     engine = Engine(runner, max_batch_size=4, max_queue=8)
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="tiny", api_key=KEY, max_body_bytes=4096),
-                                        host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, model_name="tiny", api_key=KEY, max_body_bytes=4096),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -73,24 +79,38 @@ def test_completion_matches_the_runner(client, runner):
 def test_streamed_chat_completion(client):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick"}]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     *chunks, usage = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "length"
     assert usage.choices == [] and usage.usage.completion_tokens == 16
     assert text == whole.choices[0].message.content
-    parts = [{"role": "system", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
-             messages[1]]
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+        messages[1],
+    ]
     same = client.chat.completions.create(model="tiny", messages=parts, max_tokens=16, temperature=0)
     assert same.choices[0].message.content == text
 
 
 def test_seeded_sampling_is_reproducible_over_http(client):
     def sample() -> str:
-        return client.completions.create(model="tiny", prompt="a", max_tokens=10, temperature=1.0, seed=5,
-                                         extra_body={"top_k": 40}).choices[0].text
+        return (
+            client.completions.create(
+                model="tiny", prompt="a", max_tokens=10, temperature=1.0, seed=5, extra_body={"top_k": 40}
+            )
+            .choices[0]
+            .text
+        )
+
     assert sample() == sample()
 
 
@@ -102,11 +122,18 @@ def test_auth_failure(server):
     assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"), ({"model": "gpt-4"}, "model"), ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"logprobs": 3}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"model": "gpt-4"}, "model"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logprobs": 3}, "logprobs"),
+    ],
+)
 def test_bad_parameters(client, kwargs, param):
     args = {"model": "tiny", "prompt": "hi", "max_tokens": 4, **kwargs}
     with pytest.raises(openai.BadRequestError) as err:
@@ -124,8 +151,11 @@ def test_over_long_prompt(client):
 
 
 def test_oversized_body_is_413(server):
-    r = httpx.post(server[0] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "tiny", "prompt": "x" * 10_000})
+    r = httpx.post(
+        server[0] + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "tiny", "prompt": "x" * 10_000},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
@@ -140,8 +170,9 @@ def test_disconnect_frees_the_slot(server, runner, monkeypatch):
     monkeypatch.setattr(runner.model, "forward", slow_forward)
     before = engine.stats.requests_cancelled
     body = {"model": "tiny", "prompt": "the quick", "max_tokens": 400, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=30) as r:
+    with httpx.stream(
+        "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ) as r:
         assert r.status_code == 200
         next(r.iter_lines())
     deadline = time.monotonic() + 10
@@ -154,8 +185,12 @@ def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
     text = httpx.get(server[0] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'llmos_requests_total{path="/v1/completions",status="200"}' in text
-    for name in ("llmos_generated_tokens_total", "llmos_queue_depth", "llmos_request_latency_seconds_count",
-                 "llmos_time_to_first_token_seconds_count"):
+    for name in (
+        "llmos_generated_tokens_total",
+        "llmos_queue_depth",
+        "llmos_request_latency_seconds_count",
+        "llmos_time_to_first_token_seconds_count",
+    ):
         assert name in text
 
 
@@ -229,7 +264,9 @@ def minilm_dir() -> pathlib.Path:
 
 def test_embeddings_from_an_encoder():
     with TestClient(create_app(EncoderRunner.load(minilm_dir()), model_name="minilm")) as http:
-        r = http.post("/v1/embeddings", json={"input": ["a cat sits", "a cat is sitting", "stock prices fell"]})
+        r = http.post(
+            "/v1/embeddings", json={"input": ["a cat sits", "a cat is sitting", "stock prices fell"]}
+        )
         assert r.status_code == 200
         vecs = torch.tensor([d["embedding"] for d in r.json()["data"]])
         assert vecs.shape == (3, 384)
@@ -241,9 +278,15 @@ def test_embeddings_from_an_encoder():
 def test_classify(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, id2label={0: "negative", 1: "positive"},
-                     label2id={"negative": 0, "positive": 1})
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     BertForSequenceClassification(cfg).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path)
     with TestClient(create_app(EncoderRunner.load(tmp_path), model_name="clf")) as http:
@@ -263,10 +306,16 @@ def test_sigterm_lets_in_flight_requests_finish(runner, tmp_path):
 
     model = build_tiny_llama(tmp_path / "model")
     port = free_port()
-    code = (f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
-            f"api_key_env='LLMOS_TEST_NO_KEY')")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=pathlib.Path(__file__).parent.parent)
+    code = (
+        f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
+        f"api_key_env='LLMOS_TEST_NO_KEY')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=pathlib.Path(__file__).parent.parent,
+    )
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
     try:
         while True:
