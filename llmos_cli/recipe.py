@@ -195,7 +195,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     raw = _read_with_extends(path, chain=())
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     recipe = validate_recipe(raw, str(path))
     return _resolve_paths(recipe, path.parent)
 
@@ -255,7 +255,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set a dotted KEY=VALUE (the value parsed as YAML) in a raw recipe mapping."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:

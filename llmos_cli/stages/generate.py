@@ -53,11 +53,14 @@ def run(
     if rows is None:
         ids, pieces = runner.encode(prompt), []
         check_fits(runner, ids, max_new_tokens, where="--prompt")
+        echo = not out.json_mode  # with --json, the CLI prints the completion inside its JSON result
         for piece in runner.stream(ids, params):
             pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            if echo:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        if echo:
+            sys.stdout.write("\n")
         return ["".join(pieces)]
 
     prompts = []

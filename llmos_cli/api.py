@@ -1,0 +1,289 @@
+"""The Python API: `LLMOS` and `Model`, thin doors onto the same stages and core as the CLI.
+
+from llmos_cli import LLMOS
+llmos = LLMOS()
+model = llmos.load_model("runs/my-run")
+model.generate("def fib(n):", max_new_tokens=32)
+model.predict("great phone, love it", labels=["positive", "negative"])
+tuned = model.finetune(task="classification", train_data="train.jsonl", epochs=3)
+model.translate("This is an example.", target_language="fr")
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from llmos_cli.recipe import Recipe, apply_override, load_recipe, validate_recipe
+
+LANGUAGES = {
+    "en": "English",
+    "fr": "French",
+    "de": "German",
+    "es": "Spanish",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+    "ro": "Romanian",
+    "ru": "Russian",
+    "zh": "Chinese",
+    "ja": "Japanese",
+    "ar": "Arabic",
+}
+DEFAULT_FORMAT = {"classification": "classification", "seq2seq": "pairs", "causal-lm": "instruction"}
+
+
+class LLMOS:
+    """Entry point: load models and run recipe stages, as the CLI does."""
+
+    def __init__(self, home: str | Path | None = None):
+        if home is not None:
+            import os
+
+            os.environ["LLMOS_HOME"] = str(home)
+
+    def load_model(
+        self, name_or_path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False
+    ) -> Model:
+        """A HF-format dir, a run dir (its final/), or a name registered in the model library."""
+        from llmos_cli.core.models import resolve_model_dir
+        from llmos_cli.core.registry import registered_path
+
+        ref = str(name_or_path)
+        path = resolve_model_dir(registered_path(ref) or ref)
+        return Model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+    def recipe(self, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        return load_recipe(path, overrides)
+
+    def data(self, recipe: str | Path | Recipe, overrides: list[str] | None = None) -> Any:
+        from llmos_cli.stages import data
+
+        return data.run(self._recipe(recipe, overrides))
+
+    def pretrain(self, recipe: str | Path | Recipe, overrides: list[str] | None = None) -> dict[str, Any]:
+        from llmos_cli.stages import pretrain
+
+        return pretrain.run(self._recipe(recipe, overrides))
+
+    def finetune(self, recipe: str | Path | Recipe, overrides: list[str] | None = None) -> dict[str, Any]:
+        from llmos_cli.stages import finetune
+
+        return finetune.run(self._recipe(recipe, overrides))
+
+    def evaluate(self, recipe: str | Path | Recipe, overrides: list[str] | None = None) -> dict[str, Any]:
+        from llmos_cli.stages import evaluate
+
+        return evaluate.run(self._recipe(recipe, overrides))
+
+    def run(
+        self, recipe: str | Path, overrides: list[str] | None = None, *, force: bool = False
+    ) -> dict[str, Any]:
+        from llmos_cli.stages import pipeline
+
+        return pipeline.run(Path(recipe), overrides or [], force=force)
+
+    def models(self, kind: str | None = None) -> list[dict[str, Any]]:
+        from llmos_cli.stages import models
+
+        return models.list_models(kind)
+
+    @staticmethod
+    def _recipe(recipe: str | Path | Recipe, overrides: list[str] | None) -> Recipe:
+        if isinstance(recipe, Recipe):
+            if overrides:
+                raise ValueError("overrides apply to a recipe file; change the Recipe object instead")
+            return recipe
+        return load_recipe(recipe, overrides)
+
+
+class Model:
+    """A model on disk; the weights load on first use."""
+
+    def __init__(self, path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+        self.path = Path(path)
+        self._load_kwargs = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r})"
+
+    @cached_property
+    def model(self) -> Any:
+        from llmos_cli.core.models import load_model
+
+        return load_model(self.path, **self._load_kwargs)
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from llmos_cli.core.models import load_tokenizer
+
+        return load_tokenizer(self.path, trust_remote_code=self._load_kwargs["trust_remote_code"])
+
+    @property
+    def kind(self) -> str:
+        """encoder, causal or seq2seq."""
+        from llmos_cli.core.zeroshot import model_kind
+
+        return model_kind(self.model)
+
+    @cached_property
+    def _runner(self) -> Any:
+        from llmos_cli.core.infer import Runner
+
+        return Runner(self.model, self.tokenizer)
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        batch_size: int = 16,
+    ) -> str | list[str]:
+        """Complete one prompt (returns a str) or a list of prompts (batched; returns a list)."""
+        from llmos_cli.core.infer import SamplingParams
+
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=tuple(stop or ()),
+        )
+        if self.kind == "seq2seq":
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            done = [self._seq2seq_generate(t, max_new_tokens) for t in texts]
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            done = [c.text for c in self._runner.generate(prompts, params, batch_size=batch_size)]
+        return done[0] if isinstance(prompt, str) else done
+
+    def scores(
+        self, text: str, labels: list[str] | None = None, *, template: str | None = None
+    ) -> dict[str, float]:
+        """Label -> score: the fine-tuned head's probabilities, or zero-shot scores when `labels` are given."""
+        if labels is None:
+            if not type(self.model).__name__.endswith("ForSequenceClassification"):
+                raise ValueError("this model has no classification head: pass labels=[...] for zero-shot")
+            from llmos_cli.core.infer import EncoderRunner
+
+            return EncoderRunner(self.model, self.tokenizer).classify([text])[0]
+        from llmos_cli.core.zeroshot import zero_shot_scores
+
+        return dict(zero_shot_scores(self.model, self.tokenizer, text, labels, template=template))
+
+    def predict(
+        self, text: str | list[str], labels: list[str] | None = None, *, template: str | None = None
+    ) -> str | list[str]:
+        """The best label for `text` (or for each text of a list)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        best = [
+            max(s.items(), key=lambda kv: kv[1])[0]
+            for s in (self.scores(t, labels, template=template) for t in texts)
+        ]
+        return best[0] if isinstance(text, str) else best
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised sentence embeddings."""
+        from llmos_cli.core.zeroshot import embed
+
+        return embed(self.model, self.tokenizer, texts).tolist()
+
+    def translate(
+        self, text: str, target_language: str, *, source_language: str = "en", max_new_tokens: int = 128
+    ) -> str:
+        """Translate with a seq2seq model, T5-style task prefix ("translate English to French: ...")."""
+        if self.kind != "seq2seq":
+            raise ValueError(
+                f"translate needs an encoder-decoder (seq2seq) model; {self.path} is {self.kind}"
+            )
+        src = LANGUAGES.get(source_language, source_language)
+        tgt = LANGUAGES.get(target_language, target_language)
+        return self._seq2seq_generate(f"translate {src} to {tgt}: {text}", max_new_tokens)
+
+    def _seq2seq_generate(self, text: str, max_new_tokens: int) -> str:
+        import torch
+
+        enc = self.tokenizer(text, return_tensors="pt", truncation=True)
+        with torch.inference_mode():
+            ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(ids[0], skip_special_tokens=True)
+
+    def finetune(
+        self,
+        *,
+        task: str,
+        train_data: str | Path,
+        validation_data: str | Path | None = None,
+        method: str = "full",
+        epochs: float | None = None,
+        max_steps: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        output_dir: str | Path | None = None,
+        format: str | None = None,
+        overrides: list[str] | None = None,
+    ) -> Model:
+        """Fine-tune this model through the same stage as `llmos finetune`; returns the fine-tuned model."""
+        from llmos_cli.stages import finetune
+
+        name = f"{self.path.parent.name if self.path.name == 'final' else self.path.name}-{task}"
+        train: dict[str, Any] = {
+            k: v
+            for k, v in {"epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size}.items()
+            if v is not None
+        }
+        raw = {
+            "run": {"name": name, "output_dir": str(output_dir or f"runs/{name}")},
+            "task": task,
+            "model": {"name_or_path": str(self.path), **self._load_kwargs},
+            "data": {
+                "train": str(Path(train_data).resolve()),
+                "format": format or DEFAULT_FORMAT.get(task, "text"),
+                **({"validation": str(Path(validation_data).resolve())} if validation_data else {}),
+            },
+            "finetune": {"method": method},
+            "train": train,
+        }
+        recipe = _with_overrides(raw, overrides or [])
+        summary = finetune.run(recipe)
+        return Model(Path(summary["final"]), **self._load_kwargs)
+
+    def evaluate(
+        self,
+        data: str | Path,
+        *,
+        metrics: list[str] | None = None,
+        task: str = "auto",
+        output_dir: str | Path | None = None,
+        overrides: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate this model through the same stage as `llmos eval`."""
+        from llmos_cli.stages import evaluate
+
+        in_run = self.path.name == "final"  # a run's model: eval.json goes into that run, as with the CLI
+        out_dir = output_dir or (self.path.parent if in_run else f"runs/eval-{self.path.name}")
+        raw = {
+            "run": {"name": self.path.name, "output_dir": str(out_dir)},
+            "model": {"name_or_path": str(self.path), **self._load_kwargs},
+            "eval": {
+                "data": str(Path(data).resolve()),
+                "task": task,
+                **({"metrics": metrics} if metrics else {}),
+            },
+        }
+        return evaluate.run(_with_overrides(raw, overrides or []))
+
+
+def _with_overrides(raw: dict[str, Any], overrides: list[str]) -> Recipe:
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_recipe(raw, "<api>")
