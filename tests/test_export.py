@@ -36,18 +36,18 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
+def save_tiny_llama(path: Path, **overrides) -> Path:
     """A tiny llama (hidden 64, 2 layers, GQA) with a locally trained byte-level BPE tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("llama")
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer) + 4, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False, **overrides,
+    })
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the 0.02 init give logits big enough to tell apart
         for p in model.parameters():
@@ -56,6 +56,11 @@ def llama_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +254,18 @@ def test_gguf_forward_matches_source(llama_dir, tmp_path, dtype, tol):
     got = check.gguf_llama_logits(tmp_path / f"{llama_dir.name}-{dtype}.gguf", prompts)
     for ids, logits in zip(prompts, got, strict=True):
         assert np.abs(logits - logits_of(model, torch.tensor([ids]))[0]).max() <= tol
+
+
+def test_gguf_tied_embeddings_and_llama3_rope_scaling(tmp_path):
+    from gguf import GGUFReader
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model_dir = save_tiny_llama(tmp_path / "llama3", tie_word_embeddings=True, rope_parameters=rope)
+    summary = export_stage.run(str(model_dir), ["gguf"], tmp_path / "g", gguf_dtype="f32")
+    assert summary["exports"][0]["max_abs_diff"] <= 1e-4
+    names = {t.name for t in GGUFReader(tmp_path / "g" / "llama3-f32.gguf").tensors}
+    assert "rope_freqs.weight" in names and "output.weight" not in names
 
 
 def test_gguf_of_adapter_is_merged(adapter_dir, tmp_path):

@@ -60,6 +60,8 @@ def run(
         check_gguf_supported(config)
         if task != "causal-lm":
             raise UserError(f"GGUF export needs a causal LM; this model is {task}")
+    if Path(out).is_file():
+        raise UserError(f"--out {out} is a file; pass a directory")
     targets = {fmt: Path(out) / fmt if len(formats) > 1 else Path(out) for fmt in formats}
     for target in targets.values():
         _check_replaceable(target)
@@ -97,7 +99,8 @@ def run(
                     f"to {targets[fmt]}"
                 )
             if fmt == "hf":
-                (tmp / "README.md").write_text(model_card(provenance, task, _asdict(result) if verify else None))
+                card = model_card(provenance, task, _asdict(result) if verify else None, merged=not keep_adapter)
+                (tmp / "README.md").write_text(card)
             files = sorted(p.name for p in tmp.iterdir())
         results.append({"format": fmt, "path": str(targets[fmt]), "files": files, **_asdict(result)})
 
@@ -199,7 +202,7 @@ def _export_name(model_dir: Path) -> str:
 
 def _check_replaceable(target: Path) -> None:
     if target.is_file():
-        raise UserError(f"--out {target} is a file; pass a directory")
+        raise UserError(f"{target} is a file; pass a directory to --out")
     if target.is_dir() and any(target.iterdir()) and not (target / "verify.json").exists():
         raise UserError(f"--out {target} already holds files that are not an llmos export",
                         hint="pass a new or empty directory")

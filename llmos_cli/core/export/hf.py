@@ -74,9 +74,9 @@ def _data_fingerprint(recipe: dict[str, Any], run_dir: Path) -> str | None:
     return None
 
 
-def model_card(prov: Provenance, task: str, verification: dict[str, Any] | None) -> str:
+def model_card(prov: Provenance, task: str, verification: dict[str, Any] | None, merged: bool = True) -> str:
     """README.md for the export: front matter for the Hub, then recipe, data and eval records."""
-    meta: dict[str, Any] = {"library_name": "transformers", "tags": ["llmos"]}
+    meta: dict[str, Any] = {"library_name": "transformers" if merged else "peft", "tags": ["llmos"]}
     if prov.base_model:
         meta["base_model"] = prov.base_model
     if task == "causal-lm":
@@ -87,7 +87,8 @@ def model_card(prov: Provenance, task: str, verification: dict[str, Any] | None)
              f"# {Path(prov.source).name or prov.source}", "",
              f"Exported by llmos {__version__} from `{prov.source}` (task: {task}).", ""]
     if prov.base_model:
-        lines += [f"Base model: `{prov.base_model}` (LoRA adapter merged into it).", ""]
+        how = "LoRA adapter merged into it" if merged else "this is a LoRA adapter to load on it"
+        lines += [f"Base model: `{prov.base_model}` ({how}).", ""]
     lines += ["## Data", "", f"Data fingerprint: `{prov.data_fingerprint or 'not recorded'}`", ""]
     lines += ["## Evaluation", ""]
     if prov.eval_metrics:
