@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,31 @@ FORMATS = ("hf", "onnx", "gguf")
 PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "SEQ_2_SEQ_LM": "seq2seq"}
 
 
+@dataclass
+class Source:
+    """The model being exported, and the logits every export is checked against."""
+
+    dir: Path
+    config: Any
+    task: str
+    tokenizer: Any
+    prompts: list[list[int]]
+    reference: check.Logits  # empty with --no-verify
+    quantize: bool = False
+    gguf_dtype: str = "f16"
+
+    @property
+    def name(self) -> str:
+        return self.dir.parent.name if self.dir.name == "final" else self.dir.name
+
+    def verified(self, fmt: str, precision: str, logits: Callable[[], check.Logits],
+                 **checks: Callable[[], bool]) -> check.VerifyResult:
+        """Compare the export's logits (computed only when verifying) with the reference."""
+        if not self.reference:
+            return check.skipped(fmt, precision)
+        return check.compare(fmt, precision, self.reference, logits(), **{k: f() for k, f in checks.items()})
+
+
 def run(
     model: str,
     formats: list[str],
@@ -44,9 +70,9 @@ def run(
 
     One format is written to `out` itself; several go to `out/<format>/`. Each is built in a temp dir
     beside its target and renamed into place only when its check passed, so a failed export leaves no
-    partial output; a target that already holds an llmos export (a verify.json) is replaced.
-    `quantize` makes the ONNX weights int8; `gguf_dtype` is f32, f16 or q8_0; `merge_lora=False` keeps
-    a LoRA adapter as an adapter in the HF export (ONNX and GGUF always merge it).
+    partial output (formats finished before it stay); a target that already holds an llmos export
+    (a verify.json) is replaced. `quantize` makes the ONNX weights int8; `gguf_dtype` is f32, f16 or q8_0;
+    `merge_lora=False` keeps a LoRA adapter as an adapter in the HF export (ONNX and GGUF always merge it).
     Raises UserError for unsupported combinations, VerificationFailed when logits differ beyond tolerance.
     """
     formats = _check_formats(formats, gguf_dtype)
@@ -54,49 +80,35 @@ def run(
     check_weights(model_dir, allow_pickle)
     adapter = is_adapter_dir(model_dir)
     config, task = _config_and_task(model_dir)
-    if "onnx" in formats:
-        check_onnx_supported(task)
-    if "gguf" in formats:
-        check_gguf_supported(config)
-        if task != "causal-lm":
-            raise UserError(f"GGUF export needs a causal LM; this model is {task}")
-    if Path(out).is_file():
-        raise UserError(f"--out {out} is a file; pass a directory")
-    targets = {fmt: Path(out) / fmt if len(formats) > 1 else Path(out) for fmt in formats}
-    for target in targets.values():
-        _check_replaceable(target)
+    _check_supported(formats, config, task)
+    targets = _targets(formats, Path(out))
 
     console.info(f"loading {model_dir}")
-    source = load_model(model_dir, task if task != "other" else None, allow_pickle=allow_pickle)
+    model_obj = load_model(model_dir, task if task != "other" else None, allow_pickle=allow_pickle)
     tokenizer = _source_tokenizer(model_dir, adapter)
     prompts = check.encode_prompts(tokenizer, config.vocab_size)
-    reference = check.torch_logits(source, prompts) if verify else []
+    reference = check.torch_logits(model_obj, prompts) if verify else []
+    source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
     provenance = read_provenance(model, model_dir, adapter_base(model_dir) if adapter else None)
+
     keep_adapter = adapter and not merge_lora
     if keep_adapter and formats != ["hf"]:
         console.warn("ONNX and GGUF need the LoRA adapter merged into its base: merging it for them")
-    # the unmerged adapter is exported first: merging changes the base model in place
+    # the kept adapter is exported first, because merging changes the base model in place
     ordered = sorted(formats, key=lambda f: f != "hf") if keep_adapter else formats
-    merged = None
     results = []
     for fmt in ordered:
-        if fmt == "hf" and keep_adapter:
-            current = source
-        else:
-            if merged is None:
-                merged = source.merge_and_unload() if adapter else source
-            current = merged
+        if adapter and not (fmt == "hf" and keep_adapter) and hasattr(model_obj, "merge_and_unload"):
+            model_obj = model_obj.merge_and_unload()
         console.info(f"exporting {fmt} to {targets[fmt]}")
         with _staging(targets[fmt]) as tmp:
-            result = _export_one(fmt, current, tokenizer, tmp, task=task, config=config, prompts=prompts,
-                                 reference=reference, quantize=quantize, gguf_dtype=gguf_dtype,
-                                 name=_export_name(model_dir))
+            result = EXPORTERS[fmt](source, model_obj, tmp)
             result.write(tmp)
             if not result.ok:
                 raise check.VerificationFailed(
                     f"{fmt} export does not match its source: max abs diff {result.max_abs_diff:.3g} "
-                    f"> tolerance {result.tolerance:.3g} ({result.checks or 'logits'}); nothing was written "
-                    f"to {targets[fmt]}"
+                    f"> tolerance {result.tolerance:.3g} (checks: {result.checks or 'logits only'}); "
+                    f"nothing was written to {targets[fmt]}"
                 )
             if fmt == "hf":
                 card = model_card(provenance, task, _asdict(result) if verify else None, merged=not keep_adapter)
@@ -112,36 +124,59 @@ def run(
     return {"model": str(model_dir), "task": task, "verified": verify, "exports": results}
 
 
-def _export_one(fmt: str, model: Any, tokenizer: Any, tmp: Path, *, task: str, config: Any,
-                prompts: list[list[int]], reference: check.Logits, quantize: bool, gguf_dtype: str,
-                name: str) -> check.VerifyResult:
-    """Write one format into `tmp` and verify it (when there is a reference)."""
-    if fmt == "hf":
-        dtype = _saved_dtype(config)
-        export_hf(model, tokenizer, tmp, dtype=dtype)
-        precision = {"bfloat16": "bf16", "float16": "f16"}.get(str(dtype).removeprefix("torch."), "fp32")
-        if not reference:
-            return check.skipped(fmt, precision)
-        exported = load_model(tmp, task if task != "other" else None)
-        return check.compare(fmt, precision, reference, check.torch_logits(exported, prompts))
-    if fmt == "onnx":
-        path = export_onnx(model, tmp, task, quantize=quantize)
-        model.config.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        precision = "int8" if quantize else "onnx-fp32"
-        if not reference:
-            return check.skipped(fmt, precision)
-        pad_id = getattr(tokenizer, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0
-        return check.compare(fmt, precision, reference,
-                             check.onnx_logits(path, prompts, pad_id, causal=task == "causal-lm"))
-    path = export_gguf(model, tokenizer, tmp / f"{name}-{gguf_dtype}.gguf", dtype=gguf_dtype, name=name)
-    (tmp / "Modelfile").write_text(f"FROM ./{path.name}\n")
-    precision = "fp32" if gguf_dtype == "f32" else gguf_dtype
-    if not reference:
-        return check.skipped(fmt, precision)
-    return check.compare(fmt, precision, reference, check.gguf_llama_logits(path, prompts),
-                         tokenizer=check.gguf_tokens_match(path, tokenizer))
+def _to_hf(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    dtype = _saved_dtype(src.config)
+    export_hf(model, src.tokenizer, tmp, dtype=dtype)
+    precision = {"bfloat16": "bf16", "float16": "f16"}.get(str(dtype).removeprefix("torch."), "fp32")
+    task = src.task if src.task != "other" else None
+    return src.verified("hf", precision, lambda: check.torch_logits(load_model(tmp, task), src.prompts))
+
+
+def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    path = export_onnx(model, tmp, src.task, quantize=src.quantize)
+    model.config.save_pretrained(str(tmp))
+    if src.tokenizer is not None:
+        src.tokenizer.save_pretrained(str(tmp))
+    pad_id = getattr(src.tokenizer, "pad_token_id", None) or getattr(src.config, "pad_token_id", None) or 0
+    return src.verified("onnx", "int8" if src.quantize else "onnx-fp32",
+                        lambda: check.onnx_logits(path, src.prompts, pad_id, causal=src.task == "causal-lm"))
+
+
+def _to_gguf(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    path = export_gguf(model, src.tokenizer, tmp / f"{src.name}-{src.gguf_dtype}.gguf", dtype=src.gguf_dtype,
+                       name=src.name)
+    (tmp / "Modelfile").write_text(f"FROM ./{path.name}\n")  # `ollama create NAME -f Modelfile`
+    return src.verified("gguf", "fp32" if src.gguf_dtype == "f32" else src.gguf_dtype,
+                        lambda: check.gguf_llama_logits(path, src.prompts),
+                        tokenizer=lambda: check.gguf_tokens_match(path, src.tokenizer))
+
+
+EXPORTERS: dict[str, Callable[[Source, Any, Path], check.VerifyResult]] = {
+    "hf": _to_hf, "onnx": _to_onnx, "gguf": _to_gguf,
+}
+
+
+def _check_supported(formats: list[str], config: Any, task: str) -> None:
+    if "onnx" in formats:
+        check_onnx_supported(task)
+    if "gguf" in formats:
+        check_gguf_supported(config)
+        if task != "causal-lm":
+            raise UserError(f"GGUF export needs a causal LM; this model is {task}")
+
+
+def _targets(formats: list[str], out: Path) -> dict[str, Path]:
+    """Where each format goes: `out` for one format, `out/<format>` for several; refuse to clobber."""
+    if out.is_file():
+        raise UserError(f"--out {out} is a file; pass a directory")
+    targets = {fmt: out / fmt if len(formats) > 1 else out for fmt in formats}
+    for target in targets.values():
+        if target.is_file():
+            raise UserError(f"{target} is a file; pass a directory to --out")
+        if target.is_dir() and any(target.iterdir()) and not (target / "verify.json").exists():
+            raise UserError(f"--out {target} already holds files that are not an llmos export",
+                            hint="pass a new or empty directory")
+    return targets
 
 
 def _check_formats(formats: list[str], gguf_dtype: str) -> list[str]:
@@ -194,18 +229,6 @@ def _saved_dtype(config: Any) -> Any:
     dtype = getattr(config, "dtype", None)
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-
-
-def _export_name(model_dir: Path) -> str:
-    return model_dir.parent.name if model_dir.name == "final" else model_dir.name
-
-
-def _check_replaceable(target: Path) -> None:
-    if target.is_file():
-        raise UserError(f"{target} is a file; pass a directory to --out")
-    if target.is_dir() and any(target.iterdir()) and not (target / "verify.json").exists():
-        raise UserError(f"--out {target} already holds files that are not an llmos export",
-                        hint="pass a new or empty directory")
 
 
 @contextmanager
