@@ -86,7 +86,7 @@ def run(
     console.info(f"loading {model_dir}")
     model_obj = load_model(model_dir, task if task != "other" else None, allow_pickle=allow_pickle)
     tokenizer = _source_tokenizer(model_dir, adapter)
-    prompts = check.encode_prompts(tokenizer, config.vocab_size)
+    prompts = check.encode_prompts(tokenizer, config.vocab_size, min(64, getattr(config, "max_position_embeddings", 64)))
     reference = check.torch_logits(model_obj, prompts) if verify else []
     source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
     provenance = read_provenance(model, model_dir, adapter_base(model_dir) if adapter else None)

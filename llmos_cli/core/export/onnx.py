@@ -45,9 +45,13 @@ def export_onnx(model: Any, dest: Path, task: str, quantize: bool = False) -> Pa
         )
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, use_external_data_format=big)
-        for leftover in dest.glob("model.fp32.onnx*"):
+        prepared = dest / "model.fp32.pre.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), save_as_external_data=big)
+        quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=big)
+        for leftover in dest.glob("model.fp32*"):
             leftover.unlink()
     return path
 

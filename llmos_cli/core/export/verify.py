@@ -55,12 +55,14 @@ class VerifyResult:
         return path
 
 
-def encode_prompts(tokenizer: Any, vocab_size: int, prompts: Sequence[str] = VERIFY_PROMPTS) -> list[list[int]]:
-    """Token ids for the verification prompts; fixed pseudo-random ids when the model has no tokenizer."""
+def encode_prompts(tokenizer: Any, vocab_size: int, max_len: int = 64,
+                   prompts: Sequence[str] = VERIFY_PROMPTS) -> list[list[int]]:
+    """Token ids for the verification prompts (at most `max_len` each); fixed pseudo-random ids when the
+    model has no tokenizer."""
     if tokenizer is None:
         rng = np.random.default_rng(0)
-        return [rng.integers(0, vocab_size, size=n).tolist() for n in (9, 5, 1)]
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+        return [rng.integers(0, vocab_size, size=min(n, max_len)).tolist() for n in (9, 5, 1)]
+    encoded = [tokenizer(p)["input_ids"][:max_len] for p in prompts]
     return [[i for i in ids if i < vocab_size] or [0] for ids in encoded]
 
 
