@@ -317,3 +317,22 @@ def test_refusals(llama_dir, bert_dir, tmp_path):
     with pytest.raises(UserError, match="not an llmos export"):
         export_stage.run(str(llama_dir), ["hf"], busy)
     assert not (tmp_path / "x").exists()
+
+
+def test_llama_cpp_loads_the_gguf(llama_dir, tmp_path):
+    """End to end in llama.cpp itself, when llama-cpp-python is installed (it is not a dependency)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export_stage.run(str(llama_dir), ["gguf"], tmp_path, gguf_dtype="f32", verify=False)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / f"{llama_dir.name}-f32.gguf"), logits_all=True, n_ctx=128,
+                          verbose=False, n_threads=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+    for text in ["The quick brown fox jumps over the lazy dog.", "def fib(n):\n    return n  # 12345"]:
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+        assert llm.detokenize(ids).decode() == text
+        llm.reset()
+        llm.eval(ids)
+        assert np.abs(np.array(llm.scores[: len(ids)]) - logits_of(model, torch.tensor([ids]))[0]).max() <= 1e-3
