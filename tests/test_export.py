@@ -326,7 +326,7 @@ def test_llama_cpp_loads_the_gguf(llama_dir, tmp_path):
 
     export_stage.run(str(llama_dir), ["gguf"], tmp_path, gguf_dtype="f32", verify=False)
     llm = llama_cpp.Llama(model_path=str(tmp_path / f"{llama_dir.name}-f32.gguf"), logits_all=True, n_ctx=128,
-                          verbose=False, n_threads=1)
+                          verbose=False, n_threads=1, type_k=0, type_v=0)  # f32 KV cache
     tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
     for text in ["The quick brown fox jumps over the lazy dog.", "def fib(n):\n    return n  # 12345"]:
