@@ -1,0 +1,129 @@
+"""Hugging Face export: LoRA merged into its base, safetensors, tokenizer, generation config, model card."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmos_cli import __version__
+
+
+@dataclass
+class Provenance:
+    """Where a model came from, read from its run directory when there is one."""
+
+    source: str
+    base_model: str | None = None
+    recipe_text: str | None = None
+    data_fingerprint: str | None = None
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+    eval_data: str | None = None
+
+
+def read_provenance(model: str | Path, model_dir: Path, base_model: str | None) -> Provenance:
+    """Recipe, data fingerprint and eval metrics of a run dir (MODEL itself or the parent of its final/).
+
+    Anything missing or unreadable is left empty: a plain HF dir has no run record.
+    """
+    prov = Provenance(source=str(model), base_model=base_model)
+    given = Path(model).expanduser()
+    run_dir = next((d for d in (given, model_dir.parent) if (d / "recipe.yaml").is_file()), None)
+    if run_dir is None:
+        return prov
+    prov.recipe_text = (run_dir / "recipe.yaml").read_text()
+    recipe = _read_yaml(run_dir / "recipe.yaml")
+    eval_json = _read_json(run_dir / "eval.json")
+    prov.eval_metrics = dict(eval_json.get("metrics") or {})
+    prov.eval_data = eval_json.get("data")
+    prov.data_fingerprint = _data_fingerprint(recipe, run_dir)
+    return prov
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _data_fingerprint(recipe: dict[str, Any], run_dir: Path) -> str | None:
+    """`fingerprint` of the prepared data's report.json (data.output), or one the recipe records."""
+    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    if data.get("fingerprint"):
+        return str(data["fingerprint"])
+    output = data.get("output")
+    if not output:
+        return None
+    for candidate in (Path(output), run_dir / output):
+        report = _read_json(candidate / "report.json")
+        if report.get("fingerprint"):
+            return str(report["fingerprint"])
+    return None
+
+
+def model_card(prov: Provenance, task: str, verification: dict[str, Any] | None, merged: bool = True) -> str:
+    """README.md for the export: front matter for the Hub, then recipe, data and eval records."""
+    meta: dict[str, Any] = {"library_name": "transformers" if merged else "peft", "tags": ["llmos"]}
+    if prov.base_model:
+        meta["base_model"] = prov.base_model
+    if task == "causal-lm":
+        meta["pipeline_tag"] = "text-generation"
+    elif task == "classification":
+        meta["pipeline_tag"] = "text-classification"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {Path(prov.source).name or prov.source}", "",
+             f"Exported by llmos {__version__} from `{prov.source}` (task: {task}).", ""]
+    if prov.base_model:
+        how = "LoRA adapter merged into it" if merged else "this is a LoRA adapter to load on it"
+        lines += [f"Base model: `{prov.base_model}` ({how}).", ""]
+    lines += ["## Data", "", f"Data fingerprint: `{prov.data_fingerprint or 'not recorded'}`", ""]
+    lines += ["## Evaluation", ""]
+    if prov.eval_metrics:
+        lines += [f"On `{prov.eval_data}`:" if prov.eval_data else "", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in prov.eval_metrics.items()]
+    else:
+        lines.append("No eval.json was found for this model.")
+    lines.append("")
+    if verification:
+        lines += ["## Export check", "",
+                  f"Logits against the source on {verification['n_prompts']} prompts: max abs diff "
+                  f"{verification['max_abs_diff']:.3g} (tolerance {verification['tolerance']:.3g}).", ""]
+    if prov.recipe_text:
+        lines += ["## Recipe", "", "```yaml", prov.recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export_hf(model: Any, tokenizer: Any, dest: Path, dtype: Any = None) -> None:
+    """Save `model` (merged, or a PeftModel to keep the adapter) as safetensors, with its tokenizer.
+
+    `dtype` casts the saved weights (a copy; the model in memory stays as it is for other formats).
+    """
+    state_dict = None
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        state_dict = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    config_dtype = getattr(model.config, "dtype", None)
+    if state_dict is not None:
+        model.config.dtype = dtype
+    try:
+        model.save_pretrained(str(dest), state_dict=state_dict)
+    finally:
+        if state_dict is not None:
+            model.config.dtype = config_dtype
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(dest))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and not (dest / "generation_config.json").exists():
+        generation_config.save_pretrained(str(dest))

@@ -1,0 +1,259 @@
+"""`llmos export`: a model as HF (merged safetensors), ONNX and/or GGUF, each checked against its source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmos_cli.console import out as console
+from llmos_cli.core.export import verify as check
+from llmos_cli.core.export.gguf import GGUF_DTYPES, check_gguf_supported, export_gguf
+from llmos_cli.core.export.hf import export_hf, model_card, read_provenance
+from llmos_cli.core.export.onnx import check_onnx_supported, export_onnx
+from llmos_cli.core.models import (
+    adapter_base,
+    check_weights,
+    is_adapter_dir,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
+from llmos_cli.errors import UserError
+
+FORMATS = ("hf", "onnx", "gguf")
+PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "SEQ_2_SEQ_LM": "seq2seq"}
+
+
+@dataclass
+class Source:
+    """The model being exported, and the logits every export is checked against."""
+
+    dir: Path
+    config: Any
+    task: str
+    tokenizer: Any
+    prompts: list[list[int]]
+    reference: check.Logits  # empty with --no-verify
+    quantize: bool = False
+    gguf_dtype: str = "f16"
+
+    @property
+    def name(self) -> str:
+        return self.dir.parent.name if self.dir.name == "final" else self.dir.name
+
+    def verified(self, fmt: str, precision: str, logits: Callable[[], check.Logits],
+                 **checks: Callable[[], bool]) -> check.VerifyResult:
+        """Compare the export's logits (computed only when verifying) with the reference."""
+        if not self.reference:
+            return check.skipped(fmt, precision)
+        return check.compare(fmt, precision, self.reference, logits(), **{k: f() for k, f in checks.items()})
+
+
+def run(
+    model: str,
+    formats: list[str],
+    out: Path,
+    *,
+    verify: bool = True,
+    quantize: bool = False,
+    gguf_dtype: str = "f16",
+    merge_lora: bool = True,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Export MODEL (HF dir, run dir or LoRA adapter dir) in each format and check it against the source.
+
+    One format is written to `out` itself; several go to `out/<format>/`. Each is built in a temp dir
+    beside its target and renamed into place only when its check passed, so a failed export leaves no
+    partial output (formats finished before it stay); a target that already holds an llmos export
+    (a verify.json) is replaced. `quantize` makes the ONNX weights int8; `gguf_dtype` is f32, f16 or q8_0;
+    `merge_lora=False` keeps a LoRA adapter as an adapter in the HF export (ONNX and GGUF always merge it).
+    Raises UserError for unsupported combinations, VerificationFailed when logits differ beyond tolerance.
+    """
+    formats = _check_formats(formats, gguf_dtype)
+    model_dir = resolve_model_dir(model)
+    check_weights(model_dir, allow_pickle)
+    adapter = is_adapter_dir(model_dir)
+    config, task = _config_and_task(model_dir)
+    _check_supported(formats, config, task)
+    targets = _targets(formats, Path(out))
+
+    console.info(f"loading {model_dir}")
+    model_obj = load_model(model_dir, task if task != "other" else None, allow_pickle=allow_pickle)
+    tokenizer = _source_tokenizer(model_dir, adapter)
+    prompts = check.encode_prompts(tokenizer, config.vocab_size, min(64, getattr(config, "max_position_embeddings", 64)))
+    reference = check.torch_logits(model_obj, prompts) if verify else []
+    source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
+    provenance = read_provenance(model, model_dir, adapter_base(model_dir) if adapter else None)
+
+    keep_adapter = adapter and not merge_lora
+    if keep_adapter and formats != ["hf"]:
+        console.warn("ONNX and GGUF need the LoRA adapter merged into its base: merging it for them")
+    # the kept adapter is exported first, because merging changes the base model in place
+    ordered = sorted(formats, key=lambda f: f != "hf") if keep_adapter else formats
+    results = []
+    for fmt in ordered:
+        if adapter and not (fmt == "hf" and keep_adapter) and hasattr(model_obj, "merge_and_unload"):
+            model_obj = model_obj.merge_and_unload()
+        console.info(f"exporting {fmt} to {targets[fmt]}")
+        with _staging(targets[fmt]) as tmp:
+            result = EXPORTERS[fmt](source, model_obj, tmp)
+            result.write(tmp)
+            if not result.ok:
+                raise check.VerificationFailed(
+                    f"{fmt} export does not match its source: max abs diff {result.max_abs_diff:.3g} "
+                    f"> tolerance {result.tolerance:.3g} (checks: {result.checks or 'logits only'}); "
+                    f"nothing was written to {targets[fmt]}"
+                )
+            if fmt == "hf":
+                card = model_card(provenance, task, _asdict(result) if verify else None, merged=not keep_adapter)
+                (tmp / "README.md").write_text(card)
+            files = sorted(p.name for p in tmp.iterdir())
+        results.append({"format": fmt, "path": str(targets[fmt]), "files": files, **_asdict(result)})
+
+    console.table(
+        "export", ["format", "path", "precision", "max abs diff", "tolerance", "ok"],
+        [[r["format"], r["path"], r["precision"], _num(r["max_abs_diff"]), _num(r["tolerance"]),
+          "yes" if r["ok"] else "NO"] for r in results],
+    )
+    return {"model": str(model_dir), "task": task, "verified": verify, "exports": results}
+
+
+def _to_hf(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    dtype = _saved_dtype(src.config)
+    export_hf(model, src.tokenizer, tmp, dtype=dtype)
+    precision = {"bfloat16": "bf16", "float16": "f16"}.get(str(dtype).removeprefix("torch."), "fp32")
+    task = src.task if src.task != "other" else None
+    return src.verified("hf", precision, lambda: check.torch_logits(load_model(tmp, task), src.prompts))
+
+
+def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    path = export_onnx(model, tmp, src.task, quantize=src.quantize)
+    model.config.save_pretrained(str(tmp))
+    if src.tokenizer is not None:
+        src.tokenizer.save_pretrained(str(tmp))
+    pad_id = getattr(src.tokenizer, "pad_token_id", None) or getattr(src.config, "pad_token_id", None) or 0
+    return src.verified("onnx", "int8" if src.quantize else "onnx-fp32",
+                        lambda: check.onnx_logits(path, src.prompts, pad_id, causal=src.task == "causal-lm"))
+
+
+def _to_gguf(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    path = export_gguf(model, src.tokenizer, tmp / f"{src.name}-{src.gguf_dtype}.gguf", dtype=src.gguf_dtype,
+                       name=src.name)
+    (tmp / "Modelfile").write_text(f"FROM ./{path.name}\n")  # `ollama create NAME -f Modelfile`
+    return src.verified("gguf", "fp32" if src.gguf_dtype == "f32" else src.gguf_dtype,
+                        lambda: check.gguf_llama_logits(path, src.prompts),
+                        tokenizer=lambda: check.gguf_tokens_match(path, src.tokenizer))
+
+
+EXPORTERS: dict[str, Callable[[Source, Any, Path], check.VerifyResult]] = {
+    "hf": _to_hf, "onnx": _to_onnx, "gguf": _to_gguf,
+}
+
+
+def _check_supported(formats: list[str], config: Any, task: str) -> None:
+    if "onnx" in formats:
+        check_onnx_supported(task)
+    if "gguf" in formats:
+        check_gguf_supported(config)
+        if task != "causal-lm":
+            raise UserError(f"GGUF export needs a causal LM; this model is {task}")
+
+
+def _targets(formats: list[str], out: Path) -> dict[str, Path]:
+    """Where each format goes: `out` for one format, `out/<format>` for several; refuse to clobber."""
+    if out.is_file():
+        raise UserError(f"--out {out} is a file; pass a directory")
+    targets = {fmt: out / fmt if len(formats) > 1 else out for fmt in formats}
+    for target in targets.values():
+        if target.is_file():
+            raise UserError(f"{target} is a file; pass a directory to --out")
+        if target.is_dir() and any(target.iterdir()) and not (target / "verify.json").exists():
+            raise UserError(f"--out {target} already holds files that are not an llmos export",
+                            hint="pass a new or empty directory")
+    return targets
+
+
+def _check_formats(formats: list[str], gguf_dtype: str) -> list[str]:
+    chosen = list(dict.fromkeys(f.strip().lower() for f in formats))
+    if not chosen:
+        raise UserError("no export format given", hint="pass --format hf, onnx or gguf (or set export.formats)")
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown:
+        raise UserError(f"unknown export format {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
+    if "gguf" in chosen and gguf_dtype not in GGUF_DTYPES:
+        raise UserError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not '{gguf_dtype}'")
+    return chosen
+
+
+def _config_and_task(model_dir: Path) -> tuple[Any, str]:
+    """The model config (the base's for an adapter) and its task: causal-lm, classification, seq2seq, other."""
+    from transformers import AutoConfig
+
+    if is_adapter_dir(model_dir):
+        base = resolve_model_dir(adapter_base(model_dir))
+        config = AutoConfig.from_pretrained(str(base))
+        peft_task = json.loads((model_dir / "adapter_config.json").read_text()).get("task_type")
+        if peft_task in PEFT_TASKS:
+            return config, PEFT_TASKS[peft_task]
+    else:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):
+        return config, "seq2seq"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return config, "classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return config, "causal-lm"
+    return config, "other"
+
+
+def _source_tokenizer(model_dir: Path, adapter: bool) -> Any:
+    """The model's tokenizer (an adapter's own, else its base's), or None when it has none."""
+    dirs = [model_dir] + ([resolve_model_dir(adapter_base(model_dir))] if adapter else [])
+    for d in dirs:
+        if any((d / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+            return load_tokenizer(d)
+    return None
+
+
+def _saved_dtype(config: Any) -> Any:
+    """The dtype the source stores its weights in (float32 unless it says bf16 or fp16)."""
+    import torch
+
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A temp dir beside `target`, renamed to it on success and removed on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f"{tmp.name}.old"
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _asdict(result: check.VerifyResult) -> dict[str, Any]:
+    return {"precision": result.precision, "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
+            "ok": result.ok, "n_prompts": result.n_prompts, "checks": result.checks}
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
