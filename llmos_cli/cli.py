@@ -290,12 +290,17 @@ def serve(
 def export(
     model: str = typer.Argument(..., help="Model dir, run dir or recipe."),
     formats: list[str] = typer.Option([], "--format", "-f", help="hf, onnx or gguf (repeatable)."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Output directory."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Output dir (default export.out, else <run>/export)."
+    ),
     verify: bool = typer.Option(
         True, "--verify/--no-verify", help="Compare exported logits with the source."
     ),
     quantize: bool = typer.Option(False, "--quantize", help="ONNX: int8 dynamic quantisation."),
     gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF tensor type: f32, f16 or q8_0."),
+    merge_lora: bool | None = typer.Option(
+        None, "--merge-lora/--no-merge-lora", help="HF: merge a LoRA adapter."
+    ),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt weights."),
     set_: list[str] = SetOpt,
 ) -> None:
@@ -307,7 +312,9 @@ def export(
         raise UserError(f"--format: unknown format {', '.join(bad)} (choose hf, onnx or gguf)")
     target = out_dir or (Path(r.export.out) if r.export.out else None)
     if target is None:
-        raise UserError("export: --out DIR is required (or export.out in the recipe)")
+        if Path(model).suffix not in (".yaml", ".yml"):
+            raise UserError("export: --out DIR is required when MODEL is a model directory")
+        target = r.output_dir / "export"
     from llmos_cli.stages import export as stage
 
     out.emit(
@@ -318,7 +325,7 @@ def export(
             verify=verify,
             quantize=quantize,
             gguf_dtype=gguf_dtype,
-            merge_lora=r.export.merge_lora,
+            merge_lora=r.export.merge_lora if merge_lora is None else merge_lora,
             allow_pickle=allow_pickle or r.model.allow_pickle,
         )
     )

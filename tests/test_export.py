@@ -19,8 +19,11 @@ from llmos_cli.core.export import verify as check  # noqa: E402
 from llmos_cli.errors import UserError  # noqa: E402
 from llmos_cli.stages import export as export_stage  # noqa: E402
 
-CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny corpus",
-          "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)"] * 40
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny corpus",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)",
+] * 40
 
 
 def make_tokenizer():
@@ -30,8 +33,11 @@ def make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -42,12 +48,22 @@ def save_tiny_llama(path: Path, **overrides) -> Path:
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(**{
-        "vocab_size": len(tokenizer) + 4, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False, **overrides,
-    })
+    config = LlamaConfig(
+        **{
+            "vocab_size": len(tokenizer) + 4,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "tie_word_embeddings": False,
+            **overrides,
+        }
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the 0.02 init give logits big enough to tell apart
         for p in model.parameters():
@@ -71,8 +87,12 @@ def adapter_dir(llama_dir, tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("adapter")
     base = AutoModelForCausalLM.from_pretrained(str(llama_dir))
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                 task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
+        ),
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -88,8 +108,16 @@ def bert_dir(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, num_labels=3)).save_pretrained(path)
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=200,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -113,14 +141,22 @@ def test_hf_merged_logits_equal_base_plus_adapter(llama_dir, adapter_dir, tmp_pa
     out = tmp_path / "merged"
     (result,) = summary["exports"]
     assert result["ok"] and result["max_abs_diff"] <= 1e-4
-    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md",
-            "verify.json"} <= set(result["files"])
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "README.md",
+        "verify.json",
+    } <= set(result["files"])
     assert not (out / "adapter_config.json").exists()
     assert json.loads((out / "verify.json").read_text())["max_abs_diff"] == result["max_abs_diff"]
 
     ids = ids_batch(300)
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(llama_dir)), str(adapter_dir)).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(llama_dir)), str(adapter_dir)
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
     assert np.abs(logits_of(merged, ids) - logits_of(with_adapter, ids)).max() <= 1e-4
     assert np.abs(logits_of(merged, ids) - logits_of(base, ids)).max() > 1e-2  # the merge did something
@@ -139,8 +175,12 @@ def test_model_card_records_recipe_fingerprint_and_metrics(llama_dir, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "report.json").write_text(json.dumps({"fingerprint": "abc123def"}))
-    (run_dir / "recipe.yaml").write_text(f"task: causal-lm\ndata:\n  output: {data_dir}\ntrain:\n  lr: 0.0003\n")
-    (run_dir / "eval.json").write_text(json.dumps({"metrics": {"loss": 2.5, "perplexity": 12.18}, "data": "val.jsonl"}))
+    (run_dir / "recipe.yaml").write_text(
+        f"task: causal-lm\ndata:\n  output: {data_dir}\ntrain:\n  lr: 0.0003\n"
+    )
+    (run_dir / "eval.json").write_text(
+        json.dumps({"metrics": {"loss": 2.5, "perplexity": 12.18}, "data": "val.jsonl"})
+    )
 
     export_stage.run(str(run_dir), ["hf"], tmp_path / "export")
     card = (tmp_path / "export" / "README.md").read_text()
@@ -259,8 +299,14 @@ def test_gguf_forward_matches_source(llama_dir, tmp_path, dtype, tol):
 def test_gguf_tied_embeddings_and_llama3_rope_scaling(tmp_path):
     from gguf import GGUFReader
 
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     model_dir = save_tiny_llama(tmp_path / "llama3", tie_word_embeddings=True, rope_parameters=rope)
     summary = export_stage.run(str(model_dir), ["gguf"], tmp_path / "g", gguf_dtype="f32")
     assert summary["exports"][0]["max_abs_diff"] <= 1e-4
@@ -301,11 +347,14 @@ def test_refusals(llama_dir, bert_dir, tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
     t5 = tmp_path / "t5"
-    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                        num_heads=2)).save_pretrained(t5)
+    T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(t5)
     with pytest.raises(UserError, match="GGUF export supports llama-architecture"):
         export_stage.run(str(bert_dir), ["gguf"], tmp_path / "x")
-    with pytest.raises(UserError, match="ONNX export supports causal-lm and classification models; this one is seq2seq"):
+    with pytest.raises(
+        UserError, match="ONNX export supports causal-lm and classification models; this one is seq2seq"
+    ):
         export_stage.run(str(t5), ["onnx"], tmp_path / "x")
     with pytest.raises(UserError, match="unknown export format tflite"):
         export_stage.run(str(llama_dir), ["tflite"], tmp_path / "x")
@@ -325,8 +374,15 @@ def test_llama_cpp_loads_the_gguf(llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     export_stage.run(str(llama_dir), ["gguf"], tmp_path, gguf_dtype="f32", verify=False)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / f"{llama_dir.name}-f32.gguf"), logits_all=True, n_ctx=128,
-                          verbose=False, n_threads=1, type_k=0, type_v=0)  # f32 KV cache
+    llm = llama_cpp.Llama(
+        model_path=str(tmp_path / f"{llama_dir.name}-f32.gguf"),
+        logits_all=True,
+        n_ctx=128,
+        verbose=False,
+        n_threads=1,
+        type_k=0,
+        type_v=0,
+    )  # f32 KV cache
     tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
     for text in ["The quick brown fox jumps over the lazy dog.", "def fib(n):\n    return n  # 12345"]:
@@ -335,4 +391,6 @@ def test_llama_cpp_loads_the_gguf(llama_dir, tmp_path):
         assert llm.detokenize(ids).decode() == text
         llm.reset()
         llm.eval(ids)
-        assert np.abs(np.array(llm.scores[: len(ids)]) - logits_of(model, torch.tensor([ids]))[0]).max() <= 1e-3
+        assert (
+            np.abs(np.array(llm.scores[: len(ids)]) - logits_of(model, torch.tensor([ids]))[0]).max() <= 1e-3
+        )

@@ -24,6 +24,7 @@ from llmos_cli.core.models import (
     load_tokenizer,
     resolve_model_dir,
 )
+from llmos_cli.core.registry import register_run
 from llmos_cli.errors import UserError
 
 FORMATS = ("hf", "onnx", "gguf")
@@ -47,8 +48,9 @@ class Source:
     def name(self) -> str:
         return self.dir.parent.name if self.dir.name == "final" else self.dir.name
 
-    def verified(self, fmt: str, precision: str, logits: Callable[[], check.Logits],
-                 **checks: Callable[[], bool]) -> check.VerifyResult:
+    def verified(
+        self, fmt: str, precision: str, logits: Callable[[], check.Logits], **checks: Callable[[], bool]
+    ) -> check.VerifyResult:
         """Compare the export's logits (computed only when verifying) with the reference."""
         if not self.reference:
             return check.skipped(fmt, precision)
@@ -86,7 +88,9 @@ def run(
     console.info(f"loading {model_dir}")
     model_obj = load_model(model_dir, task if task != "other" else None, allow_pickle=allow_pickle)
     tokenizer = _source_tokenizer(model_dir, adapter)
-    prompts = check.encode_prompts(tokenizer, config.vocab_size, min(64, getattr(config, "max_position_embeddings", 64)))
+    prompts = check.encode_prompts(
+        tokenizer, config.vocab_size, min(64, getattr(config, "max_position_embeddings", 64))
+    )
     reference = check.torch_logits(model_obj, prompts) if verify else []
     source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
     provenance = read_provenance(model, model_dir, adapter_base(model_dir) if adapter else None)
@@ -111,15 +115,35 @@ def run(
                     f"nothing was written to {targets[fmt]}"
                 )
             if fmt == "hf":
-                card = model_card(provenance, task, _asdict(result) if verify else None, merged=not keep_adapter)
+                card = model_card(
+                    provenance, task, _asdict(result) if verify else None, merged=not keep_adapter
+                )
                 (tmp / "README.md").write_text(card)
             files = sorted(p.name for p in tmp.iterdir())
         results.append({"format": fmt, "path": str(targets[fmt]), "files": files, **_asdict(result)})
+        name = model_dir.parent.name if model_dir.name == "final" else model_dir.name
+        register_run(
+            targets[fmt],
+            name=f"{name}-{fmt}",
+            kind="export",
+            parent=str(model_dir),
+            metrics={"max_abs_diff": result.max_abs_diff} if verify else None,
+        )
 
     console.table(
-        "export", ["format", "path", "precision", "max abs diff", "tolerance", "ok"],
-        [[r["format"], r["path"], r["precision"], _num(r["max_abs_diff"]), _num(r["tolerance"]),
-          "yes" if r["ok"] else "NO"] for r in results],
+        "export",
+        ["format", "path", "precision", "max abs diff", "tolerance", "ok"],
+        [
+            [
+                r["format"],
+                r["path"],
+                r["precision"],
+                _num(r["max_abs_diff"]),
+                _num(r["tolerance"]),
+                "yes" if r["ok"] else "NO",
+            ]
+            for r in results
+        ],
     )
     return {"model": str(model_dir), "task": task, "verified": verify, "exports": results}
 
@@ -138,21 +162,30 @@ def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
     if src.tokenizer is not None:
         src.tokenizer.save_pretrained(str(tmp))
     pad_id = getattr(src.tokenizer, "pad_token_id", None) or getattr(src.config, "pad_token_id", None) or 0
-    return src.verified("onnx", "int8" if src.quantize else "onnx-fp32",
-                        lambda: check.onnx_logits(path, src.prompts, pad_id, causal=src.task == "causal-lm"))
+    return src.verified(
+        "onnx",
+        "int8" if src.quantize else "onnx-fp32",
+        lambda: check.onnx_logits(path, src.prompts, pad_id, causal=src.task == "causal-lm"),
+    )
 
 
 def _to_gguf(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
-    path = export_gguf(model, src.tokenizer, tmp / f"{src.name}-{src.gguf_dtype}.gguf", dtype=src.gguf_dtype,
-                       name=src.name)
+    path = export_gguf(
+        model, src.tokenizer, tmp / f"{src.name}-{src.gguf_dtype}.gguf", dtype=src.gguf_dtype, name=src.name
+    )
     (tmp / "Modelfile").write_text(f"FROM ./{path.name}\n")  # `ollama create NAME -f Modelfile`
-    return src.verified("gguf", "fp32" if src.gguf_dtype == "f32" else src.gguf_dtype,
-                        lambda: check.gguf_llama_logits(path, src.prompts),
-                        tokenizer=lambda: check.gguf_tokens_match(path, src.tokenizer))
+    return src.verified(
+        "gguf",
+        "fp32" if src.gguf_dtype == "f32" else src.gguf_dtype,
+        lambda: check.gguf_llama_logits(path, src.prompts),
+        tokenizer=lambda: check.gguf_tokens_match(path, src.tokenizer),
+    )
 
 
 EXPORTERS: dict[str, Callable[[Source, Any, Path], check.VerifyResult]] = {
-    "hf": _to_hf, "onnx": _to_onnx, "gguf": _to_gguf,
+    "hf": _to_hf,
+    "onnx": _to_onnx,
+    "gguf": _to_gguf,
 }
 
 
@@ -174,15 +207,19 @@ def _targets(formats: list[str], out: Path) -> dict[str, Path]:
         if target.is_file():
             raise UserError(f"{target} is a file; pass a directory to --out")
         if target.is_dir() and any(target.iterdir()) and not (target / "verify.json").exists():
-            raise UserError(f"--out {target} already holds files that are not an llmos export",
-                            hint="pass a new or empty directory")
+            raise UserError(
+                f"--out {target} already holds files that are not an llmos export",
+                hint="pass a new or empty directory",
+            )
     return targets
 
 
 def _check_formats(formats: list[str], gguf_dtype: str) -> list[str]:
     chosen = list(dict.fromkeys(f.strip().lower() for f in formats))
     if not chosen:
-        raise UserError("no export format given", hint="pass --format hf, onnx or gguf (or set export.formats)")
+        raise UserError(
+            "no export format given", hint="pass --format hf, onnx or gguf (or set export.formats)"
+        )
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown export format {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
@@ -251,8 +288,14 @@ def _staging(target: Path) -> Iterator[Path]:
 
 
 def _asdict(result: check.VerifyResult) -> dict[str, Any]:
-    return {"precision": result.precision, "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
-            "ok": result.ok, "n_prompts": result.n_prompts, "checks": result.checks}
+    return {
+        "precision": result.precision,
+        "max_abs_diff": result.max_abs_diff,
+        "tolerance": result.tolerance,
+        "ok": result.ok,
+        "n_prompts": result.n_prompts,
+        "checks": result.checks,
+    }
 
 
 def _num(value: float | None) -> str:

@@ -50,9 +50,13 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
         if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
             return "gpt-2"
         steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-        if (len(steps) == 2 and steps[0].get("type") == "Split"
-                and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT
-                and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)):
+        if (
+            len(steps) == 2
+            and steps[0].get("type") == "Split"
+            and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT
+            and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True)
+        ):
             return "llama-bpe"
     raise UserError(
         "GGUF export needs a byte-level BPE tokenizer (GPT-2 or Llama-3 style); "
@@ -98,8 +102,11 @@ def _add_hparams(writer: Any, config: Any, name: str, dtype: str) -> None:
 
     rope = _rope_parameters(config)
     head_dim = _head_dim(config)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[dtype]
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -124,7 +131,9 @@ def _add_vocab(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     pre = pre_tokenizer_name(tokenizer)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise UserError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}")
+        raise UserError(
+            f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}"
+        )
     by_id = {i: tok for tok, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -157,9 +166,11 @@ def _add_vocab(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 
 def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder each head's rows from HF's rotate-half layout to llama.cpp's interleaved pairs."""
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def llama3_rope_factors(config: Any) -> np.ndarray:
@@ -207,7 +218,9 @@ def _tensors(model: Any, dtype: str) -> Any:
             data = permute_qk(data, n_kv)
         if data.ndim == 1 or dtype == "f32":
             yield gguf_name, data.astype(np.float32), None
-        elif dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        elif (
+            dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0
+        ):
             yield gguf_name, quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
         else:
             yield gguf_name, data.astype(np.float16), None

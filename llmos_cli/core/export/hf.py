@@ -83,9 +83,16 @@ def model_card(prov: Provenance, task: str, verification: dict[str, Any] | None,
         meta["pipeline_tag"] = "text-generation"
     elif task == "classification":
         meta["pipeline_tag"] = "text-classification"
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {Path(prov.source).name or prov.source}", "",
-             f"Exported by llmos {__version__} from `{prov.source}` (task: {task}).", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {Path(prov.source).name or prov.source}",
+        "",
+        f"Exported by llmos {__version__} from `{prov.source}` (task: {task}).",
+        "",
+    ]
     if prov.base_model:
         how = "LoRA adapter merged into it" if merged else "this is a LoRA adapter to load on it"
         lines += [f"Base model: `{prov.base_model}` ({how}).", ""]
@@ -98,9 +105,13 @@ def model_card(prov: Provenance, task: str, verification: dict[str, Any] | None,
         lines.append("No eval.json was found for this model.")
     lines.append("")
     if verification:
-        lines += ["## Export check", "",
-                  f"Logits against the source on {verification['n_prompts']} prompts: max abs diff "
-                  f"{verification['max_abs_diff']:.3g} (tolerance {verification['tolerance']:.3g}).", ""]
+        lines += [
+            "## Export check",
+            "",
+            f"Logits against the source on {verification['n_prompts']} prompts: max abs diff "
+            f"{verification['max_abs_diff']:.3g} (tolerance {verification['tolerance']:.3g}).",
+            "",
+        ]
     if prov.recipe_text:
         lines += ["## Recipe", "", "```yaml", prov.recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)

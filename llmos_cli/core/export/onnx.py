@@ -6,6 +6,7 @@ HF export. Weights above ~1.5 GB go to an external data file beside model.onnx (
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,20 @@ def export_onnx(model: Any, dest: Path, task: str, quantize: bool = False) -> Pa
     fp32_path = dest / "model.fp32.onnx" if quantize else path
     example = torch.randint(0, model.config.vocab_size, (2, 8))
     dims = {0: "batch", 1: "sequence"}
+    # The exporter logs a warning per torchvision op it cannot register; none of them apply here.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            logits_module(model, task), (example, torch.ones_like(example)), str(fp32_path),
-            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            logits_module(model, task),
+            (example, torch.ones_like(example)),
+            str(fp32_path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
             dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-            dynamo=True, external_data=big, verbose=False,
+            dynamo=True,
+            external_data=big,
+            verbose=False,
         )
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -49,8 +57,13 @@ def export_onnx(model: Any, dest: Path, task: str, quantize: bool = False) -> Pa
 
         prepared = dest / "model.fp32.pre.onnx"
         quant_pre_process(str(fp32_path), str(prepared), save_as_external_data=big)
-        quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                         use_external_data_format=big)
+        quantize_dynamic(
+            str(prepared),
+            str(path),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            use_external_data_format=big,
+        )
         for leftover in dest.glob("model.fp32*"):
             leftover.unlink()
     return path

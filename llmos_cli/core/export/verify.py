@@ -55,8 +55,9 @@ class VerifyResult:
         return path
 
 
-def encode_prompts(tokenizer: Any, vocab_size: int, max_len: int = 64,
-                   prompts: Sequence[str] = VERIFY_PROMPTS) -> list[list[int]]:
+def encode_prompts(
+    tokenizer: Any, vocab_size: int, max_len: int = 64, prompts: Sequence[str] = VERIFY_PROMPTS
+) -> list[list[int]]:
     """Token ids for the verification prompts (at most `max_len` each); fixed pseudo-random ids when the
     model has no tokenizer."""
     if tokenizer is None:
@@ -81,8 +82,10 @@ def torch_logits(model: Any, prompts: list[list[int]]) -> Logits:
 
 def compare(fmt: str, precision: str, reference: Logits, got: Logits, **checks: Any) -> VerifyResult:
     """Max abs diff per prompt and overall, against atol + rtol * max|reference|."""
-    per_prompt = [float(np.abs(r - g).max()) if r.shape == g.shape else float("inf")
-                  for r, g in zip(reference, got, strict=True)]
+    per_prompt = [
+        float(np.abs(r - g).max()) if r.shape == g.shape else float("inf")
+        for r, g in zip(reference, got, strict=True)
+    ]
     atol, rtol = TOLERANCES[precision]
     scale = max(float(np.abs(r).max()) for r in reference)
     tol = atol + rtol * scale
@@ -151,10 +154,18 @@ def read_gguf_llama(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise ValueError(f"{path}: general.architecture is {arch!r}, not 'llama'")
     hp = {
         key: field_value(reader, f"llama.{key}")
-        for key in ("block_count", "attention.head_count", "attention.head_count_kv", "rope.dimension_count",
-                    "rope.freq_base", "attention.layer_norm_rms_epsilon")
+        for key in (
+            "block_count",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "rope.dimension_count",
+            "rope.freq_base",
+            "attention.layer_norm_rms_epsilon",
+        )
     }
-    weights = {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors}
+    weights = {
+        t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors
+    }
     return weights, hp
 
 
@@ -212,4 +223,3 @@ def _llama_forward(w: dict[str, np.ndarray], hp: dict[str, Any], ids: np.ndarray
         x = x + ((gate / (1.0 + np.exp(-gate))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
     x = _rms_norm(x, w["output_norm.weight"], eps)
     return x @ w.get("output.weight", w["token_embd.weight"]).T
-
