@@ -10,7 +10,7 @@ import typer
 
 from llmos_cli import __version__
 from llmos_cli.console import configure, out
-from llmos_cli.errors import UserError, run_guarded
+from llmos_cli.errors import UserError, debug_enabled, run_guarded
 
 app = typer.Typer(
     name="llmos",
@@ -28,6 +28,9 @@ app.add_typer(recipe_app, name="recipe")
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 SetOpt = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable).")
 DryRunOpt = typer.Option(False, "--dry-run", help="Validate and print the plan; touch nothing.")
+NprocOpt = typer.Option(
+    1, "--nproc", min=1, help="Train with N processes on this machine (one per GPU): runs torchrun for you."
+)
 
 
 def _version(value: bool) -> None:
@@ -112,7 +115,9 @@ def data(
 
 
 @app.command()
-def pretrain(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt) -> None:
+def pretrain(
+    recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt, nproc: int = NprocOpt
+) -> None:
     """Train a model from scratch (model.arch + model.config)."""
     r = _load(recipe, set_)
     if dry_run:
@@ -125,6 +130,8 @@ def pretrain(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool =
                 f"save {r.output_dir / 'final'}",
             ],
         )
+    if nproc > 1:
+        _relaunch(nproc, "pretrain", recipe, set_)
     from llmos_cli.stages import pretrain as stage
 
     out.emit(stage.run(r))
@@ -171,6 +178,18 @@ def serve(model: str = typer.Argument(..., help="Model dir, run dir or recipe.")
 def export(model: str = typer.Argument(..., help="Model dir, run dir or recipe.")) -> None:
     """Export to merged HF safetensors, ONNX or GGUF."""
     _not_yet("export")
+
+
+def _relaunch(nproc: int, verb: str, recipe: Path, sets: list[str]) -> None:
+    """`llmos VERB RECIPE --nproc N`: exec torchrun running the same command in N processes."""
+    from llmos_cli.core.distributed import launch_torchrun
+
+    flags = [
+        flag
+        for flag, on in (("--debug", debug_enabled()), ("--json", out.json_mode), ("--quiet", out.quiet))
+        if on
+    ]
+    launch_torchrun(nproc, [*flags, verb, str(recipe), *(f"--set={s}" for s in sets)])
 
 
 def _not_yet(verb: str) -> None:
