@@ -303,14 +303,16 @@ class _FullStateModel:
         return full_state_dict(self.model)
 
     def load_state_dict(
-        self, state: dict[str, torch.Tensor], strict: bool = True
+        self, state: dict[str, torch.Tensor], strict: bool = False
     ) -> tuple[list[str], list[str]]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        result = set_model_state_dict(
-            self.model, state, options=StateDictOptions(full_state_dict=True, strict=strict)
-        )
-        return list(result.missing_keys), list(result.unexpected_keys)
+        # Report keys as nn.Module.load_state_dict does (a tied name absent from the file is missing).
+        names = self.model.state_dict().keys()
+        missing, unexpected = [k for k in names if k not in state], [k for k in state if k not in names]
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, dict(state), options=options)  # it may add tied names to the dict
+        return missing, unexpected
 
 
 class _FullStateOptimizer:
