@@ -175,9 +175,10 @@ def wrap_model(
     if mode in ("auto", "ddp"):
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(
-            model, device_ids=[device.index or 0] if device.type == "cuda" else None
-        )
+        if device.type != "cuda":
+            return DistributedDataParallel(model)
+        index = device.index if device.index is not None else torch.cuda.current_device()  # LOCAL_RANK's
+        return DistributedDataParallel(model, device_ids=[index])
     return shard_model(model, precision, device, world)
 
 
@@ -300,7 +301,7 @@ class _FullStateModel:
         self.model = model
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return full_state_dict(self.model)
+        return full_state_dict(self.model, everywhere=True)
 
     def load_state_dict(
         self, state: dict[str, torch.Tensor], strict: bool = False
@@ -321,8 +322,10 @@ class _FullStateOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
 
-    def state_dict(self) -> dict[str, Any]:
-        return _gather(self.optimizer.state_dict())
+    def state_dict(self, everywhere: bool = True) -> dict[str, Any]:
+        keep = everywhere or current_world().is_main
+        state = _gather(self.optimizer.state_dict(), keep)
+        return state if keep else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -340,21 +343,27 @@ class _FullStateOptimizer:
         self.optimizer.load_state_dict({**state, "state": sharded})
 
 
-def _gather(obj: Any) -> Any:
-    """Replace every DTensor shard in a (nested) state dict with the full tensor on the CPU."""
+def _gather(obj: Any, keep: bool) -> Any:
+    """Replace every DTensor shard in a (nested) state dict with the full tensor, on the CPU if `keep`.
+
+    Every rank takes part in each all-gather; a rank that does not keep the result drops it at once,
+    so only the ranks that need it hold a full copy in host memory.
+    """
     from torch.distributed.tensor import DTensor
 
     if isinstance(obj, DTensor):
-        return obj.full_tensor().cpu()
+        full = obj.full_tensor()
+        return full.cpu() if keep else None
     if isinstance(obj, dict):
-        return {k: _gather(v) for k, v in obj.items()}
+        return {k: _gather(v, keep) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_gather(v) for v in obj]
+        return [_gather(v, keep) for v in obj]
     return obj
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's complete state dict; FSDP shards are gathered (a collective: call on every rank).
+def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The model's complete state dict. FSDP shards are gathered (a collective: call on every rank)
+    into host memory on rank 0, or on `everywhere`; the other ranks get an empty dict.
 
     Tied parameters (e.g. embeddings and LM head) are gathered once and stay one tensor, so the
     file holds them once, as a single-process save would.
@@ -362,6 +371,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if not is_sharded(model):
         return state
+    keep = everywhere or current_world().is_main
     first_name: dict[int, str] = {}
     alias = {
         name: first_name.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)
@@ -371,9 +381,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, value in state.items():
         key = alias.get(name, name)
         if key not in gathered:
-            gathered[key] = _gather(value)
+            gathered[key] = _gather(value, keep)
         full[name] = gathered[key]
-    return full
+    return full if keep else {}
 
 
 def save_checkpoint(
@@ -389,7 +399,7 @@ def save_checkpoint(
     """Write a world-size-independent checkpoint: full states, written by rank 0 alone."""
     if is_sharded(model):  # every rank takes part in gathering the shards
         model_view: Any = _StateSnapshot(full_state_dict(model))
-        optimizer_view: Any = _StateSnapshot(_FullStateOptimizer(optimizer).state_dict())
+        optimizer_view: Any = _StateSnapshot(_FullStateOptimizer(optimizer).state_dict(everywhere=False))
     else:
         model_view, optimizer_view = model, optimizer
     target = root / f"step-{step}"
