@@ -111,6 +111,11 @@ def init_distributed() -> World:
         return current_world()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"process {local_rank} of this machine has no GPU: it has {torch.cuda.device_count()}",
+                hint="start at most one process per GPU (--nproc / --nproc_per_node)",
+            )
         torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
     else:

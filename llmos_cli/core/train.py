@@ -176,8 +176,7 @@ def train(job: TrainJob) -> TrainResult:
             distributed.agree_on_stop(stop, world)
 
             if step % cfg.log_every == 0 or step == steps:
-                world.sum(window_loss)
-                window_tokens = world.sum(window_tokens)
+                window_loss, window_tokens = world.sum(window_loss), world.sum(window_tokens)
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / max(window_targets, 1)
                 if not math.isfinite(last_loss):
