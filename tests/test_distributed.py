@@ -134,8 +134,14 @@ def test_checkpoint_from_two_processes_resumes_on_one(workspace: Path, ddp_run: 
 
 
 def test_fsdp_on_two_processes_trains_saves_plain_final_and_resumes_on_one(workspace: Path) -> None:
+    """FSDP with gradient accumulation: each rank runs 2 micro-batches of 4 rows per step.
+
+    4 x 4 rows per step draw the same rows, in the same order, as the reference's 8 x 2 (the
+    sampler's permutation does not depend on the batch size), so the curves must agree.
+    """
     run = workspace / "fsdp"
-    cmd = torchrun_command(2, ["pretrain", str(workspace / "recipe.yaml"), "--set", f"run.output_dir={run}"])
+    sets = [f"run.output_dir={run}", "train.batch_size=4", "train.grad_accum=4"]
+    cmd = torchrun_command(2, ["pretrain", str(workspace / "recipe.yaml"), *(f"--set={s}" for s in sets)])
     cmd[cmd.index("--standalone")] = f"--master_port={_free_port()}"  # plain torchrun, env rendezvous
     _run([*cmd, "--set", "train.distributed=fsdp"], workspace)
     _assert_same_curve(workspace / "single", run)
@@ -148,7 +154,7 @@ def test_fsdp_on_two_processes_trains_saves_plain_final_and_resumes_on_one(works
         assert torch.allclose(p, q, atol=1e-4), name
 
     shutil.rmtree(run / "checkpoints" / "step-20")  # the sharded run's checkpoint, resumed on one process
-    pretrain.run(load_recipe(workspace / "recipe.yaml", [f"run.output_dir={run}"]))
+    pretrain.run(load_recipe(workspace / "recipe.yaml", sets))
     _assert_same_curve(workspace / "single", run)
 
 
