@@ -10,7 +10,7 @@ import typer
 
 from llmos_cli import __version__
 from llmos_cli.console import configure, out
-from llmos_cli.errors import UserError, run_guarded
+from llmos_cli.errors import UserError, debug_enabled, run_guarded
 
 app = typer.Typer(
     name="llmos",
@@ -33,6 +33,9 @@ app.add_typer(models_app, name="models")
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 SetOpt = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable).")
 DryRunOpt = typer.Option(False, "--dry-run", help="Validate and print the plan; touch nothing.")
+NprocOpt = typer.Option(
+    1, "--nproc", min=1, help="Train with N processes on this machine (one per GPU): runs torchrun for you."
+)
 
 
 def _version(value: bool) -> None:
@@ -117,7 +120,9 @@ def data(
 
 
 @app.command()
-def pretrain(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt) -> None:
+def pretrain(
+    recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt, nproc: int = NprocOpt
+) -> None:
     """Train a model from scratch (model.arch + model.config)."""
     r = _load(recipe, set_)
     if dry_run:
@@ -130,13 +135,17 @@ def pretrain(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool =
                 f"save {r.output_dir / 'final'}",
             ],
         )
+    if nproc > 1:
+        _relaunch(nproc, "pretrain", recipe, set_)
     from llmos_cli.stages import pretrain as stage
 
     out.emit(stage.run(r))
 
 
 @app.command()
-def finetune(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt) -> None:
+def finetune(
+    recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt, nproc: int = NprocOpt
+) -> None:
     """Train from a pretrained model: full or LoRA; causal LM, classification or seq2seq."""
     r = _load(recipe, set_)
     if dry_run:
@@ -149,6 +158,8 @@ def finetune(recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool =
                 f"save {r.output_dir / 'final'}",
             ],
         )
+    if nproc > 1:
+        _relaunch(nproc, "finetune", recipe, set_)
     from llmos_cli.stages import finetune as stage
 
     out.emit(stage.run(r))
@@ -414,6 +425,18 @@ def models_pull(
     from llmos_cli.stages import models as stage
 
     out.emit(stage.pull_model(hub_id, name=name, revision=revision, allow_pickle=allow_pickle))
+
+
+def _relaunch(nproc: int, verb: str, recipe: Path, sets: list[str]) -> None:
+    """`llmos VERB RECIPE --nproc N`: exec torchrun running the same command in N processes."""
+    from llmos_cli.core.distributed import launch_torchrun
+
+    flags = [
+        flag
+        for flag, on in (("--debug", debug_enabled()), ("--json", out.json_mode), ("--quiet", out.quiet))
+        if on
+    ]
+    launch_torchrun(nproc, [*flags, verb, str(recipe), *(f"--set={s}" for s in sets)])
 
 
 @recipe_app.command("validate")

@@ -105,6 +105,10 @@ class TrainSection(Section):
     keep_last: int = Field(2, ge=1)
     resume: str = "auto"
     num_workers: int = Field(0, ge=0)
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="under torchrun: auto/ddp replicate the model, fsdp shards it; see docs/distributed.md",
+    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainSection:

@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmos_cli.console import out
+from llmos_cli.core import distributed
 from llmos_cli.core.batches import Collate, ResumableBatchSampler, to_device
-from llmos_cli.core.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
+from llmos_cli.core.checkpoint import check_compatible, latest_checkpoint
 from llmos_cli.core.evaluate import dataset_loss, loss_metrics
 from llmos_cli.core.objectives import Objective
 from llmos_cli.core.rundir import RunDir, write_atomic
@@ -99,22 +100,31 @@ def train(job: TrainJob) -> TrainResult:
         raise UserError(
             f"train.batch_size: {cfg.batch_size} is larger than the training set ({len(job.train_rows)} rows)"
         )
+    world = distributed.current_world()  # one process unless launched by torchrun
     model.to(device)
+    # DDP wraps the model; FSDP shards it in place. `model` stays the module whose state we save.
+    wrapped = distributed.wrap_model(model, cfg.distributed, job.precision, device)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type) if job.precision.needs_scaler else None
-    forward_model = torch.compile(model) if cfg.compile else model
+    forward_model = torch.compile(wrapped) if cfg.compile else wrapped
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
-    resumed_from = _resume_point(job)
+    resumed_from = world.broadcast(_resume_point(job))
     if resumed_from is not None:
-        saved = load_checkpoint(resumed_from, model, optimizer, scheduler)
+        saved = distributed.load_checkpoint(resumed_from, model, optimizer, scheduler)
         check_compatible(saved.get("compat", {}), job.compat, resumed_from)
         state.update({k: saved[k] for k in state})
-        _truncate_metrics(run, state["step"])
+        if world.is_main:
+            _truncate_metrics(run, state["step"])
         out.info(f"train: resumed from {resumed_from} at step {state['step']}")
 
-    sampler = ResumableBatchSampler(len(job.train_rows), cfg.batch_size, job.seed, state["micro_batches"])
+    # Each rank trains on its slice of every global step: any process count sees the same batches.
+    sampler = distributed.ShardedBatchSampler(
+        ResumableBatchSampler(len(job.train_rows), cfg.batch_size, job.seed, state["micro_batches"]),
+        cfg.grad_accum,
+        world,
+    )
     loader = DataLoader(
         job.train_rows,
         batch_sampler=sampler,
@@ -132,23 +142,25 @@ def train(job: TrainJob) -> TrainResult:
         bar.update(state["step"])
         while state["step"] < steps:
             # One optimizer step over grad_accum micro-batches, weighting every target equally.
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            n_targets = sum(job.objective.count(b) for b in micro)
-            for batch in micro:
+            micro = [next(batches) for _ in range(sampler.micro_per_step)]
+            n_targets = world.sum(sum(job.objective.count(b) for b in micro))  # over all ranks
+            for i, batch in enumerate(micro):
                 window_tokens += (
                     int(batch["attention_mask"].sum())
                     if "attention_mask" in batch
                     else batch["input_ids"].numel()
                 )
-                with job.precision.autocast(device):
-                    loss_sum = job.objective.loss_sum(forward_model, to_device(batch, device))
-                loss = loss_sum / max(n_targets, 1)
-                (scaler.scale(loss) if scaler else loss).backward()
+                with distributed.gradient_sync(wrapped, sync=i == len(micro) - 1):
+                    with job.precision.autocast(device):
+                        loss_sum = job.objective.loss_sum(forward_model, to_device(batch, device))
+                    # DDP and FSDP average gradients over ranks; scaling by the world size makes that a sum.
+                    loss = loss_sum * world.size / max(n_targets, 1)
+                    (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += loss_sum.detach()
             window_targets += n_targets
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            grad_norm = distributed.clip_grad_norm(model, cfg.max_grad_norm or float("inf"))
             if scaler is None and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps itself
                 _diverged(job, state["step"] + 1, f"gradient norm is {float(grad_norm)}")
             if scaler:
@@ -161,8 +173,10 @@ def train(job: TrainJob) -> TrainResult:
             state["step"] += 1
             state["micro_batches"] += cfg.grad_accum
             step = state["step"]
+            distributed.agree_on_stop(stop, world)
 
             if step % cfg.log_every == 0 or step == steps:
+                window_loss, window_tokens = world.sum(window_loss), world.sum(window_tokens)
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / max(window_targets, 1)
                 if not math.isfinite(last_loss):
@@ -176,7 +190,8 @@ def train(job: TrainJob) -> TrainResult:
                     "tokens": state["tokens"],
                     "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
                 }
-                run.log(row)
+                if world.is_main:
+                    run.log(row)
                 bar.update(0, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
                 window_loss.zero_()
                 window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -194,11 +209,13 @@ def train(job: TrainJob) -> TrainResult:
                         max_batches=cfg.eval_batches,
                     )
                 )
-                run.log({"step": step, "split": "validation", **validation})
+                if world.is_main:
+                    run.log({"step": step, "split": "validation", **validation})
                 bar.update(0, val_loss=validation["loss"])
 
             if step % cfg.save_every == 0 or step == steps or stop.requested:
-                saved = save_checkpoint(
+                saved = distributed.save_checkpoint(
+                    world,
                     run.checkpoints,
                     step,
                     model,

@@ -8,14 +8,16 @@ from typing import Any
 
 import torch
 
+from llmos_cli.core.distributed import current_world, full_state_dict
 from llmos_cli.core.rundir import RunDir
 from llmos_cli.core.runtime import Precision, pick_device, pick_precision
 from llmos_cli.recipe import Recipe
 
 
 def open_run(recipe: Recipe) -> RunDir:
-    """Create the run directory and record the recipe exactly as run."""
-    return RunDir(recipe.output_dir).create(recipe.to_yaml())
+    """Create the run directory and record the recipe exactly as run (the main process writes)."""
+    run = RunDir(recipe.output_dir)
+    return run.create(recipe.to_yaml()) if current_world().is_main else run
 
 
 def device_and_precision(recipe: Recipe) -> tuple[torch.device, Precision]:
@@ -28,13 +30,20 @@ def config_hash(obj: Any) -> str:
 
 
 def save_final(run: RunDir, model: Any, tokenizer: Any) -> None:
-    """Write final/ (safetensors weights, config, tokenizer) via a staging dir and a rename."""
+    """Write final/ (safetensors weights, config, tokenizer) via a staging dir and a rename.
+
+    Under torchrun every rank calls this (FSDP shards are gathered); the main process writes.
+    """
     from llmos_cli.core.data.cache import replace_dir, staging_dir
 
-    staged = staging_dir(run.final)
-    model.save_pretrained(str(staged), safe_serialization=True)
-    tokenizer.save_pretrained(str(staged))
-    replace_dir(staged, run.final)
+    world = current_world()
+    state = full_state_dict(model)
+    if world.is_main:
+        staged = staging_dir(run.final)
+        model.save_pretrained(str(staged), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(staged))
+        replace_dir(staged, run.final)
+    world.barrier()
 
 
 def trained_model_path(recipe: Recipe) -> str:

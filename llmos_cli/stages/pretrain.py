@@ -6,6 +6,7 @@ from typing import Any
 
 from llmos_cli.console import out
 from llmos_cli.core.batches import causal_lm_collate
+from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.objectives import CAUSAL_LM
 from llmos_cli.core.registry import register_run
@@ -20,7 +21,9 @@ from llmos_cli.stages.common import config_hash, device_and_precision, open_run,
 def run(recipe: Recipe) -> dict[str, Any]:
     if recipe.task != "causal-lm":
         raise UserError(f"task: pretrain trains causal LMs only (got '{recipe.task}'); use `llmos finetune`")
-    prepared = data_stage.run(recipe)
+    world = init_distributed()  # joins torchrun's process group; one process otherwise
+    with world.main_first():  # rank 0 prepares the data, the others reuse it
+        prepared = data_stage.run(recipe)
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     set_seed(recipe.run.seed)
     special = {

@@ -1,0 +1,191 @@
+"""Training on several processes (torchrun, gloo on CPU) follows the one-process run exactly.
+
+Two processes share the global batch (batch_size x grad_accum rows per step), so their loss curve
+equals the one-process curve; checkpoints hold full states and resume on any process count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmos_cli.core.batches import ResumableBatchSampler
+from llmos_cli.core.distributed import ShardedBatchSampler, World, torchrun_command
+from llmos_cli.errors import UserError
+from llmos_cli.recipe import load_recipe
+from llmos_cli.stages import pretrain
+from tests.conftest import TINY_MODEL, toy_documents, write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretrain recipe (global batch 8 x 2 rows) and its data, prepared once for every run."""
+    ws = tmp_path_factory.mktemp("dist")
+    (ws / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in toy_documents()))
+    write_recipe(
+        ws / "recipe.yaml",
+        {
+            "run": {"name": "tiny", "output_dir": str(ws / "single"), "seed": 0},
+            "model": {"arch": "llama", "config": TINY_MODEL},
+            "data": {
+                "train": "corpus.jsonl",
+                "validation_split": 0.1,
+                "tokenizer": {"vocab_size": 300, "min_frequency": 1},
+                "max_seq_len": 32,
+                "output": str(ws / "data"),
+            },
+            "train": {
+                "max_steps": STEPS,
+                "batch_size": 8,
+                "grad_accum": 2,
+                "lr": 3e-3,
+                "warmup": 0.1,
+                "log_every": 5,
+                "eval_every": 10,
+                "save_every": 10,
+                "keep_last": 3,
+            },
+        },
+    )
+    pretrain.run(load_recipe(ws / "recipe.yaml"))  # the one-process reference; also prepares the data
+    return ws
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _curve(run: Path) -> list[tuple[int, str, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("split", "train"), r["loss"]) for r in rows]
+
+
+def _assert_same_curve(a: Path, b: Path) -> None:
+    ca, cb = _curve(a), _curve(b)
+    assert [(s, k) for s, k, _ in ca] == [(s, k) for s, k, _ in cb]
+    assert max(abs(x - y) for (_, _, x), (_, _, y) in zip(ca, cb, strict=True)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def ddp_run(workspace: Path) -> tuple[Path, dict]:
+    """`llmos --json pretrain recipe.yaml --nproc 2`: the launcher execs torchrun, 2 gloo processes."""
+    run = workspace / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmos_cli",
+        "--json",
+        "pretrain",
+        str(workspace / "recipe.yaml"),
+        "--nproc",
+        "2",
+    ]
+    proc = _run([*cmd, "--set", f"run.output_dir={run}"], workspace)
+    return run, json.loads(proc.stdout)  # one JSON document: only rank 0 printed its result
+
+
+def test_two_processes_follow_the_one_process_loss_curve(workspace: Path, ddp_run: tuple[Path, dict]) -> None:
+    run, summary = ddp_run
+    _assert_same_curve(workspace / "single", run)  # one row per log: rank 0 alone writes metrics
+    rows = [json.loads(line) for line in (workspace / "single" / "metrics.jsonl").read_text().splitlines()]
+    single_tokens = [r["tokens"] for r in rows if "split" not in r][-1]
+    assert summary["steps"] == STEPS and summary["tokens"] == single_tokens  # counted over both ranks
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-20"]
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_checkpoint_from_two_processes_resumes_on_one(workspace: Path, ddp_run: tuple[Path, dict]) -> None:
+    run = workspace / "ddp-resumed"
+    shutil.copytree(ddp_run[0], run)
+    shutil.rmtree(run / "checkpoints" / "step-20")
+    shutil.rmtree(run / "final")
+    result = pretrain.run(load_recipe(workspace / "recipe.yaml", [f"run.output_dir={run}"]))
+    assert result["steps"] == STEPS
+    _assert_same_curve(workspace / "single", run)
+
+
+def test_fsdp_on_two_processes_trains_saves_plain_final_and_resumes_on_one(workspace: Path) -> None:
+    """FSDP with gradient accumulation: each rank runs 2 micro-batches of 4 rows per step.
+
+    4 x 4 rows per step draw the same rows, in the same order, as the reference's 8 x 2 (the
+    sampler's permutation does not depend on the batch size), so the curves must agree.
+    """
+    run = workspace / "fsdp"
+    sets = [f"run.output_dir={run}", "train.batch_size=4", "train.grad_accum=4"]
+    cmd = torchrun_command(2, ["pretrain", str(workspace / "recipe.yaml"), *(f"--set={s}" for s in sets)])
+    cmd[cmd.index("--standalone")] = f"--master_port={_free_port()}"  # plain torchrun, env rendezvous
+    _run([*cmd, "--set", "train.distributed=fsdp"], workspace)
+    _assert_same_curve(workspace / "single", run)
+
+    from transformers import AutoModelForCausalLM  # plain transformers, no llmos
+
+    model = AutoModelForCausalLM.from_pretrained(str(run / "final"))
+    reference = AutoModelForCausalLM.from_pretrained(str(workspace / "single" / "final"))
+    for (name, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.allclose(p, q, atol=1e-4), name
+
+    shutil.rmtree(run / "checkpoints" / "step-20")  # the sharded run's checkpoint, resumed on one process
+    pretrain.run(load_recipe(workspace / "recipe.yaml", sets))
+    _assert_same_curve(workspace / "single", run)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ranks_split_each_global_step_in_the_one_process_order(world_size: int) -> None:
+    def steps(sampler, n_steps: int) -> list[list[int]]:
+        it = iter(sampler)
+        return [[i for _ in range(sampler.micro_per_step) for i in next(it)] for _ in range(n_steps)]
+
+    one = steps(ShardedBatchSampler(ResumableBatchSampler(50, 6, seed=3, start_batch=4), 2, World()), 12)
+    ranks = [
+        steps(ShardedBatchSampler(ResumableBatchSampler(50, 6, 3, 4), 2, World(r, r, world_size)), 12)
+        for r in range(world_size)
+    ]
+    for s, rows in enumerate(one):
+        assert [i for rank in ranks for i in rank[s]] == rows
+
+
+def test_one_process_yields_the_global_batches_unchanged() -> None:
+    plain = iter(ResumableBatchSampler(40, 8, seed=1, start_batch=3))
+    sharded = iter(ShardedBatchSampler(ResumableBatchSampler(40, 8, seed=1, start_batch=3), 3, World()))
+    assert [next(sharded) for _ in range(12)] == [next(plain) for _ in range(12)]
+
+
+def test_a_step_that_does_not_split_over_the_processes_is_refused() -> None:
+    with pytest.raises(UserError, match="do not split evenly over 4 processes"):
+        ShardedBatchSampler(ResumableBatchSampler(40, 3, seed=0), 1, World(0, 0, 4))
+
+
+def test_nproc_under_torchrun_is_refused(workspace: Path, run_cli, monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = run_cli("pretrain", workspace / "recipe.yaml", "--nproc", "2")
+    assert res.code == 2 and "already running under torchrun" in res.stderr
