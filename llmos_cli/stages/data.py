@@ -70,8 +70,6 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     replace_dir(staged, target)
-    if report.quarantine:
-        report.quarantine = str(target / "quarantine.jsonl")
     report.show()
     out.info(f"data: wrote {target}")
     return PreparedData(target, fp, target / "tokenizer", report.to_dict(), reused=False)
@@ -98,7 +96,7 @@ def _prepare(
         bad.close()
     report.malformed.update(bad.by_reason)
     if bad.count and bad.quarantine_path and bad.quarantine_path.exists():
-        report.quarantine = str(bad.quarantine_path)
+        report.quarantine = bad.quarantine_path.name  # beside report.json
         out.warn(f"data: skipped {bad.count} malformed rows ({dict(bad.by_reason)}); see quarantine.jsonl")
     if not len(train):
         raise UserError(f"data.train: no documents left after cleaning ({dict(report.dropped)} dropped)")
@@ -130,7 +128,8 @@ def _prepare(
         if "label" in encoded.column_names:
             report.label_balance[name] = count_labels(encoded, "label")
 
-    DatasetDict(splits).save_to_disk(str(staged))
+    # datasets writes zero shards for an empty split and then cannot load it: give it one
+    DatasetDict(splits).save_to_disk(str(staged), num_shards={k: 1 for k, v in splits.items() if not len(v)})
     del splits
     shutil.rmtree(work, ignore_errors=True)
     save_tokenizer(tokenizer, staged / "tokenizer")
@@ -187,6 +186,11 @@ def encode_documents(docs: Any, tokenizer: Any, d: DataSection, cache: Path, fp:
     if d.num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
     cache.mkdir(parents=True, exist_ok=True)
+    features = token_features(["input_ids", "n_tokens"])
+    if not len(docs):
+        from datasets import Dataset
+
+        return Dataset.from_dict({"input_ids": [], "n_tokens": []}, features=features)
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
@@ -198,7 +202,7 @@ def encode_documents(docs: Any, tokenizer: Any, d: DataSection, cache: Path, fp:
         batch_size=TOKENIZE_BATCH,
         num_proc=d.num_proc if len(docs) >= 2 * d.num_proc else None,
         remove_columns=docs.column_names,
-        features=token_features(["input_ids", "n_tokens"]),
+        features=features,
         cache_file_name=str(cache / "encoded.arrow"),
         new_fingerprint=f"{fp[:32]}-{cache.name}",  # hashing the tokenizer closure is slow and pointless here
         desc=f"tokenize {cache.name}",

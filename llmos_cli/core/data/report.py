@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,31 +71,25 @@ def length_summary(lengths: np.ndarray) -> dict[str, float]:
 
 def write_length_histogram(lengths: dict[str, np.ndarray], path: Path, max_seq_len: int | None = None) -> None:
     """A PNG histogram of document lengths in tokens, one series per split (matplotlib, Agg)."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
-        top = max((int(v.max()) for v in lengths.values() if len(v)), default=1)
-        bins = np.linspace(0, max(top, 1), 51)
-        for name, values in lengths.items():
-            if len(values):
-                ax.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)})")
-        if max_seq_len:
-            ax.axvline(max_seq_len, color="black", linestyle="--", linewidth=1, label=f"max_seq_len {max_seq_len}")
-        ax.set_xlabel("document length (tokens)")
-        ax.set_ylabel("documents")
-        ax.set_title("document lengths")
-        ax.legend()
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format="png")
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
+    top = max((int(v.max()) for v in lengths.values() if len(v)), default=1)
+    bins = np.linspace(0, max(top, 1), 51)
+    for name, values in lengths.items():
+        if len(values):
+            ax.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)})")
+    if max_seq_len:
+        ax.axvline(max_seq_len, color="black", linestyle="--", linewidth=1, label=f"max_seq_len {max_seq_len}")
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("documents")
+    ax.set_title("document lengths")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
 
 
 def count_labels(ds: Any, column: str) -> dict[str, int]:
