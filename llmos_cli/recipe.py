@@ -83,7 +83,9 @@ class DataSection(Section):
     packing_mode: Literal["concat", "reset_positions"] = Field(
         "concat", description="reset_positions: store position_ids restarting at each document in a block"
     )
-    on_error: Literal["fail", "skip"] = Field("fail", description="malformed rows: stop, or skip into a quarantine file")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="malformed rows: stop, or skip into a quarantine file"
+    )
     num_proc: int = Field(1, ge=1)
     output: str | None = Field(None, description="default runs/data/<run.name>")
 

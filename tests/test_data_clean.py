@@ -40,7 +40,10 @@ def test_url_and_email_masking_is_switchable() -> None:
     text = "write to ana.b+x@example.co.uk or see https://example.org/a?b=1. 東京 www.foo.com/x)"
     cfg = CleanSection(mask_urls=True, mask_emails=True)
     assert clean_text(text, cfg) == "write to <EMAIL> or see <URL>. 東京 <URL>)"
-    assert clean_text(text, CleanSection(mask_urls=True)) == "write to ana.b+x@example.co.uk or see <URL>. 東京 <URL>)"
+    assert (
+        clean_text(text, CleanSection(mask_urls=True))
+        == "write to ana.b+x@example.co.uk or see <URL>. 東京 <URL>)"
+    )
     assert clean_text(text, CleanSection()) == text
     custom = CleanSection(mask_emails=True, email_token="[email]")
     assert clean_text("a@b.io", custom) == "[email]"
@@ -57,7 +60,12 @@ def test_control_characters_and_whitespace() -> None:
 
 def test_token_length_filter() -> None:
     cfg = CleanSection(min_tokens=3, max_tokens=5)
-    assert [token_drop_reason(n, cfg) for n in (2, 3, 5, 6)] == ["too_few_tokens", None, None, "too_many_tokens"]
+    assert [token_drop_reason(n, cfg) for n in (2, 3, 5, 6)] == [
+        "too_few_tokens",
+        None,
+        None,
+        "too_many_tokens",
+    ]
     assert token_drop_reason(0, CleanSection()) is None
 
 
@@ -114,7 +122,9 @@ def test_fail_mode_shows_the_first_few_bad_lines(tmp_path: Path) -> None:
     path.write_text('{"text": "ok"}\n{bad\n{"text": "ok"}\n{worse\n')
     with pytest.raises(UserError) as err:
         list(read_rows([path], bad=BadRows("fail")))
-    assert "bad.jsonl:2: invalid JSON" in err.value.message and "bad.jsonl:4: invalid JSON" in err.value.message
+    assert (
+        "bad.jsonl:2: invalid JSON" in err.value.message and "bad.jsonl:4: invalid JSON" in err.value.message
+    )
     assert "on_error=skip" in (err.value.hint or "")
 
 

@@ -24,7 +24,10 @@ CJK_DOCS = [
 def varied_documents(n: int, seed: int = 0) -> list[str]:
     """Documents of 25-40 words drawn from 300 made-up words: unlike each other, unlike toy_documents."""
     rng = random.Random(seed)
-    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(300)]
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+        for _ in range(300)
+    ]
     return [" ".join(rng.choice(vocab) for _ in range(rng.randint(25, 40))) + "." for _ in range(n)]
 
 
@@ -43,7 +46,9 @@ def _recipe(tmp_path: Path, data: dict) -> Path:
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
 
 
 def test_messy_corpus_skip_quarantine_near_dups_overlap_and_reset_positions(tmp_path: Path) -> None:
@@ -54,7 +59,10 @@ def test_messy_corpus_skip_quarantine_near_dups_overlap_and_reset_positions(tmp_
     lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in good]
     lines[5:5] = [b'{"text": oops', b'{"txt": "wrong field"}', '{"text": "caf\xe9"}'.encode("latin-1")]
     (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    _write_jsonl(tmp_path / "val.jsonl", [docs[3], docs[7], "a fresh validation text about owls and foxes, unlike any other."])
+    _write_jsonl(
+        tmp_path / "val.jsonl",
+        [docs[3], docs[7], "a fresh validation text about owls and foxes, unlike any other."],
+    )
     recipe = load_recipe(
         _recipe(
             tmp_path,
@@ -101,11 +109,13 @@ def test_messy_corpus_skip_quarantine_near_dups_overlap_and_reset_positions(tmp_
 
 def test_packing_off_truncates_and_token_filters(tmp_path: Path) -> None:
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     texts = [" ".join(rng.choice(words) for _ in range(n)) for n in [2] * 5 + [8] * 30 + [60] * 10]
     _write_jsonl(tmp_path / "train.jsonl", texts)
     recipe = load_recipe(
-        _recipe(tmp_path, {"packing": False, "validation_split": 0.0, "clean": {"min_tokens": 3, "dedup": False}})
+        _recipe(
+            tmp_path, {"packing": False, "validation_split": 0.0, "clean": {"min_tokens": 3, "dedup": False}}
+        )
     )
     report = data_stage.run(recipe).report
     train = report["splits"]["train"]
@@ -124,7 +134,9 @@ def test_cjk_trains_a_tokenizer_that_compresses_and_round_trips(tmp_path: Path) 
     rng = random.Random(1)
     texts = [" ".join(rng.sample(CJK_DOCS, 3)) + f" {i}" for i in range(150)]
     _write_jsonl(tmp_path / "train.jsonl", texts)
-    prepared = data_stage.run(load_recipe(_recipe(tmp_path, {"tokenizer": {"vocab_size": 600, "min_frequency": 2}})))
+    prepared = data_stage.run(
+        load_recipe(_recipe(tmp_path, {"tokenizer": {"vocab_size": 600, "min_frequency": 2}}))
+    )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(prepared.path / "tokenizer"))
@@ -154,7 +166,9 @@ def test_bad_rows_fail_by_default_naming_lines_and_write_nothing(tmp_path: Path,
     (tmp_path / "train.jsonl").write_text('{"text": "fine"}\n{nope\n{"text": "fine too"}\n[1]\n')
     res = run_cli("data", _recipe(tmp_path, {}))
     assert res.code == 2
-    assert "train.jsonl:2: invalid JSON" in res.stderr and "train.jsonl:4: expected a JSON object" in res.stderr
+    assert (
+        "train.jsonl:2: invalid JSON" in res.stderr and "train.jsonl:4: expected a JSON object" in res.stderr
+    )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 

@@ -76,7 +76,12 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
 
 
 def _prepare(
-    recipe: Recipe, train_files: list[Path], val_files: list[Path], tokenizer_src: Path | None, fp: str, staged: Path
+    recipe: Recipe,
+    train_files: list[Path],
+    val_files: list[Path],
+    tokenizer_src: Path | None,
+    fp: str,
+    staged: Path,
 ) -> DataReport:
     """Build the dataset, tokenizer, report and histogram inside `staged`; returns the report."""
     d = recipe.data
@@ -85,10 +90,16 @@ def _prepare(
     bad = BadRows(d.on_error, staged / "quarantine.jsonl")
     try:
         collector = Collector(d, report, bad)
-        docs = write_rows(_as_rows(collector.documents(train_files)), work / "train-docs.arrow", text_features())
+        docs = write_rows(
+            _as_rows(collector.documents(train_files)), work / "train-docs.arrow", text_features()
+        )
         if val_files:
             val_collector = Collector(d, report, bad)
-            val = write_rows(_as_rows(val_collector.documents(val_files, "validation")), work / "val-docs.arrow", text_features())
+            val = write_rows(
+                _as_rows(val_collector.documents(val_files, "validation")),
+                work / "val-docs.arrow",
+                text_features(),
+            )
             train = docs
         else:
             train, val = split_documents(docs, d.validation_split, recipe.run.seed)
@@ -157,7 +168,9 @@ def validation_overlap(train: Any, val: Any, near: NearDedup | None = None) -> l
     seen = ExactDedup()
     for text in _texts(train):
         seen.seen(text)
-    return [i for i, text in enumerate(_texts(val)) if text in seen or (near is not None and near.matches(text))]
+    return [
+        i for i, text in enumerate(_texts(val)) if text in seen or (near is not None and near.matches(text))
+    ]
 
 
 def _as_rows(texts: Iterator[str]) -> Iterator[dict[str, str]]:
@@ -172,7 +185,9 @@ def _texts(ds: Any) -> Iterator[str]:
 def _tokenizer(recipe: Recipe, source: Path | None, train: Any) -> Any:
     d = recipe.data
     if source is None:
-        out.info(f"data: training a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size}) on {len(train)} documents")
+        out.info(
+            f"data: training a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size}) on {len(train)} documents"
+        )
         tokenizer = train_bpe_tokenizer(_texts(train), d.tokenizer.vocab_size, d.tokenizer.min_frequency)
     else:
         tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
@@ -212,7 +227,11 @@ def encode_documents(docs: Any, tokenizer: Any, d: DataSection, cache: Path, fp:
 def filter_by_tokens(encoded: Any, d: DataSection, report: DataReport) -> tuple[Any, np.ndarray]:
     """Drop documents outside `clean.min_tokens`/`max_tokens`; returns the kept rows and their lengths."""
     n_tokens = np.asarray(encoded.with_format("numpy")["n_tokens"], dtype=np.int64)
-    reasons = [token_drop_reason(int(n), d.clean) for n in n_tokens] if (d.clean.min_tokens or d.clean.max_tokens) else []
+    reasons = (
+        [token_drop_reason(int(n), d.clean) for n in n_tokens]
+        if (d.clean.min_tokens or d.clean.max_tokens)
+        else []
+    )
     if not any(reasons):
         return encoded, n_tokens
     for reason, n in Counter(r for r in reasons if r).items():
@@ -222,7 +241,9 @@ def filter_by_tokens(encoded: Any, d: DataSection, report: DataReport) -> tuple[
     return encoded.select(keep), n_tokens[keep]
 
 
-def pack_split(encoded: Any, eos_id: int, d: DataSection, name: str, work: Path) -> tuple[Any, dict[str, Any]]:
+def pack_split(
+    encoded: Any, eos_id: int, d: DataSection, name: str, work: Path
+) -> tuple[Any, dict[str, Any]]:
     """Blocks of `max_seq_len` tokens (packing) or one truncated row per document; train drops the
     last partial block, other splits keep it so evaluation sees every token."""
     reset = d.packing and d.packing_mode == "reset_positions"

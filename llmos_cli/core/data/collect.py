@@ -23,7 +23,11 @@ class Collector:
         self.data, self.report, self.bad = data, report, bad
         self.hashes = ExactDedup()
         c = data.clean
-        self.near = NearDedup(c.near_dedup_threshold, c.near_dedup_num_perm, c.near_dedup_ngram) if c.near_dedup else None
+        self.near = (
+            NearDedup(c.near_dedup_threshold, c.near_dedup_num_perm, c.near_dedup_ngram)
+            if c.near_dedup
+            else None
+        )
 
     def documents(self, files: list[Path], split: str = "train") -> Iterator[str]:
         """Clean, kept documents of `files`, in order (remembered for dedup and overlap checks)."""

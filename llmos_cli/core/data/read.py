@@ -145,7 +145,7 @@ def read_rows(
 
 def _decode_error(raw: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
     line = raw[: err.start].count(b"\n") + 1
-    return line, f"not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})"
+    return line, f"not valid UTF-8 (byte {err.start}: {raw[err.start : err.start + 1]!r})"
 
 
 def _read_text(path: Path, bad: BadRows) -> Iterator[Row]:
@@ -163,8 +163,13 @@ def _read_text_lines(path: Path, bad: BadRows) -> Iterator[Row]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                bad.add(str(path), i, "encoding", f"not valid UTF-8 (byte {err.start} of the line)",
-                        raw.decode("utf-8", "replace"))
+                bad.add(
+                    str(path),
+                    i,
+                    "encoding",
+                    f"not valid UTF-8 (byte {err.start} of the line)",
+                    raw.decode("utf-8", "replace"),
+                )
                 continue
             yield Row({"text": text.rstrip("\r\n")}, str(path), i)
 
@@ -177,15 +182,27 @@ def _read_jsonl(path: Path, bad: BadRows) -> Iterator[Row]:
             try:
                 obj = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as err:
-                bad.add(str(path), i, "encoding", f"not valid UTF-8 (byte {err.start} of the line)",
-                        raw.decode("utf-8", "replace"))
+                bad.add(
+                    str(path),
+                    i,
+                    "encoding",
+                    f"not valid UTF-8 (byte {err.start} of the line)",
+                    raw.decode("utf-8", "replace"),
+                )
                 continue
             except json.JSONDecodeError as err:
-                bad.add(str(path), i, "invalid_json", f"invalid JSON: {err.msg} (column {err.colno})",
-                        raw.decode("utf-8", "replace").rstrip("\n"))
+                bad.add(
+                    str(path),
+                    i,
+                    "invalid_json",
+                    f"invalid JSON: {err.msg} (column {err.colno})",
+                    raw.decode("utf-8", "replace").rstrip("\n"),
+                )
                 continue
             if not isinstance(obj, dict):
-                bad.add(str(path), i, "not_an_object", f"expected a JSON object, got {type(obj).__name__}", obj)
+                bad.add(
+                    str(path), i, "not_an_object", f"expected a JSON object, got {type(obj).__name__}", obj
+                )
                 continue
             yield Row(obj, str(path), i)
 
@@ -205,8 +222,13 @@ def _read_json(path: Path, bad: BadRows) -> Iterator[Row]:
         raise UserError(f'{path}: expected a list of objects (or {{"data": [...]}})')
     for i, item in enumerate(obj, 1):
         if not isinstance(item, dict):
-            bad.add(str(path), i, "not_an_object", f"item {i}: expected a JSON object, got {type(item).__name__}",
-                    item)
+            bad.add(
+                str(path),
+                i,
+                "not_an_object",
+                f"item {i}: expected a JSON object, got {type(item).__name__}",
+                item,
+            )
             continue
         yield Row(item, str(path), i)
 
@@ -245,8 +267,13 @@ def _read_csv(path: Path, delimiter: str, bad: BadRows) -> Iterator[Row]:
             if not rec:
                 continue
             if len(rec) != len(header):
-                bad.add(str(path), line, "wrong_field_count",
-                        f"{len(rec)} fields where the header has {len(header)}", delimiter.join(rec))
+                bad.add(
+                    str(path),
+                    line,
+                    "wrong_field_count",
+                    f"{len(rec)} fields where the header has {len(header)}",
+                    delimiter.join(rec),
+                )
                 continue
             yield Row(dict(zip(header, rec, strict=True)), str(path), line)
 
@@ -279,9 +306,14 @@ def _read_saved(path: Path) -> Iterator[Row]:
 
 
 def _read_hub(name: str, split: str) -> Iterator[Row]:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise UserError(f"data: hub:{name} needs the network, but HF_HUB_OFFLINE is set",
-                        hint="download it once and point data.train at the saved folder or files")
+    if (
+        os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    ):
+        raise UserError(
+            f"data: hub:{name} needs the network, but HF_HUB_OFFLINE is set",
+            hint="download it once and point data.train at the saved folder or files",
+        )
     from datasets import load_dataset
 
     try:
@@ -310,7 +342,8 @@ def field_text(row: Row, field: str, bad: BadRows | None = None) -> str | None:
     else:
         return row.data[field]
     if bad is None:
-        raise UserError(f"{row.source}:{row.line}: {message}",
-                        hint="set data.text_field (or the format's field)")
+        raise UserError(
+            f"{row.source}:{row.line}: {message}", hint="set data.text_field (or the format's field)"
+        )
     bad.add(row.source, row.line, reason, message, row.data)
     return None

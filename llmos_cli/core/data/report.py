@@ -69,7 +69,9 @@ def length_summary(lengths: np.ndarray) -> dict[str, float]:
     }
 
 
-def write_length_histogram(lengths: dict[str, np.ndarray], path: Path, max_seq_len: int | None = None) -> None:
+def write_length_histogram(
+    lengths: dict[str, np.ndarray], path: Path, max_seq_len: int | None = None
+) -> None:
     """A PNG histogram of document lengths in tokens, one series per split (matplotlib, Agg)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
@@ -81,7 +83,9 @@ def write_length_histogram(lengths: dict[str, np.ndarray], path: Path, max_seq_l
         if len(values):
             ax.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)})")
     if max_seq_len:
-        ax.axvline(max_seq_len, color="black", linestyle="--", linewidth=1, label=f"max_seq_len {max_seq_len}")
+        ax.axvline(
+            max_seq_len, color="black", linestyle="--", linewidth=1, label=f"max_seq_len {max_seq_len}"
+        )
     ax.set_xlabel("document length (tokens)")
     ax.set_ylabel("documents")
     ax.set_title("document lengths")

@@ -24,7 +24,9 @@ def token_features(columns: Iterable[str]) -> Any:
     return Features({c: Value("int32") if c in scalars else List(Value("int32")) for c in columns})
 
 
-def write_rows(rows: Iterable[dict[str, Any]], path: Path, features: Any, batch_size: int = TEXT_BATCH) -> Any:
+def write_rows(
+    rows: Iterable[dict[str, Any]], path: Path, features: Any, batch_size: int = TEXT_BATCH
+) -> Any:
     """Stream `rows` into an Arrow file at `path`; returns the memory-mapped `datasets.Dataset`."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
