@@ -182,3 +182,25 @@ def test_packer_single_rows_truncate() -> None:
     rows = [packer.single(doc) for doc in ([1], [1, 2], [1, 2, 3, 4])]
     assert [r["input_ids"].tolist() for r in rows] == [[1, 0], [1, 2, 0], [1, 2, 3]]
     assert (packer.truncated, packer.documents, packer.tokens) == (1, 3, 8)
+
+
+def test_reset_positions_keep_packed_documents_apart_in_a_tiny_llama() -> None:
+    """The contract with the model side: passing the stored position_ids with no attention mask and
+    use_cache=False (a cache turns packed-sequence detection off) attends within each document only."""
+    import torch
+
+    from llmos_cli.core.models import build_model
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = build_model("llama", TINY_MODEL, 50, {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}).eval()
+    packer = Packer(block_size=12, eos_id=0, reset_positions=True)
+    (block,) = [b for doc in ([5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]) for b in packer.add(doc)]
+    ids = torch.as_tensor(block["input_ids"], dtype=torch.long)[None]
+    pos = torch.as_tensor(block["position_ids"], dtype=torch.long)[None]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, 6:]
+        alone = model(input_ids=ids[:, 6:]).logits[0]
+        leaky = model(input_ids=ids).logits[0, 6:]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(leaky, alone, atol=1e-3)

@@ -2,8 +2,9 @@
 
 `concat` joins documents with EOS separators. `reset_positions` also stores `position_ids` that
 restart at 0 at every document start inside a block: transformers (v5) turns such position ids
-into a block-diagonal causal mask when no 2D attention mask is passed (sdpa, eager, flex and
-flash attention), so no token attends across a document boundary.
+into a block-diagonal causal mask when no 2D attention mask and no KV cache are passed (call the
+model with `position_ids=..., use_cache=False`; sdpa, eager, flex and flash attention), so no token
+attends across a document boundary.
 """
 
 from __future__ import annotations
