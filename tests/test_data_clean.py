@@ -204,3 +204,22 @@ def test_reset_positions_keep_packed_documents_apart_in_a_tiny_llama() -> None:
         leaky = model(input_ids=ids).logits[0, 6:]
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-3)
+
+
+def test_count_labels() -> None:
+    from llmos_cli.core.data.report import count_labels
+
+    assert count_labels([1, 0, 1, "x"]) == {"0": 1, "1": 2, "x": 1}
+
+
+def test_map_batches_keeps_order_across_workers(tmp_path: Path) -> None:
+    from llmos_cli.core.data.store import iter_column, map_batches, text_features, token_features, write_rows
+
+    src = tmp_path / "docs.arrow"
+    write_rows(({"text": "x" * (i % 7)} for i in range(2500)), src, text_features(), batch_size=100)
+    n = map_batches(src, tmp_path / "out.arrow", _lengths, token_features(["n_tokens"]), num_proc=2)
+    assert n == 2500 and list(iter_column(tmp_path / "out.arrow", "n_tokens")) == [i % 7 for i in range(2500)]
+
+
+def _lengths(batch: dict) -> dict:
+    return {"n_tokens": [len(t) for t in batch["text"]]}

@@ -1,8 +1,8 @@
 """`llmos data`: read, clean, deduplicate, (train a tokenizer), tokenize, pack, split, save, report.
 
-Every step streams through Arrow files on disk (memory-mapped), so peak memory does not grow with
-the corpus: documents are written as they are cleaned, tokenised with `datasets.map` (`num_proc`
-workers) and packed block by block.
+Every step streams through Arrow files on disk, so peak memory does not grow with the corpus:
+documents are written as they are cleaned, split by a boolean mask (no copy), tokenised batch by
+batch in `num_proc` worker processes, packed block by block, and saved as an HF dataset.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,21 @@ from llmos_cli.core.data.dedup import ExactDedup, NearDedup
 from llmos_cli.core.data.pack import Packer
 from llmos_cli.core.data.read import BadRows, list_files
 from llmos_cli.core.data.report import DataReport, count_labels, length_summary, write_length_histogram
-from llmos_cli.core.data.store import text_features, token_features, write_rows
+from llmos_cli.core.data.store import (
+    column_names,
+    iter_batches,
+    iter_column,
+    map_batches,
+    text_features,
+    token_features,
+    write_rows,
+)
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 from llmos_cli.core.models import load_tokenizer
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
 
 TOKENIZE_BATCH = 512
-ITER_BATCH = 1000
 
 
 @dataclass
@@ -75,6 +81,18 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
     return PreparedData(target, fp, target / "tokenizer", report.to_dict(), reused=False)
 
 
+@dataclass
+class Part:
+    """One split's rows: a file of documents (and of their tokens) and which rows belong to it."""
+
+    docs: Path
+    keep: np.ndarray  # bool per row of `docs`
+
+    @property
+    def encoded(self) -> Path:
+        return self.docs.with_suffix(".tokens.arrow")
+
+
 def _prepare(
     recipe: Recipe,
     train_files: list[Path],
@@ -90,33 +108,31 @@ def _prepare(
     bad = BadRows(d.on_error, staged / "quarantine.jsonl")
     try:
         collector = Collector(d, report, bad)
-        docs = write_rows(
-            _as_rows(collector.documents(train_files)), work / "train-docs.arrow", text_features()
-        )
+        docs = work / "train-docs.arrow"
+        n = write_rows(_as_rows(collector.documents(train_files)), docs, text_features())
         if val_files:
+            val_docs = work / "val-docs.arrow"
             val_collector = Collector(d, report, bad)
-            val = write_rows(
-                _as_rows(val_collector.documents(val_files, "validation")),
-                work / "val-docs.arrow",
-                text_features(),
+            n_val = write_rows(
+                _as_rows(val_collector.documents(val_files, "validation")), val_docs, text_features()
             )
-            train = docs
+            train, val = Part(docs, np.ones(n, bool)), Part(val_docs, np.ones(n_val, bool))
         else:
-            train, val = split_documents(docs, d.validation_split, recipe.run.seed)
+            is_val = split_mask(n, d.validation_split, recipe.run.seed)
+            train, val = Part(docs, ~is_val), Part(docs, is_val)
     finally:
         bad.close()
     report.malformed.update(bad.by_reason)
     if bad.count and bad.quarantine_path and bad.quarantine_path.exists():
         report.quarantine = bad.quarantine_path.name  # beside report.json
         out.warn(f"data: skipped {bad.count} malformed rows ({dict(bad.by_reason)}); see quarantine.jsonl")
-    if not len(train):
+    if not train.keep.any():
         raise UserError(f"data.train: no documents left after cleaning ({dict(report.dropped)} dropped)")
 
     overlap = validation_overlap(train, val, collector.near if val_files else None)
     report.validation_overlap = len(overlap)
     if overlap and d.clean.decontaminate:
-        drop = set(overlap)
-        val = val.select([i for i in range(len(val)) if i not in drop])
+        val.keep[overlap] = False
         report.validation_overlap_removed = len(overlap)
         report.documents_kept -= len(overlap)
 
@@ -126,22 +142,27 @@ def _prepare(
         "trained": tokenizer_src is None,
         "source": str(tokenizer_src) if tokenizer_src else None,
     }
+    n_tokens = {
+        p.docs: encode_documents(p, tokenizer, d.num_proc)
+        for p in {train.docs: train, val.docs: val}.values()
+    }
 
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
 
     splits, lengths = {}, {}
-    for name, split_docs in (("train", train), ("validation", val)):
-        encoded = encode_documents(split_docs, tokenizer, d, work / name, fp)
-        encoded, n_tokens = filter_by_tokens(encoded, d, report)
-        lengths[name] = n_tokens
-        splits[name], report.splits[name] = pack_split(encoded, tokenizer.eos_token_id, d, name, work / name)
-        report.splits[name]["document_tokens"] = length_summary(n_tokens)
-        if "label" in encoded.column_names:
-            report.label_balance[name] = count_labels(encoded, "label")
+    for name, part in (("train", train), ("validation", val)):
+        lengths[name] = filter_by_tokens(part, n_tokens[part.docs], d, report)
+        blocks, report.splits[name] = pack_split(
+            part, tokenizer.eos_token_id, d, name, work / f"{name}-blocks.arrow"
+        )
+        report.splits[name]["document_tokens"] = length_summary(lengths[name])
+        if "label" in column_names(part.encoded):
+            report.label_balance[name] = count_labels(iter_column(part.encoded, "label", part.keep))
+        splits[name] = Dataset.from_file(str(blocks))
 
     # datasets writes zero shards for an empty split and then cannot load it: give it one
     DatasetDict(splits).save_to_disk(str(staged), num_shards={k: 1 for k, v in splits.items() if not len(v)})
-    del splits
+    del splits  # release the memory maps before the work files go
     shutil.rmtree(work, ignore_errors=True)
     save_tokenizer(tokenizer, staged / "tokenizer")
     write_length_histogram(lengths, staged / "lengths.png", d.max_seq_len)
@@ -150,45 +171,42 @@ def _prepare(
     return report
 
 
-def split_documents(docs: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """Split whole documents (never blocks) so validation text is unseen in training."""
-    n = len(docs)
-    if fraction <= 0 or n < 2:
-        return docs, docs.select([])
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(fraction * n))
-    return docs.select(np.sort(order[n_val:])), docs.select(np.sort(order[:n_val]))
+def split_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of `n` documents go to validation: whole documents (never blocks), drawn with `seed`."""
+    is_val = np.zeros(n, bool)
+    if fraction > 0 and n >= 2:
+        is_val[np.random.default_rng(seed).permutation(n)[: max(1, round(fraction * n))]] = True
+    return is_val
 
 
-def validation_overlap(train: Any, val: Any, near: NearDedup | None = None) -> list[int]:
-    """Indices of validation documents that also appear in train: exactly, or (with `near`, an LSH
-    index of the train documents) as near-duplicates."""
-    if not len(val):
+def validation_overlap(train: Part, val: Part, near: NearDedup | None = None) -> list[int]:
+    """Rows of `val` whose document also appears in train: exactly, or (with `near`, an LSH index of
+    the train documents) as a near-duplicate."""
+    if not val.keep.any():
         return []
     seen = ExactDedup()
-    for text in _texts(train):
+    for text in iter_column(train.docs, "text", train.keep):
         seen.seen(text)
-    return [
-        i for i, text in enumerate(_texts(val)) if text in seen or (near is not None and near.matches(text))
-    ]
+    found = []
+    for i, (text, keep) in enumerate(zip(iter_column(val.docs, "text"), val.keep, strict=True)):
+        if keep and (text in seen or (near is not None and near.matches(text))):
+            found.append(i)
+    return found
 
 
 def _as_rows(texts: Iterator[str]) -> Iterator[dict[str, str]]:
     return ({"text": t} for t in texts)
 
 
-def _texts(ds: Any) -> Iterator[str]:
-    for batch in ds.iter(batch_size=ITER_BATCH):
-        yield from batch["text"]
-
-
-def _tokenizer(recipe: Recipe, source: Path | None, train: Any) -> Any:
+def _tokenizer(recipe: Recipe, source: Path | None, train: Part) -> Any:
     d = recipe.data
     if source is None:
         out.info(
-            f"data: training a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size}) on {len(train)} documents"
+            f"data: training a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size}) "
+            f"on {int(train.keep.sum())} documents"
         )
-        tokenizer = train_bpe_tokenizer(_texts(train), d.tokenizer.vocab_size, d.tokenizer.min_frequency)
+        texts = iter_column(train.docs, "text", train.keep)
+        tokenizer = train_bpe_tokenizer(texts, d.tokenizer.vocab_size, d.tokenizer.min_frequency)
     else:
         tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.eos_token_id is None:
@@ -196,67 +214,70 @@ def _tokenizer(recipe: Recipe, source: Path | None, train: Any) -> Any:
     return tokenizer
 
 
-def encode_documents(docs: Any, tokenizer: Any, d: DataSection, cache: Path, fp: str) -> Any:
-    """Tokenise with `datasets.map` (batched, `num_proc` workers), writing Arrow under `cache`."""
-    if d.num_proc > 1:
+_TOKENIZER: Any = None  # set in each tokenising process by _use_tokenizer
+
+
+def _use_tokenizer(tokenizer: Any) -> None:
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
+
+
+def _encode_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+    ids = _TOKENIZER(batch["text"], add_special_tokens=False)["input_ids"]
+    return {"input_ids": ids, "n_tokens": [len(x) for x in ids]}
+
+
+def encode_documents(part: Part, tokenizer: Any, num_proc: int) -> np.ndarray:
+    """Tokenise every document of `part.docs` into `part.encoded` (`num_proc` worker processes);
+    returns the token count of each document."""
+    if num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    cache.mkdir(parents=True, exist_ok=True)
     features = token_features(["input_ids", "n_tokens"])
-    if not len(docs):
-        from datasets import Dataset
-
-        return Dataset.from_dict({"input_ids": [], "n_tokens": []}, features=features)
-
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": ids, "n_tokens": [len(x) for x in ids]}
-
-    return docs.map(
-        encode,
-        batched=True,
-        batch_size=TOKENIZE_BATCH,
-        num_proc=d.num_proc if len(docs) >= 2 * d.num_proc else None,
-        remove_columns=docs.column_names,
-        features=features,
-        cache_file_name=str(cache / "encoded.arrow"),
-        new_fingerprint=f"{fp[:32]}-{cache.name}",  # hashing the tokenizer closure is slow and pointless here
-        desc=f"tokenize {cache.name}",
-    )
+    with out.progress(f"tokenize {part.docs.stem}", total=len(part.keep)) as bar:
+        n = map_batches(
+            part.docs,
+            part.encoded,
+            _encode_batch,
+            features,
+            num_proc=num_proc,
+            initializer=_use_tokenizer,
+            initargs=(tokenizer,),
+        )
+        bar.update(n)
+    return np.fromiter(iter_column(part.encoded, "n_tokens"), dtype=np.int64, count=n)
 
 
-def filter_by_tokens(encoded: Any, d: DataSection, report: DataReport) -> tuple[Any, np.ndarray]:
-    """Drop documents outside `clean.min_tokens`/`max_tokens`; returns the kept rows and their lengths."""
-    n_tokens = np.asarray(encoded.with_format("numpy")["n_tokens"], dtype=np.int64)
-    reasons = (
-        [token_drop_reason(int(n), d.clean) for n in n_tokens]
-        if (d.clean.min_tokens or d.clean.max_tokens)
-        else []
-    )
-    if not any(reasons):
-        return encoded, n_tokens
-    for reason, n in Counter(r for r in reasons if r).items():
-        report.dropped[reason] += n
-        report.documents_kept -= n
-    keep = [i for i, r in enumerate(reasons) if r is None]
-    return encoded.select(keep), n_tokens[keep]
+def filter_by_tokens(part: Part, n_tokens: np.ndarray, d: DataSection, report: DataReport) -> np.ndarray:
+    """Drop `part` rows outside `clean.min_tokens`/`max_tokens`; returns the kept rows' lengths."""
+    c = d.clean
+    if c.min_tokens or c.max_tokens:
+        for i in np.flatnonzero(part.keep):
+            reason = token_drop_reason(int(n_tokens[i]), c)
+            if reason:
+                part.keep[i] = False
+                report.dropped[reason] += 1
+                report.documents_kept -= 1
+    return n_tokens[part.keep]
 
 
-def pack_split(
-    encoded: Any, eos_id: int, d: DataSection, name: str, work: Path
-) -> tuple[Any, dict[str, Any]]:
-    """Blocks of `max_seq_len` tokens (packing) or one truncated row per document; train drops the
-    last partial block, other splits keep it so evaluation sees every token."""
+def pack_split(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> tuple[Path, dict[str, Any]]:
+    """Blocks of `max_seq_len` tokens (packing) or one truncated row per document, written to `dst`;
+    train drops the last partial block, other splits keep it so evaluation sees every token."""
     reset = d.packing and d.packing_mode == "reset_positions"
-    has_labels = "labels" in encoded.column_names
+    has_labels = "labels" in column_names(part.encoded)
     columns = ["input_ids", *(["labels"] if has_labels else []), *(["position_ids"] if reset else [])]
     packer = Packer(d.max_seq_len, eos_id, reset_positions=reset)
     dropped = 0
 
     def rows() -> Iterator[dict[str, Any]]:
         nonlocal dropped
-        for batch in encoded.iter(batch_size=ITER_BATCH):
+        i = 0
+        for batch in iter_batches(part.encoded, columns[: 1 + has_labels]):
             labels = batch["labels"] if has_labels else [None] * len(batch["input_ids"])
             for ids, lab in zip(batch["input_ids"], labels, strict=True):
+                i += 1
+                if not part.keep[i - 1]:
+                    continue
                 if d.packing:
                     yield from packer.add(ids, lab)
                 else:
@@ -265,12 +286,12 @@ def pack_split(
             tail, dropped = packer.finish(keep_tail=name != "train")
             yield from tail
 
-    blocks = write_rows(rows(), work / "blocks.arrow", token_features(columns), batch_size=256)
+    n_blocks = write_rows(rows(), dst, token_features(columns), batch_size=256)
     p = packer
     stats = {
         "documents": p.documents,
         "tokens": p.tokens,
-        "blocks": len(blocks),
+        "blocks": n_blocks,
         "block_size": d.max_seq_len,
         "packing": d.packing_mode if d.packing else "none",
         "tail_tokens_dropped": dropped,
@@ -279,7 +300,7 @@ def pack_split(
         "loss_tokens": p.loss_tokens,
         "loss_share": round(p.loss_tokens / p.tokens, 4) if p.tokens else 0.0,
     }
-    return blocks, stats
+    return dst, stats
 
 
 # ---------------------------------------------------------------- small-data helpers (eval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,6 @@ def write_length_histogram(
     tmp.replace(path)
 
 
-def count_labels(ds: Any, column: str) -> dict[str, int]:
+def count_labels(values: Iterable[Any]) -> dict[str, int]:
     """How many rows carry each label value (for classification data)."""
-    counts: Counter = Counter()
-    for batch in ds.iter(batch_size=10_000):
-        counts.update(str(v) for v in batch[column])
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(str(v) for v in values).items()))
