@@ -80,8 +80,8 @@ def train_tokenizer(corpus: Path, out: Path) -> None:
     save_tokenizer(train_bpe_tokenizer(iter(texts), 4096, 2), out)
 
 
-def measure(args: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process (and the processes it waited for)."""
+def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of one child process (and those it waited for)."""
     start = time.perf_counter()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -90,7 +90,7 @@ def measure(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {' '.join(args[:3])}\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
 def main() -> int:
@@ -136,15 +136,24 @@ def main() -> int:
             )
             runs = {
                 "llmos data": [sys.executable, "-c", LLMOS, str(recipe)],
-                "datasets.map": [sys.executable, "-c", BASELINE, str(corpus), str(tok_dir), str(tmp_path / "cache")],
+                "datasets.map": [
+                    sys.executable,
+                    "-c",
+                    BASELINE,
+                    str(corpus),
+                    str(tok_dir),
+                    str(tmp_path / "cache"),
+                ],
             }
             for name, cmd in runs.items():
-                wall, peak = measure(cmd, env)
+                wall, cpu, peak = measure(cmd, env)
                 peaks[name].append(peak)
-                rows_out.append(f"| {name} | {mb:g} | {n_rows} | {wall:.1f} | {n_rows / wall:.0f} | {peak:.0f} |")
+                rows_out.append(
+                    f"| {name} | {mb:g} | {n_rows} | {wall:.1f} | {cpu:.1f} | {n_rows / wall:.0f} | {peak:.0f} |"
+                )
 
-    print("| pipeline | corpus MB | rows | wall s | rows/s | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+    print("| pipeline | corpus MB | rows | wall s | CPU s | rows/s (wall) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows_out))
     print()
     print("| pipeline | peak RSS growth for 4x corpus | under 2x |")

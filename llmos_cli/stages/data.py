@@ -40,6 +40,7 @@ from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
 
 TOKENIZE_BATCH = 512
+DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _prepare(
     try:
         collector = Collector(d, report, bad)
         docs = work / "train-docs.arrow"
-        n = write_rows(_as_rows(collector.documents(train_files)), docs, text_features())
+        n = write_rows(_as_rows(collector.documents(train_files)), docs, text_features(), DOC_BATCH)
         if val_files:
             val_docs = work / "val-docs.arrow"
             val_collector = Collector(d, report, bad)
