@@ -8,7 +8,6 @@ batch in `num_proc` worker processes, packed block by block, and saved as an HF 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,27 +18,19 @@ import numpy as np
 
 from llmos_cli.console import out
 from llmos_cli.core.data.cache import fingerprint, replace_dir, staging_dir
-from llmos_cli.core.data.clean import token_drop_reason
 from llmos_cli.core.data.collect import Collector
-from llmos_cli.core.data.dedup import ExactDedup, NearDedup
-from llmos_cli.core.data.pack import Packer
+from llmos_cli.core.data.encode import encode_documents
+from llmos_cli.core.data.pack import Packer, pack_part
 from llmos_cli.core.data.read import BadRows, list_files
 from llmos_cli.core.data.report import DataReport, count_labels, length_summary, write_length_histogram
-from llmos_cli.core.data.store import (
-    column_names,
-    iter_batches,
-    iter_column,
-    map_batches,
-    text_features,
-    token_features,
-    write_rows,
-)
+from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, validation_overlap
+from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 from llmos_cli.core.models import load_tokenizer
 from llmos_cli.errors import UserError
-from llmos_cli.recipe import DataSection, Recipe
+from llmos_cli.recipe import Recipe
 
-TOKENIZE_BATCH = 512
+TOKENIZE_BATCH = 512  # documents per tokenizer call for in-memory evaluation sets
 DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
 
 
@@ -82,18 +73,6 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
     return PreparedData(target, fp, target / "tokenizer", report.to_dict(), reused=False)
 
 
-@dataclass
-class Part:
-    """One split's rows: a file of documents (and of their tokens) and which rows belong to it."""
-
-    docs: Path
-    keep: np.ndarray  # bool per row of `docs`
-
-    @property
-    def encoded(self) -> Path:
-        return self.docs.with_suffix(".tokens.arrow")
-
-
 def _prepare(
     recipe: Recipe,
     train_files: list[Path],
@@ -115,7 +94,10 @@ def _prepare(
             val_docs = work / "val-docs.arrow"
             val_collector = Collector(d, report, bad)
             n_val = write_rows(
-                _as_rows(val_collector.documents(val_files, "validation")), val_docs, text_features()
+                _as_rows(val_collector.documents(val_files, "validation")),
+                val_docs,
+                text_features(),
+                DOC_BATCH,
             )
             train, val = Part(docs, np.ones(n, bool)), Part(val_docs, np.ones(n_val, bool))
         else:
@@ -153,7 +135,7 @@ def _prepare(
     splits, lengths = {}, {}
     for name, part in (("train", train), ("validation", val)):
         lengths[name] = filter_by_tokens(part, n_tokens[part.docs], d, report)
-        blocks, report.splits[name] = pack_split(
+        blocks, report.splits[name] = pack_part(
             part, tokenizer.eos_token_id, d, name, work / f"{name}-blocks.arrow"
         )
         report.splits[name]["document_tokens"] = length_summary(lengths[name])
@@ -170,29 +152,6 @@ def _prepare(
     report.histogram = "lengths.png"
     (staged / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     return report
-
-
-def split_mask(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Which of `n` documents go to validation: whole documents (never blocks), drawn with `seed`."""
-    is_val = np.zeros(n, bool)
-    if fraction > 0 and n >= 2:
-        is_val[np.random.default_rng(seed).permutation(n)[: max(1, round(fraction * n))]] = True
-    return is_val
-
-
-def validation_overlap(train: Part, val: Part, near: NearDedup | None = None) -> list[int]:
-    """Rows of `val` whose document also appears in train: exactly, or (with `near`, an LSH index of
-    the train documents) as a near-duplicate."""
-    if not val.keep.any():
-        return []
-    seen = ExactDedup()
-    for text in iter_column(train.docs, "text", train.keep):
-        seen.seen(text)
-    found = []
-    for i, (text, keep) in enumerate(zip(iter_column(val.docs, "text"), val.keep, strict=True)):
-        if keep and (text in seen or (near is not None and near.matches(text))):
-            found.append(i)
-    return found
 
 
 def _as_rows(texts: Iterator[str]) -> Iterator[dict[str, str]]:
@@ -213,95 +172,6 @@ def _tokenizer(recipe: Recipe, source: Path | None, train: Part) -> Any:
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer at {source} has no EOS token, which packing needs")
     return tokenizer
-
-
-_TOKENIZER: Any = None  # set in each tokenising process by _use_tokenizer
-
-
-def _use_tokenizer(tokenizer: Any) -> None:
-    global _TOKENIZER
-    _TOKENIZER = tokenizer
-
-
-def _encode_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-    ids = _TOKENIZER(batch["text"], add_special_tokens=False)["input_ids"]
-    return {"input_ids": ids, "n_tokens": [len(x) for x in ids]}
-
-
-def encode_documents(part: Part, tokenizer: Any, num_proc: int) -> np.ndarray:
-    """Tokenise every document of `part.docs` into `part.encoded` (`num_proc` worker processes);
-    returns the token count of each document."""
-    if num_proc > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    features = token_features(["input_ids", "n_tokens"])
-    with out.progress(f"tokenize {part.docs.stem}", total=len(part.keep)) as bar:
-        n = map_batches(
-            part.docs,
-            part.encoded,
-            _encode_batch,
-            features,
-            num_proc=num_proc,
-            initializer=_use_tokenizer,
-            initargs=(tokenizer,),
-        )
-        bar.update(n)
-    return np.fromiter(iter_column(part.encoded, "n_tokens"), dtype=np.int64, count=n)
-
-
-def filter_by_tokens(part: Part, n_tokens: np.ndarray, d: DataSection, report: DataReport) -> np.ndarray:
-    """Drop `part` rows outside `clean.min_tokens`/`max_tokens`; returns the kept rows' lengths."""
-    c = d.clean
-    if c.min_tokens or c.max_tokens:
-        for i in np.flatnonzero(part.keep):
-            reason = token_drop_reason(int(n_tokens[i]), c)
-            if reason:
-                part.keep[i] = False
-                report.dropped[reason] += 1
-                report.documents_kept -= 1
-    return n_tokens[part.keep]
-
-
-def pack_split(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> tuple[Path, dict[str, Any]]:
-    """Blocks of `max_seq_len` tokens (packing) or one truncated row per document, written to `dst`;
-    train drops the last partial block, other splits keep it so evaluation sees every token."""
-    reset = d.packing and d.packing_mode == "reset_positions"
-    has_labels = "labels" in column_names(part.encoded)
-    columns = ["input_ids", *(["labels"] if has_labels else []), *(["position_ids"] if reset else [])]
-    packer = Packer(d.max_seq_len, eos_id, reset_positions=reset)
-    dropped = 0
-
-    def rows() -> Iterator[dict[str, Any]]:
-        nonlocal dropped
-        i = 0
-        for batch in iter_batches(part.encoded, columns[: 1 + has_labels]):
-            labels = batch["labels"] if has_labels else [None] * len(batch["input_ids"])
-            for ids, lab in zip(batch["input_ids"], labels, strict=True):
-                i += 1
-                if not part.keep[i - 1]:
-                    continue
-                if d.packing:
-                    yield from packer.add(ids, lab)
-                else:
-                    yield packer.single(ids, lab)
-        if d.packing:
-            tail, dropped = packer.finish(keep_tail=name != "train")
-            yield from tail
-
-    n_blocks = write_rows(rows(), dst, token_features(columns), batch_size=256)
-    p = packer
-    stats = {
-        "documents": p.documents,
-        "tokens": p.tokens,
-        "blocks": n_blocks,
-        "block_size": d.max_seq_len,
-        "packing": d.packing_mode if d.packing else "none",
-        "tail_tokens_dropped": dropped,
-        "truncated": p.truncated,
-        "truncation_rate": round(p.truncated / p.documents, 4) if p.documents else 0.0,
-        "loss_tokens": p.loss_tokens,
-        "loss_share": round(p.loss_tokens / p.tokens, 4) if p.tokens else 0.0,
-    }
-    return dst, stats
 
 
 # ---------------------------------------------------------------- small-data helpers (eval)

@@ -10,9 +10,14 @@ attends across a document boundary.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llmos_cli.core.data.split import Part
+from llmos_cli.core.data.store import column_names, iter_batches, token_features, write_rows
+from llmos_cli.recipe import DataSection
 
 IGNORE_INDEX = -100
 
@@ -111,6 +116,49 @@ def pack_sequences(
     blocks = [b["input_ids"] for doc in docs for b in packer.add(doc)]
     tail, dropped = packer.finish(keep_tail)
     return blocks + [b["input_ids"] for b in tail], dropped
+
+
+def pack_part(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> tuple[Path, dict[str, Any]]:
+    """Blocks of `max_seq_len` tokens (packing) or one truncated row per document, written to `dst`;
+    train drops the last partial block, other splits keep it so evaluation sees every token."""
+    reset = d.packing and d.packing_mode == "reset_positions"
+    has_labels = "labels" in column_names(part.encoded)
+    columns = ["input_ids", *(["labels"] if has_labels else []), *(["position_ids"] if reset else [])]
+    packer = Packer(d.max_seq_len, eos_id, reset_positions=reset)
+    dropped = 0
+
+    def rows() -> Iterator[dict[str, Any]]:
+        nonlocal dropped
+        i = 0
+        for batch in iter_batches(part.encoded, columns[: 1 + has_labels]):
+            labels = batch["labels"] if has_labels else [None] * len(batch["input_ids"])
+            for ids, lab in zip(batch["input_ids"], labels, strict=True):
+                i += 1
+                if not part.keep[i - 1]:
+                    continue
+                if d.packing:
+                    yield from packer.add(ids, lab)
+                else:
+                    yield packer.single(ids, lab)
+        if d.packing:
+            tail, dropped = packer.finish(keep_tail=name != "train")
+            yield from tail
+
+    n_blocks = write_rows(rows(), dst, token_features(columns), batch_size=256)
+    p = packer
+    stats = {
+        "documents": p.documents,
+        "tokens": p.tokens,
+        "blocks": n_blocks,
+        "block_size": d.max_seq_len,
+        "packing": d.packing_mode if d.packing else "none",
+        "tail_tokens_dropped": dropped,
+        "truncated": p.truncated,
+        "truncation_rate": round(p.truncated / p.documents, 4) if p.documents else 0.0,
+        "loss_tokens": p.loss_tokens,
+        "loss_share": round(p.loss_tokens / p.tokens, 4) if p.tokens else 0.0,
+    }
+    return dst, stats
 
 
 def mask_document_starts(labels: Any, position_ids: Any) -> Any:
