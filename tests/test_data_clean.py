@@ -193,7 +193,9 @@ def test_reset_positions_keep_packed_documents_apart_in_a_tiny_llama() -> None:
     from tests.conftest import TINY_MODEL
 
     torch.manual_seed(0)
-    model = build_model("llama", TINY_MODEL, 50, {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}).eval()
+    model = build_model(
+        "llama", TINY_MODEL, 50, {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+    ).eval()
     packer = Packer(block_size=12, eos_id=0, reset_positions=True)
     (block,) = [b for doc in ([5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]) for b in packer.add(doc)]
     ids = torch.as_tensor(block["input_ids"], dtype=torch.long)[None]
@@ -223,3 +225,34 @@ def test_map_batches_keeps_order_across_workers(tmp_path: Path) -> None:
 
 def _lengths(batch: dict) -> dict:
     return {"n_tokens": [len(t) for t in batch["text"]]}
+
+
+def test_pack_part_carries_labels_and_skips_unkept_rows(tmp_path: Path) -> None:
+    from llmos_cli.core.data.pack import pack_part
+    from llmos_cli.core.data.split import Part
+    from llmos_cli.core.data.store import iter_batches, token_features, write_rows
+    from llmos_cli.recipe import DataSection
+
+    docs = tmp_path / "docs.arrow"  # pack_part reads the tokens beside it: docs.tokens.arrow
+    rows = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"input_ids": [7, 7], "labels": [7, 7]},  # not kept
+        {"input_ids": [4, 5], "labels": [-100, 5]},
+    ]
+    write_rows(iter(rows), docs.with_suffix(".tokens.arrow"), token_features(["input_ids", "labels"]))
+    part = Part(docs, np.array([True, False, True]))
+    dst, stats = pack_part(part, 0, DataSection(max_seq_len=8), "validation", tmp_path / "blocks.arrow")
+    (batch,) = list(iter_batches(dst))
+    assert batch == {"input_ids": [[1, 2, 3, 0, 4, 5, 0]], "labels": [[-100, 2, 3, 0, -100, 5, 0]]}
+    assert (stats["documents"], stats["tokens"], stats["loss_tokens"]) == (2, 7, 5)
+    assert stats["loss_share"] == round(5 / 7, 4)
+
+
+def test_saved_hf_dataset_and_globs_are_inputs(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_dict({"text": ["東京", "two"]})}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "a.jsonl").write_text('{"text": "glob one"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "glob two"}\n')
+    files = list_files([str(tmp_path / "saved"), str(tmp_path / "*.jsonl")])
+    assert [r.data["text"] for r in read_rows(files)] == ["東京", "two", "glob one", "glob two"]
