@@ -49,7 +49,11 @@ class DataReport:
             ("documents kept", self.documents_kept),
         ]
         for split, stats in self.splits.items():
-            rows += [(f"{split}: {k}", v) for k, v in stats.items() if not isinstance(v, dict)]
+            for k, v in stats.items():
+                if isinstance(v, dict):
+                    rows += [(f"{split}: {k} {stat}", x) for stat, x in v.items()]
+                else:
+                    rows.append((f"{split}: {k}", v))
         for split, balance in self.label_balance.items():
             rows += [(f"{split}: label {k}", v) for k, v in balance.items()]
         rows.append(("vocab size", self.tokenizer.get("vocab_size", "")))
