@@ -36,12 +36,24 @@ class ModelSection(Section):
 
 
 class CleanSection(Section):
+    fix_mojibake: bool = Field(True, description="repair text decoded with the wrong encoding (ftfy)")
     normalize: Literal["NFC", "NFKC", "none"] = "NFC"
     control_chars: bool = True
     whitespace: bool = True
+    mask_urls: bool = False
+    mask_emails: bool = False
+    url_token: str = "<URL>"
+    email_token: str = "<EMAIL>"
     min_chars: int = Field(1, ge=0)
     max_chars: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
     dedup: bool = True
+    near_dedup: bool = Field(False, description="drop near-duplicates (MinHash-LSH over character n-grams)")
+    near_dedup_threshold: float = Field(0.85, gt=0.0, lt=1.0, description="estimated Jaccard similarity")
+    near_dedup_num_perm: int = Field(128, ge=16)
+    near_dedup_ngram: int = Field(5, ge=1, description="characters per shingle (works for every script)")
+    decontaminate: bool = Field(True, description="drop validation rows that also appear in train")
 
 
 class TokenizerSection(Section):
@@ -68,6 +80,12 @@ class DataSection(Section):
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     max_seq_len: int = Field(512, ge=8)
     packing: bool = True
+    packing_mode: Literal["concat", "reset_positions"] = Field(
+        "concat", description="reset_positions: store position_ids restarting at each document in a block"
+    )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="malformed rows: stop, or skip into a quarantine file"
+    )
     num_proc: int = Field(1, ge=1)
     output: str | None = Field(None, description="default runs/data/<run.name>")
 

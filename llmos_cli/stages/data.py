@@ -1,26 +1,37 @@
-"""`llmos data`: read, clean, deduplicate, (train a tokenizer), tokenize, pack, split, save, report."""
+"""`llmos data`: read, clean, deduplicate, (train a tokenizer), tokenize, pack, split, save, report.
+
+Every step streams through Arrow files on disk, so peak memory does not grow with the corpus:
+documents are written as they are cleaned, split by a boolean mask (no copy), tokenised batch by
+batch in `num_proc` worker processes, packed block by block, and saved as an HF dataset.
+"""
 
 from __future__ import annotations
 
 import json
-import random
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmos_cli.console import out
 from llmos_cli.core.data.cache import fingerprint, replace_dir, staging_dir
-from llmos_cli.core.data.clean import clean_text, drop_reason
-from llmos_cli.core.data.dedup import ExactDedup
-from llmos_cli.core.data.pack import pack_sequences
-from llmos_cli.core.data.read import field_text, list_files, read_rows
-from llmos_cli.core.data.report import DataReport
+from llmos_cli.core.data.collect import Collector
+from llmos_cli.core.data.encode import encode_documents
+from llmos_cli.core.data.pack import Packer, pack_part
+from llmos_cli.core.data.read import BadRows, list_files
+from llmos_cli.core.data.report import DataReport, count_labels, length_summary, write_length_histogram
+from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, validation_overlap
+from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 from llmos_cli.core.models import load_tokenizer
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 
-TOKENIZE_BATCH = 512
+TOKENIZE_BATCH = 512  # documents per tokenizer call for in-memory evaluation sets
+DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
 
 
 @dataclass
@@ -50,46 +61,147 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
         out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
         return cached
 
+    staged = staging_dir(target)
+    try:
+        report = _prepare(recipe, train_files, val_files, tokenizer_src, fp, staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    replace_dir(staged, target)
+    report.show()
+    out.info(f"data: wrote {target}")
+    return PreparedData(target, fp, target / "tokenizer", report.to_dict(), reused=False)
+
+
+def _prepare(
+    recipe: Recipe,
+    train_files: list[Path],
+    val_files: list[Path],
+    tokenizer_src: Path | None,
+    fp: str,
+    staged: Path,
+) -> DataReport:
+    """Build the dataset, tokenizer, report and histogram inside `staged`; returns the report."""
+    d = recipe.data
+    work = staged / ".work"
     report = DataReport(fingerprint=fp, files=len(train_files) + len(val_files))
-    train_docs = read_documents(recipe, train_files, report)
-    if val_files:
-        val_docs = read_documents(recipe, val_files, report)
-    else:
-        train_docs, val_docs = _split(train_docs, d.validation_split, recipe.run.seed)
-    if not train_docs:
+    bad = BadRows(d.on_error, staged / "quarantine.jsonl")
+    try:
+        collector = Collector(d, report, bad)
+        docs = work / "train-docs.arrow"
+        n = write_rows(_as_rows(collector.documents(train_files)), docs, text_features(), DOC_BATCH)
+        if val_files:
+            val_docs = work / "val-docs.arrow"
+            val_collector = Collector(d, report, bad)
+            n_val = write_rows(
+                _as_rows(val_collector.documents(val_files, "validation")),
+                val_docs,
+                text_features(),
+                DOC_BATCH,
+            )
+            train, val = Part(docs, np.ones(n, bool)), Part(val_docs, np.ones(n_val, bool))
+        else:
+            is_val = split_mask(n, d.validation_split, recipe.run.seed)
+            train, val = Part(docs, ~is_val), Part(docs, is_val)
+    finally:
+        bad.close()
+    report.malformed.update(bad.by_reason)
+    if bad.count and bad.quarantine_path and bad.quarantine_path.exists():
+        report.quarantine = bad.quarantine_path.name  # beside report.json
+        out.warn(f"data: skipped {bad.count} malformed rows ({dict(bad.by_reason)}); see quarantine.jsonl")
+    if not train.keep.any():
         raise UserError(f"data.train: no documents left after cleaning ({dict(report.dropped)} dropped)")
 
-    if tokenizer_src is None:
-        out.info(
-            f"data: training a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size}) on {len(train_docs)} documents"
-        )
-        tokenizer = train_bpe_tokenizer(iter(train_docs), d.tokenizer.vocab_size, d.tokenizer.min_frequency)
-    else:
-        tokenizer = load_tokenizer(tokenizer_src, trust_remote_code=recipe.model.trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"tokenizer at {tokenizer_src} has no EOS token, which packing needs")
+    overlap = validation_overlap(train, val, collector.near if val_files else None)
+    report.validation_overlap = len(overlap)
+    if overlap and d.clean.decontaminate:
+        val.keep[overlap] = False
+        report.validation_overlap_removed = len(overlap)
+        report.documents_kept -= len(overlap)
+
+    tokenizer = _tokenizer(recipe, tokenizer_src, train)
     report.tokenizer = {
         "vocab_size": len(tokenizer),
         "trained": tokenizer_src is None,
         "source": str(tokenizer_src) if tokenizer_src else None,
     }
+    n_tokens = {
+        p.docs: encode_documents(p, tokenizer, d.num_proc)
+        for p in {train.docs: train, val.docs: val}.values()
+    }
 
     from datasets import Dataset, DatasetDict
 
-    splits = {}
-    for name, docs in (("train", train_docs), ("validation", val_docs)):
-        blocks, stats = tokenize_and_pack(docs, tokenizer, d.max_seq_len, name)
-        report.splits[name] = stats
-        splits[name] = Dataset.from_dict({"input_ids": blocks})
+    splits, lengths = {}, {}
+    for name, part in (("train", train), ("validation", val)):
+        lengths[name] = filter_by_tokens(part, n_tokens[part.docs], d, report)
+        blocks, report.splits[name] = pack_part(
+            part, tokenizer.eos_token_id, d, name, work / f"{name}-blocks.arrow"
+        )
+        report.splits[name]["document_tokens"] = length_summary(lengths[name])
+        if "label" in column_names(part.encoded):
+            report.label_balance[name] = count_labels(iter_column(part.encoded, "label", part.keep))
+        splits[name] = Dataset.from_file(str(blocks))
 
-    staged = staging_dir(target)
-    DatasetDict(splits).save_to_disk(str(staged))
+    # datasets writes zero shards for an empty split and then cannot load it: give it one
+    DatasetDict(splits).save_to_disk(str(staged), num_shards={k: 1 for k, v in splits.items() if not len(v)})
+    del splits  # release the memory maps before the work files go
+    shutil.rmtree(work, ignore_errors=True)
     save_tokenizer(tokenizer, staged / "tokenizer")
-    (staged / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    replace_dir(staged, target)
-    report.show()
-    out.info(f"data: wrote {target}")
-    return PreparedData(target, fp, target / "tokenizer", report.to_dict(), reused=False)
+    write_length_histogram(lengths, staged / "lengths.png", d.max_seq_len)
+    report.histogram = "lengths.png"
+    (staged / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    return report
+
+
+def _as_rows(texts: Iterator[str]) -> Iterator[dict[str, str]]:
+    return ({"text": t} for t in texts)
+
+
+def _tokenizer(recipe: Recipe, source: Path | None, train: Part) -> Any:
+    d = recipe.data
+    if source is None:
+        out.info(
+            f"data: training a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size}) "
+            f"on {int(train.keep.sum())} documents"
+        )
+        texts = iter_column(train.docs, "text", train.keep)
+        tokenizer = train_bpe_tokenizer(texts, d.tokenizer.vocab_size, d.tokenizer.min_frequency)
+    else:
+        tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer at {source} has no EOS token, which packing needs")
+    return tokenizer
+
+
+# ---------------------------------------------------------------- small-data helpers (eval)
+
+
+def read_documents(recipe: Recipe, files: list[Path], report: DataReport) -> list[str]:
+    """Clean, deduplicated documents of `files` in memory (for evaluation sets)."""
+    bad = BadRows("fail")
+    docs = list(Collector(recipe.data, report, bad).documents(files))
+    report.malformed.update(bad.by_reason)
+    return docs
+
+
+def tokenize_and_pack(docs: list[str], tokenizer: Any, block: int, name: str) -> tuple[Any, dict[str, int]]:
+    """Tokenise in memory and pack; every split but train keeps its last partial block."""
+    packer = Packer(block, tokenizer.eos_token_id)
+    blocks: list[np.ndarray] = []
+    for start in range(0, len(docs), TOKENIZE_BATCH):
+        for ids in tokenizer(docs[start : start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]:
+            blocks += [b["input_ids"] for b in packer.add(ids)]
+    tail, dropped = packer.finish(keep_tail=name != "train")
+    blocks += [b["input_ids"] for b in tail]
+    stats = {
+        "documents": len(docs),
+        "tokens": packer.tokens,
+        "blocks": len(blocks),
+        "block_size": block,
+        "tail_tokens_dropped": int(dropped),
+    }
+    return blocks, stats
 
 
 def _tokenizer_source(recipe: Recipe) -> Path | None:
@@ -119,54 +231,3 @@ def _cached(target: Path, fp: str) -> PreparedData | None:
     if report.get("fingerprint") != fp:
         return None
     return PreparedData(target, fp, target / "tokenizer", report, reused=True)
-
-
-def read_documents(recipe: Recipe, files: list[Path], report: DataReport) -> list[str]:
-    d = recipe.data
-    dedup = ExactDedup() if d.clean.dedup else None
-    docs: list[str] = []
-    for row in read_rows(files, d.text_unit):
-        if d.max_documents is not None and len(docs) >= d.max_documents:
-            break
-        report.documents_read += 1
-        text = clean_text(field_text(row, d.text_field), d.clean)
-        reason = drop_reason(text, d.clean)
-        if reason:
-            report.dropped[reason] += 1
-        elif dedup is not None and dedup.seen(text):
-            report.duplicates_exact += 1
-        else:
-            docs.append(text)
-    report.documents_kept += len(docs)
-    return docs
-
-
-def _split(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split whole documents (never blocks) so validation text is unseen in training."""
-    if fraction <= 0 or len(docs) < 2:
-        return docs, []
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(fraction * len(docs)))
-    val = sorted(order[:n_val])
-    train = sorted(order[n_val:])
-    return [docs[i] for i in train], [docs[i] for i in val]
-
-
-def tokenize_and_pack(docs: list[str], tokenizer: Any, block: int, name: str) -> tuple[Any, dict[str, int]]:
-    """Tokenise in batches and pack; every split but train keeps its last partial block."""
-    ids: list[list[int]] = []
-    with out.progress(f"tokenize {name}", total=len(docs)) as bar:
-        for start in range(0, len(docs), TOKENIZE_BATCH):
-            chunk = docs[start : start + TOKENIZE_BATCH]
-            ids += tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            bar.update(len(chunk))
-    blocks, dropped_tail = pack_sequences(ids, block, tokenizer.eos_token_id, keep_tail=name != "train")
-    stats = {
-        "documents": len(docs),
-        "tokens": int(sum(len(x) + 1 for x in ids)),
-        "blocks": len(blocks),
-        "block_size": block,
-        "tail_tokens_dropped": int(dropped_tail),
-    }
-    return blocks, stats

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # bump when the prepared layout or its report changes
 
 
 def hash_file(path: Path, h: Any = None) -> str:

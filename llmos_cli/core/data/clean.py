@@ -1,9 +1,15 @@
-"""Text normalisation and length filters, each switchable from `data.clean`."""
+"""Text cleaning and length filters, each step switchable from `data.clean`.
+
+Every step keeps any script intact (CJK, Arabic, Cyrillic, ...): mojibake repair only undoes
+wrong-encoding damage, and width/ligature/quote rewrites that would alter CJK punctuation are off.
+"""
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
+from typing import Any
 
 from llmos_cli.recipe import CleanSection
 
@@ -11,14 +17,48 @@ from llmos_cli.recipe import CleanSection
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUN = re.compile(r"\n{3,}")
+_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]}]", re.IGNORECASE)
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
+
+
+@lru_cache(maxsize=1)
+def _ftfy_config() -> Any:
+    from ftfy import TextFixerConfig
+
+    return TextFixerConfig(
+        unescape_html=False,  # code and markup keep their entities
+        remove_terminal_escapes=False,
+        fix_latin_ligatures=False,
+        fix_character_width=False,  # would turn CJK full-width punctuation into ASCII
+        uncurl_quotes=False,
+        fix_line_breaks=False,  # the whitespace step owns line breaks
+        remove_control_chars=False,  # the control-character step owns these
+        normalization=None,  # the normalize step owns this
+        explain=False,
+    )
+
+
+def fix_mojibake(text: str) -> str:
+    """Undo text decoded with the wrong codec (e.g. UTF-8 read as Windows-1252: 'cafÃ©' -> 'café')."""
+    if text.isascii():
+        return text
+    from ftfy import fix_text
+
+    return fix_text(text, config=_ftfy_config())
 
 
 def clean_text(text: str, cfg: CleanSection) -> str:
-    """Normalise one document; keeps indentation and any script (CJK, Arabic, ...) intact."""
+    """Apply the switched-on cleaning steps to one text; keeps indentation and every script."""
+    if cfg.fix_mojibake:
+        text = fix_mojibake(text)
     if cfg.normalize != "none":
         text = unicodedata.normalize(cfg.normalize, text)
     if cfg.control_chars:
         text = _CONTROL.sub("", text)
+    if cfg.mask_emails:  # before URLs: an address is not a link
+        text = _EMAIL.sub(cfg.email_token, text)
+    if cfg.mask_urls:
+        text = _URL.sub(cfg.url_token, text)
     if cfg.whitespace:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         text = _TRAILING_SPACE.sub("", text)
@@ -27,11 +67,20 @@ def clean_text(text: str, cfg: CleanSection) -> str:
 
 
 def drop_reason(text: str, cfg: CleanSection) -> str | None:
-    """Why a cleaned document is dropped, or None to keep it."""
+    """Why a cleaned document is dropped by its characters, or None to keep it."""
     if not text.strip():
         return "empty"
     if len(text) < cfg.min_chars:
         return "too_short"
     if cfg.max_chars is not None and len(text) > cfg.max_chars:
         return "too_long"
+    return None
+
+
+def token_drop_reason(n_tokens: int, cfg: CleanSection) -> str | None:
+    """Why a tokenised document is dropped by its token count, or None to keep it."""
+    if n_tokens < cfg.min_tokens:
+        return "too_few_tokens"
+    if cfg.max_tokens is not None and n_tokens > cfg.max_tokens:
+        return "too_many_tokens"
     return None

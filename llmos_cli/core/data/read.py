@@ -1,19 +1,27 @@
-"""Find input files and read them into rows, naming file and line for anything malformed."""
+"""Find inputs and stream them as rows, naming file and line for anything malformed.
+
+Every reader streams (memory stays flat however large the file), and hands a malformed row to a
+`BadRows` policy instead of raising: `on_error: fail` stops with the first few bad lines shown,
+`skip` counts them and writes them to a quarantine file.
+"""
 
 from __future__ import annotations
 
 import csv
 import glob
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from llmos_cli.errors import UserError
 
 STRUCTURED = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
 SUPPORTED = STRUCTURED | {".txt"}
+HUB_PREFIX = "hub:"
+SHOWN_BAD_ROWS = 5
 
 
 @dataclass
@@ -23,17 +31,71 @@ class Row:
     line: int  # 1-based line (or row) number in `source`
 
 
+class BadRows:
+    """What happens to malformed rows: `fail` raises once a few are seen (or the file ends), `skip`
+    counts them per reason and appends each to a quarantine JSONL file."""
+
+    def __init__(self, on_error: str = "fail", quarantine: Path | None = None) -> None:
+        self.on_error = on_error
+        self.quarantine_path = quarantine
+        self.count = 0
+        self.by_reason: dict[str, int] = {}
+        self._pending: list[str] = []
+        self._fh: TextIO | None = None
+
+    def add(self, source: str, line: int, reason: str, message: str, raw: Any = None) -> None:
+        self.count += 1
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        if self.on_error == "fail":
+            self._pending.append(f"{source}:{line}: {message}")
+            if len(self._pending) >= SHOWN_BAD_ROWS:
+                self.raise_pending()
+            return
+        if self.quarantine_path is not None:
+            if self._fh is None:
+                self._fh = self.quarantine_path.open("w", encoding="utf-8")
+            record = {"source": source, "line": line, "reason": reason, "message": message, "raw": raw}
+            self._fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+    def raise_pending(self) -> None:
+        """In `fail` mode, raise a UserError listing the bad rows seen so far (if any)."""
+        if not self._pending:
+            return
+        shown = self._pending
+        self._pending = []
+        self.close()
+        first = shown[0]
+        rest = "".join(f"\n  {m}" for m in shown[1:])
+        raise UserError(
+            first + rest,
+            hint="fix the input, or set data.on_error=skip to drop bad rows into a quarantine file",
+        )
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
+
+
+def is_hub_id(path: Path | str) -> bool:
+    return str(path).startswith(HUB_PREFIX)
 
 
 def list_files(spec: str | list[str], include: list[str] | None = None) -> list[Path]:
     """Expand files, folders and glob patterns, sorted. In a folder, `include` globs (relative to it:
     `*.py` top level, `**/*.py` recursive) pick files; by default every supported file, recursively.
+    `hub:OWNER/NAME` names a dataset on the Hugging Face hub (online only).
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     files: list[Path] = []
     for item in specs:
+        if is_hub_id(item):
+            files.append(Path(item))
+            continue
         if any(ch in item for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
             if not matches:
@@ -54,60 +116,104 @@ def list_files(spec: str | list[str], include: list[str] | None = None) -> list[
     return files
 
 
-def read_rows(files: list[Path], text_unit: str = "document") -> Iterator[Row]:
-    """Rows from every file; plain-text files give one row per file (or per line)."""
+def read_rows(
+    files: list[Path], text_unit: str = "document", bad: BadRows | None = None, split: str = "train"
+) -> Iterator[Row]:
+    """Rows from every input; a plain-text file gives one row per file (or per line)."""
+    bad = bad or BadRows("fail")
     for path in files:
-        if is_saved_dataset(path):
+        if is_hub_id(path):
+            yield from _read_hub(str(path)[len(HUB_PREFIX) :], split)
+        elif is_saved_dataset(path):
             yield from _read_saved(path)
-            continue
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            yield from _read_jsonl(path)
-        elif suffix == ".json":
-            yield from _read_json(path)
-        elif suffix in (".csv", ".tsv"):
-            yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
-        elif suffix == ".parquet":
-            yield from _read_parquet(path)
         else:
-            yield from _read_text(path, text_unit)
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                yield from _read_jsonl(path, bad)
+            elif suffix == ".json":
+                yield from _read_json(path, bad)
+            elif suffix in (".csv", ".tsv"):
+                yield from _read_csv(path, "\t" if suffix == ".tsv" else ",", bad)
+            elif suffix == ".parquet":
+                yield from _read_parquet(path)
+            elif text_unit == "line":
+                yield from _read_text_lines(path, bad)
+            else:
+                yield from _read_text(path, bad)
+        bad.raise_pending()  # `fail` stops at the end of the file holding the first bad row
 
 
-def _read_text(path: Path, text_unit: str) -> Iterator[Row]:
-    text = _decode(path)
-    if text_unit == "line":
-        for i, line in enumerate(text.splitlines(), 1):
-            yield Row({"text": line}, str(path), i)
-    else:
-        yield Row({"text": text}, str(path), 1)
+def _decode_error(raw: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
+    line = raw[: err.start].count(b"\n") + 1
+    return line, f"not valid UTF-8 (byte {err.start}: {raw[err.start : err.start + 1]!r})"
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+def _read_text(path: Path, bad: BadRows) -> Iterator[Row]:
+    raw = path.read_bytes()  # one document per file: the file is the row
     try:
-        return raw.decode("utf-8")
+        yield Row({"text": raw.decode("utf-8")}, str(path), 1)
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {err.start})") from None
+        line, msg = _decode_error(raw, err)
+        bad.add(str(path), line, "encoding", msg, raw.decode("utf-8", "replace"))
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
+def _read_text_lines(path: Path, bad: BadRows) -> Iterator[Row]:
+    with path.open("rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad.add(
+                    str(path),
+                    i,
+                    "encoding",
+                    f"not valid UTF-8 (byte {err.start} of the line)",
+                    raw.decode("utf-8", "replace"),
+                )
+                continue
+            yield Row({"text": text.rstrip("\r\n")}, str(path), i)
+
+
+def _read_jsonl(path: Path, bad: BadRows) -> Iterator[Row]:
     with path.open("rb") as fh:
         for i, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"{path}:{i}: invalid JSON: {err}") from None
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                bad.add(
+                    str(path),
+                    i,
+                    "encoding",
+                    f"not valid UTF-8 (byte {err.start} of the line)",
+                    raw.decode("utf-8", "replace"),
+                )
+                continue
+            except json.JSONDecodeError as err:
+                bad.add(
+                    str(path),
+                    i,
+                    "invalid_json",
+                    f"invalid JSON: {err.msg} (column {err.colno})",
+                    raw.decode("utf-8", "replace").rstrip("\n"),
+                )
+                continue
             if not isinstance(obj, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+                bad.add(
+                    str(path), i, "not_an_object", f"expected a JSON object, got {type(obj).__name__}", obj
+                )
+                continue
             yield Row(obj, str(path), i)
 
 
-def _read_json(path: Path) -> Iterator[Row]:
+def _read_json(path: Path, bad: BadRows) -> Iterator[Row]:
+    raw = path.read_bytes()  # a JSON document has to be parsed whole; use .jsonl for large data
     try:
-        obj = json.loads(_decode(path))
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line, msg = _decode_error(raw, err)
+        raise UserError(f"{path}:{line}: {msg}", hint="re-save the file as UTF-8") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -116,28 +222,74 @@ def _read_json(path: Path) -> Iterator[Row]:
         raise UserError(f'{path}: expected a list of objects (or {{"data": [...]}})')
     for i, item in enumerate(obj, 1):
         if not isinstance(item, dict):
-            raise UserError(f"{path}: item {i}: expected a JSON object, got {type(item).__name__}")
+            bad.add(
+                str(path),
+                i,
+                "not_an_object",
+                f"item {i}: expected a JSON object, got {type(item).__name__}",
+                item,
+            )
+            continue
         yield Row(item, str(path), i)
 
 
-def _read_csv(path: Path, delimiter: str) -> Iterator[Row]:
-    text = _decode(path)
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    for i, rec in enumerate(reader, 2):  # line 1 is the header
-        if None in rec:
-            raise UserError(f"{path}:{i}: more fields than the header has")
-        yield Row(dict(rec), str(path), i)
+class _LineTracker:
+    """Decodes a binary file line by line for csv, recording the physical line and decode errors."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.line, self.error = fh, 0, None
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self.fh:
+            self.line += 1
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                self.error = (self.line, f"not valid UTF-8 (byte {err.start} of the line)")
+                yield raw.decode("utf-8", "replace")
+
+
+def _read_csv(path: Path, delimiter: str, bad: BadRows) -> Iterator[Row]:
+    with path.open("rb") as fh:
+        lines = _LineTracker(fh)
+        reader = csv.reader(iter(lines), delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        start = lines.line + 1
+        for rec in reader:
+            line, start = start, lines.line + 1
+            if lines.error is not None:
+                err_line, msg = lines.error
+                lines.error = None
+                bad.add(str(path), err_line, "encoding", msg, delimiter.join(rec))
+                continue
+            if not rec:
+                continue
+            if len(rec) != len(header):
+                bad.add(
+                    str(path),
+                    line,
+                    "wrong_field_count",
+                    f"{len(rec)} fields where the header has {len(header)}",
+                    delimiter.join(rec),
+                )
+                continue
+            yield Row(dict(zip(header, rec, strict=True)), str(path), line)
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a corrupt file
         raise UserError(f"{path}: cannot read parquet: {err}") from None
-    for i, rec in enumerate(table.to_pylist(), 1):
-        yield Row(rec, str(path), i)
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for rec in batch.to_pylist():
+            i += 1
+            yield Row(rec, str(path), i)
 
 
 def _read_saved(path: Path) -> Iterator[Row]:
@@ -146,20 +298,52 @@ def _read_saved(path: Path) -> Iterator[Row]:
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    i = 0
+    for batch in ds.iter(batch_size=1024):
+        for rec in _batch_rows(batch):
+            i += 1
+            yield Row(rec, str(path), i)
+
+
+def _read_hub(name: str, split: str) -> Iterator[Row]:
+    if (
+        os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    ):
+        raise UserError(
+            f"data: hub:{name} needs the network, but HF_HUB_OFFLINE is set",
+            hint="download it once and point data.train at the saved folder or files",
+        )
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # the hub client raises many types: not found, auth, network
+        raise UserError(f"data: cannot load hub:{name} (split {split}): {err}") from None
     for i, rec in enumerate(ds, 1):
-        yield Row(dict(rec), str(path), i)
+        yield Row(dict(rec), f"hub:{name}", i)
 
 
-def field_text(row: Row, field: str) -> str:
-    """The string in `field`, or a UserError naming file, line and field."""
+def _batch_rows(batch: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    keys = list(batch)
+    for values in zip(*(batch[k] for k in keys), strict=True):
+        yield dict(zip(keys, values, strict=True))
+
+
+def field_text(row: Row, field: str, bad: BadRows | None = None) -> str | None:
+    """The string in `field`; a missing or non-text field goes to `bad` (None) or raises a UserError."""
     if field not in row.data:
+        present = ", ".join(map(str, row.data)) or "none"
+        message = f"missing field '{field}' (fields present: {present})"
+        reason = "missing_field"
+    elif not isinstance(row.data[field], str):
+        message = f"field '{field}' should be text, got {type(row.data[field]).__name__}"
+        reason = "wrong_type"
+    else:
+        return row.data[field]
+    if bad is None:
         raise UserError(
-            f"{row.source}:{row.line}: missing field '{field}'",
-            hint=f"fields present: {', '.join(map(str, row.data)) or 'none'}; set data.text_field (or the format's field)",
+            f"{row.source}:{row.line}: {message}", hint="set data.text_field (or the format's field)"
         )
-    value = row.data[field]
-    if not isinstance(value, str):
-        raise UserError(
-            f"{row.source}:{row.line}: field '{field}' should be text, got {type(value).__name__}"
-        )
-    return value
+    bad.add(row.source, row.line, reason, message, row.data)
+    return None

@@ -1,0 +1,44 @@
+"""Tokenise a file of documents in worker processes, batch by batch, into a file of token ids."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from llmos_cli.console import out
+from llmos_cli.core.data.split import Part
+from llmos_cli.core.data.store import iter_column, map_batches, token_features
+
+_TOKENIZER: Any = None  # set in each tokenising process by _use_tokenizer
+
+
+def _use_tokenizer(tokenizer: Any) -> None:
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
+
+
+def _encode_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+    ids = _TOKENIZER(batch["text"], add_special_tokens=False)["input_ids"]
+    return {"input_ids": ids, "n_tokens": [len(x) for x in ids]}
+
+
+def encode_documents(part: Part, tokenizer: Any, num_proc: int) -> np.ndarray:
+    """Tokenise every document of `part.docs` into `part.encoded` (`num_proc` worker processes);
+    returns the token count of each document."""
+    if num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    features = token_features(["input_ids", "n_tokens"])
+    with out.progress(f"tokenize {part.docs.stem}", total=len(part.keep)) as bar:
+        n = map_batches(
+            part.docs,
+            part.encoded,
+            _encode_batch,
+            features,
+            num_proc=num_proc,
+            initializer=_use_tokenizer,
+            initargs=(tokenizer,),
+        )
+        bar.update(n)
+    return np.fromiter(iter_column(part.encoded, "n_tokens"), dtype=np.int64, count=n)
