@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from llmos_cli import __version__
 from llmos_cli.console import configure, out
@@ -24,6 +26,27 @@ recipe_app = typer.Typer(
     help="Check a recipe or print it resolved, defaults filled in.", no_args_is_help=True
 )
 app.add_typer(recipe_app, name="recipe")
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first argument may be a recipe: `llmos data RECIPE` runs `llmos data prepare RECIPE`."""
+
+    default_command = "prepare"
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = [self.default_command, *args]
+        return super().resolve_command(ctx, args)
+
+
+data_app = typer.Typer(
+    cls=DefaultCommandGroup,
+    help="Prepare a dataset (`llmos data RECIPE`), convert files (`llmos data convert IN OUT`).",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
 models_app = typer.Typer(
     help="The local model library under LLMOS_HOME (default ~/.llmos): base models, runs, exports.",
     no_args_is_help=True,
@@ -95,7 +118,7 @@ def _data_steps(recipe: Any) -> list[str]:
     ]
 
 
-@app.command()
+@data_app.command("prepare")
 def data(
     recipe: Path = RecipeArg,
     set_: list[str] = SetOpt,
@@ -117,6 +140,34 @@ def data(
             "report": prepared.report,
         }
     )
+
+
+@data_app.command("convert")
+def data_convert(
+    in_path: Path = typer.Argument(..., help="Input file (.jsonl .json .csv .tsv .parquet .txt)."),
+    out_path: Path = typer.Argument(..., help="Output file; its extension picks the format."),
+    to: str | None = typer.Option(None, "--to", help="Also change layout: chat or instruction."),
+    prompt_field: str = typer.Option("prompt", "--prompt-field"),
+    response_field: str = typer.Option("response", "--response-field"),
+    system_field: str = typer.Option("system", "--system-field"),
+    messages_field: str = typer.Option("messages", "--messages-field"),
+    text_field: str = typer.Option("text", "--text-field"),
+) -> None:
+    """Convert between file formats, and between instruction and chat layouts."""
+    from llmos_cli.core.data.convert import convert
+
+    result = convert(
+        in_path,
+        out_path,
+        to_layout=to,
+        prompt_field=prompt_field,
+        response_field=response_field,
+        system_field=system_field,
+        messages_field=messages_field,
+        text_field=text_field,
+    )
+    out.info(f"data convert: {result['rows']} rows -> {result['out']}")
+    out.emit(result)
 
 
 @app.command()

@@ -329,7 +329,10 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
 
 
 def _resolve_input(value: str, base: Path) -> str:
-    """Inputs are relative to the recipe file; `builtin:NAME` names a corpus every Python has."""
+    """Inputs are relative to the recipe file; `builtin:NAME` names a corpus every Python has and
+    `hub:OWNER/NAME` a hub dataset (online only)."""
+    if value.startswith("hub:"):
+        return value
     if value.startswith("builtin:"):
         name = value.split(":", 1)[1]
         if name not in BUILTIN_SOURCES:

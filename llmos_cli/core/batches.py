@@ -42,9 +42,11 @@ class ResumableBatchSampler:
 
 
 def causal_lm_collate(pad_id: int) -> Collate:
-    """Rows with `input_ids` (and optional `labels`) -> padded tensors; pads never carry loss.
+    """Rows with `input_ids` (and optional `labels`, `position_ids`) -> padded tensors; pads never carry loss.
 
     Equal-length rows (packed blocks) get no attention mask, which keeps SDPA on its causal fast path.
+    Rows packed with restarting `position_ids` keep them and get no attention mask either: the model
+    then masks attention per document, and no position learns to predict the next document's start.
     """
 
     def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -52,12 +54,19 @@ def causal_lm_collate(pad_id: int) -> Collate:
         longest = max(lengths)
         ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        documents = "position_ids" in rows[0]
+        positions = torch.zeros((len(rows), longest), dtype=torch.long) if documents else None
         for i, r in enumerate(rows):
             n = lengths[i]
             ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.as_tensor(r.get("labels", r["input_ids"]), dtype=torch.long)
+            if positions is not None:
+                positions[i, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
         batch = {"input_ids": ids, "labels": labels}
-        if min(lengths) != longest:
+        if positions is not None:
+            batch["labels"] = mask_document_starts(labels, positions)
+            batch["position_ids"] = positions
+        elif min(lengths) != longest:
             mask = torch.zeros((len(rows), longest), dtype=torch.long)
             for i, n in enumerate(lengths):
                 mask[i, :n] = 1
@@ -65,6 +74,14 @@ def causal_lm_collate(pad_id: int) -> Collate:
         return batch
 
     return collate
+
+
+def mask_document_starts(labels: Any, position_ids: Any) -> Any:
+    """Labels with the first token of every packed document set to -100, so that no position is
+    trained to predict the start of an unrelated next document (it has no context for it)."""
+    out = labels.clone() if hasattr(labels, "clone") else labels.copy()
+    out[position_ids == 0] = IGNORE_INDEX
+    return out
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

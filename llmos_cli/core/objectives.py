@@ -26,7 +26,14 @@ class Objective:
 
 def causal_lm_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
     """Summed next-token cross-entropy; labels shift left so no copy of the logits is made."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    # use_cache=False: with a cache, transformers ignores restarting position_ids and lets packed
+    # documents attend to each other.
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).logits
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -32,11 +32,15 @@ def hash_tree(path: Path) -> str:
 
 
 def fingerprint(settings: dict[str, Any], inputs: Iterable[Path], tokenizer_dir: Path | None) -> str:
-    """sha256 over the settings, every input file's contents and the tokenizer files."""
+    """sha256 over the settings, every input file's contents and the tokenizer files.
+
+    Content-addressed: file names count (they order the inputs) but not the folder they are in, so the
+    same recipe run from another directory, or with an absolute path, reuses the prepared dataset.
+    """
     h = hashlib.sha256()
     h.update(json.dumps({"v": FINGERPRINT_VERSION, **settings}, sort_keys=True, default=str).encode())
     for path in inputs:
-        h.update(str(path).encode())
+        h.update(Path(path).name.encode())
         h.update(hash_tree(path).encode())
     if tokenizer_dir is not None:
         h.update(hash_tree(tokenizer_dir).encode())

@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from llmos_cli.core.batches import IGNORE_INDEX
 from llmos_cli.core.data.split import Part
 from llmos_cli.core.data.store import column_names, iter_batches, token_features, write_rows
 from llmos_cli.recipe import DataSection
-
-IGNORE_INDEX = -100
 
 
 class Packer:
@@ -159,11 +158,3 @@ def pack_part(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> 
         "loss_share": round(p.loss_tokens / p.tokens, 4) if p.tokens else 0.0,
     }
     return dst, stats
-
-
-def mask_document_starts(labels: Any, position_ids: Any) -> Any:
-    """Labels with the first token of every packed document set to -100, so that no position is
-    trained to predict the start of an unrelated next document (it has no context for it)."""
-    out = labels.clone() if hasattr(labels, "clone") else labels.copy()
-    out[position_ids == 0] = IGNORE_INDEX
-    return out
