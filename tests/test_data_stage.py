@@ -196,3 +196,33 @@ def test_other_input_kinds(tmp_path: Path, fmt: str) -> None:
         spec = "docs"
     report = data_stage.run(load_recipe(_recipe(tmp_path, {"train": spec}))).report
     assert report["documents_read"] == 60 and report["documents_kept"] == 60
+
+
+def test_reset_positions_flow_into_training(tiny_recipe, run_cli) -> None:
+    """Packed documents keep their own positions through collate and training; their starts carry no loss."""
+    from llmos_cli.core.batches import causal_lm_collate
+
+    batch = causal_lm_collate(0)([{"input_ids": [5, 6, 1, 7, 8], "position_ids": [0, 1, 2, 0, 1]}])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and "attention_mask" not in batch
+    assert batch["labels"].tolist() == [[-100, 6, 1, -100, 8]]
+    res = run_cli(
+        "--json",
+        "pretrain",
+        tiny_recipe,
+        "--set",
+        "data.packing_mode=reset_positions",
+        "--set",
+        "train.max_steps=10",
+    )
+    assert res.code == 0, res.stderr
+
+
+def test_data_convert_cli(tmp_path, run_cli) -> None:
+    import json
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    res = run_cli("--json", "data", "convert", src, tmp_path / "out.jsonl", "--to", "chat")
+    assert res.code == 0, res.stderr
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["messages"][-1] == {"role": "assistant", "content": "hello"}
