@@ -1,0 +1,64 @@
+"""The benchmark runner's report (no timings asserted) and the training-precision choice."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import run as bench_run
+from llmos_cli.core import runtime
+
+
+def test_bench_report_survives_a_failing_benchmark(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench_run, "discover", lambda: ["bench_missing"])
+    out = tmp_path / "results.md"
+    code = bench_run.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    assert code == 1
+    assert "## missing" in text and "**FAILED**" in text and "ModuleNotFoundError" in text
+    assert "command: `python -m bench.run --quick --out" in text
+    assert f"torch {torch.__version__}" in text and "machine:" in text
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["env"]["mode"] == "quick" and "error" in saved["sections"][0]
+
+
+def test_bench_report_renders_rows_and_previous_ratio(tmp_path: Path) -> None:
+    env = bench_run.environment(False, [])
+    env["machine"]["load_avg_end"] = None
+    rows = [
+        {"name": "x vs y", "baseline": 100.0, "ours": 250.0, "ratio": 2.5, "unit": "tokens/s", "notes": "a|b"}
+    ]
+    section = {"title": "Training", "rows": [bench_run.check_row(r) for r in rows], "seconds": 1.0}
+    prev_file = tmp_path / "results.json"
+    prev_file.write_text(
+        json.dumps({"env": env, "sections": [{**section, "rows": [{**rows[0], "ratio": 3.0}]}]})
+    )
+    text = bench_run.render(env, [section], bench_run.previous_ratios(prev_file, env))
+    assert "| x vs y | 100 | 250 | tokens/s | **2.50x** | 3.00x | a/b |" in text
+    with pytest.raises(ValueError, match="lacks"):
+        bench_run.check_row({"name": "no figure"})
+
+
+def test_bench_child_records_a_module_without_run(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "bench_norun.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "bench.bench_norun", __import__("bench_norun"))
+    rows_out = tmp_path / "rows.json"
+    bench_run.run_child("bench_norun", True, rows_out, None)
+    assert "defines no run(quick: bool)" in json.loads(rows_out.read_text())["error"]
+
+
+@pytest.mark.parametrize(
+    ("fast_bf16", "training", "expected"),
+    [(True, True, "bf16"), (True, False, "fp32"), (False, True, "fp32")],
+)
+def test_auto_precision_uses_bf16_for_training_only_on_cpus_with_native_bf16(
+    monkeypatch, fast_bf16: bool, training: bool, expected: str
+) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert runtime.pick_precision("auto", torch.device("cpu"), training=training).name == expected
+    assert runtime.pick_precision("fp32", torch.device("cpu"), training=training).name == "fp32"
