@@ -52,13 +52,20 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
-def pick_precision(name: str, device: torch.device) -> Precision:
-    """`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (bf16 is slower there)."""
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls run 2x+ faster than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def pick_precision(name: str, device: torch.device, *, training: bool = False) -> Precision:
+    """`auto`: bf16 on GPUs that support it, else fp16 on GPU. On CPU fp32, except bf16 for training
+    on CPUs with native bf16 math (evaluation stays fp32 there, so reported losses are exact)."""
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            name = "fp32"
+            name = "bf16" if training and device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UserError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
