@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.bench_train import RECIPE, ROOT, Setting, recipe_overrides, write_corpus
 
 TITLE = "Peak memory per stage (RSS)"
@@ -23,6 +25,7 @@ TITLE = "Peak memory per stage (RSS)"
 def peak_rss_mib(cmd: list[str]) -> float:
     """Run `cmd` to completion and return its peak resident set size in MiB (Linux/macOS rusage)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as many threads as this benchmark was given
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -35,8 +38,8 @@ def peak_rss_mib(cmd: list[str]) -> float:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    sizes = [20, 80] if quick else [40, None]  # stdlib modules (None: all)
-    steps = 4 if quick else 20
+    sizes = [10, 40] if quick else [40, None]  # stdlib modules (None: all)
+    steps = 2 if quick else 8
     llmos = [sys.executable, "-m", "llmos_cli", "--quiet"]
     rss: dict[str, list[float]] = {"data": [], "pretrain": [], "eval": [], "trainer": []}
     mbytes = []

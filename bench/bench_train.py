@@ -45,14 +45,15 @@ class Setting:
     steps: int
     warm: int  # steps excluded from timing (allocator warm-up, first-call overheads)
     repeats: int
+    batch_size: int = 16  # the quickstart recipe's
 
 
 def settings(quick: bool) -> list[Setting]:
     if quick:
         return [Setting("tiny-llama", 40, steps=6, warm=2, repeats=3)]
     return [
-        Setting("tiny-llama", None, steps=30, warm=5, repeats=5),
-        Setting("small-llama", None, steps=6, warm=2, repeats=3),
+        Setting("tiny-llama", None, steps=12, warm=4, repeats=3),
+        Setting("small-llama", None, steps=4, warm=1, repeats=2, batch_size=8),
     ]
 
 
@@ -109,6 +110,7 @@ def recipe_overrides(setting: Setting, corpus: Path, work: Path) -> list[str]:
         f"data.output={work / 'data'}",
         f"run.output_dir={work / 'run'}",
         f"train.max_steps={setting.steps}",
+        f"train.batch_size={setting.batch_size}",
         f"train.log_every={setting.warm}" if setting.steps % setting.warm == 0 else "train.log_every=1",
         f"train.eval_every={setting.steps * 10}",
         "train.eval_batches=1",
@@ -172,7 +174,7 @@ class Experiment:
         from llmos_cli.stages import pretrain
 
         self.runs += 1
-        out_dir = self.work / f"llmos-{self.runs}"
+        out_dir = self.work / f"llmos-{self.setting.preset}-{self.runs}"
         summary = pretrain.run(self.load([f"run.output_dir={out_dir}", f"train.precision={self.precision}"]))
         rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "split" not in r and r["step"] > self.setting.warm]
@@ -208,7 +210,7 @@ class Experiment:
 
         self.runs += 1
         args = TrainingArguments(
-            output_dir=str(self.work / f"hf-{self.runs}"),
+            output_dir=str(self.work / f"hf-{self.setting.preset}-{self.runs}"),
             per_device_train_batch_size=t.batch_size,
             gradient_accumulation_steps=t.grad_accum,
             max_steps=s.steps,
@@ -360,9 +362,12 @@ def quiet_offline() -> None:
 def run(quick: bool) -> list[dict[str, Any]]:
     quiet_offline()
     rows = []
-    for setting in settings(quick):
-        with tempfile.TemporaryDirectory(prefix="llmos-bench-train-") as tmp:
-            rows += bench_setting(setting, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-train-") as tmp:
+        for setting in settings(quick):
+            # Settings on the same files share the prepared data (its fingerprint ignores the model).
+            work = Path(tmp) / f"files-{setting.max_files or 'all'}"
+            work.mkdir(exist_ok=True)
+            rows += bench_setting(setting, work)
     return rows
 
 

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,11 +89,14 @@ def run_module(module: str, quick: bool, timeout: float, threads: int | None) ->
         rows_out = Path(tmp) / "rows.json"
         cmd = [sys.executable, "-m", "bench.run", "--child", module, "--rows-out", str(rows_out)]
         start = time.perf_counter()
+        flags = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+        # Its own session, so that a timeout also ends the processes the benchmark started.
+        proc = subprocess.Popen([*cmd, *flags], cwd=ROOT, start_new_session=True)
         try:
-            flags = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
-            proc = subprocess.run([*cmd, *flags], cwd=ROOT, timeout=timeout)
-            code = proc.returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = None
         seconds = time.perf_counter() - start
         if rows_out.exists():
