@@ -62,3 +62,26 @@ def test_auto_precision_uses_bf16_for_training_only_on_cpus_with_native_bf16(
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
     assert runtime.pick_precision("auto", torch.device("cpu"), training=training).name == expected
     assert runtime.pick_precision("fp32", torch.device("cpu"), training=training).name == "fp32"
+
+
+def test_length_grouped_batches_cut_padding_and_stay_resumable() -> None:
+    from llmos_cli.core.batches import ResumableBatchSampler
+
+    lengths = [8 + (i * 37) % 120 for i in range(400)]
+
+    def padding(sampler: ResumableBatchSampler, n: int) -> float:
+        it = iter(sampler)
+        batches = [next(it) for _ in range(n)]
+        real = sum(lengths[i] for b in batches for i in b)
+        return 1 - real / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped = ResumableBatchSampler(400, 8, seed=3, lengths=lengths)
+    assert padding(grouped, 50) < 0.05 < 0.3 < padding(ResumableBatchSampler(400, 8, seed=3), 50)
+    it = iter(grouped)
+    epoch = [next(it) for _ in range(50)]
+    assert sorted(i for b in epoch for i in b) == list(range(400))  # every row once per epoch
+    longest = [max(lengths[i] for i in b) for b in epoch]
+    assert longest != sorted(longest, reverse=True)  # batches come in random order, not by length
+    first_epochs = [next(it) for _ in range(60)]  # into epoch 3
+    resumed = iter(ResumableBatchSampler(400, 8, seed=3, start_batch=70, lengths=lengths))
+    assert [next(resumed) for _ in range(40)] == first_epochs[20:]

@@ -41,6 +41,7 @@ class TrainJob:
     device: torch.device
     precision: Precision
     compat: dict[str, Any] = field(default_factory=dict)  # what must match for a resume
+    group_by_length: bool = False  # for rows that are not packed: batches of similar length, less padding
 
 
 @dataclass
@@ -113,7 +114,10 @@ def train(job: TrainJob) -> TrainResult:
         _truncate_metrics(run, state["step"])
         out.info(f"train: resumed from {resumed_from} at step {state['step']}")
 
-    sampler = ResumableBatchSampler(len(job.train_rows), cfg.batch_size, job.seed, state["micro_batches"])
+    lengths = [len(r["input_ids"]) for r in job.train_rows] if job.group_by_length else None
+    sampler = ResumableBatchSampler(
+        len(job.train_rows), cfg.batch_size, job.seed, state["micro_batches"], lengths=lengths
+    )
     loader = DataLoader(
         job.train_rows,
         batch_sampler=sampler,
