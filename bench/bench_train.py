@@ -50,7 +50,7 @@ class Setting:
 
 def settings(quick: bool) -> list[Setting]:
     if quick:
-        return [Setting("tiny-llama", 40, steps=6, warm=2, repeats=3)]
+        return [Setting("tiny-llama", 30, steps=6, warm=2, repeats=2)]
     return [
         Setting("tiny-llama", None, steps=12, warm=4, repeats=5),
         Setting("small-llama", None, steps=4, warm=1, repeats=3, batch_size=8),
