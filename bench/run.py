@@ -164,7 +164,10 @@ def _git_commit() -> str | None:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results.*"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
     except OSError:
         return None
