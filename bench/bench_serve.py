@@ -28,8 +28,13 @@ from bench.tiny_model import build_tiny_llama  # noqa: E402
 
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, int]:
     """Stream one completion; return (time to first token, completion tokens)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0, ttft, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -47,9 +52,14 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
 async def run_clients(url: str, clients: int, per_client: int, max_tokens: int) -> tuple[float, list[float]]:
     """Each client sends `per_client` requests one after another; returns (tokens/s, ttfts)."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
         async def worker(w: int) -> list[tuple[float, int]]:
-            return [await one_request(client, f"client {w} request {i}: " + "the quick brown fox " * (1 + i % 5),
-                                      max_tokens) for i in range(per_client)]
+            return [
+                await one_request(
+                    client, f"client {w} request {i}: " + "the quick brown fox " * (1 + i % 5), max_tokens
+                )
+                for i in range(per_client)
+            ]
 
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
@@ -70,7 +80,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternate the phases this often, keep the best")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy box")
+    ap.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy box"
+    )
     ap.add_argument("--markdown", type=Path, help="append a result row to this markdown file")
     args = ap.parse_args()
 
@@ -79,11 +91,18 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        code = (f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
-                f"api_key_env='LLMOS_BENCH_NO_KEY', max_batch_size={args.clients}, max_queue=256)")
+        code = (
+            f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
+            f"api_key_env='LLMOS_BENCH_NO_KEY', max_batch_size={args.clients}, max_queue=256)"
+        )
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-        server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -103,7 +122,9 @@ def main() -> None:
             for _ in range(args.repeats):
                 tps, ttft = asyncio.run(run_clients(url, 1, args.sequential_requests, args.max_tokens))
                 seq_tps, seq_ttft = (tps, ttft) if tps > seq_tps else (seq_tps, seq_ttft)
-                tps, ttft = asyncio.run(run_clients(url, args.clients, args.requests_per_client, args.max_tokens))
+                tps, ttft = asyncio.run(
+                    run_clients(url, args.clients, args.requests_per_client, args.max_tokens)
+                )
                 con_tps, con_ttft = (tps, ttft) if tps > con_tps else (con_tps, con_ttft)
         finally:
             server.terminate()
@@ -111,17 +132,23 @@ def main() -> None:
 
     ratio = con_tps / seq_tps
     print(f"model: llama hidden {args.hidden}, {args.layers} layers; {args.max_tokens} tokens per request")
-    print(f"1 sequential client  : {seq_tps:8.1f} tok/s  TTFT p50 {pct(seq_ttft, 50) * 1000:7.1f} ms  "
-          f"p99 {pct(seq_ttft, 99) * 1000:7.1f} ms")
-    print(f"{args.clients} concurrent clients: {con_tps:8.1f} tok/s  TTFT p50 {pct(con_ttft, 50) * 1000:7.1f} ms  "
-          f"p99 {pct(con_ttft, 99) * 1000:7.1f} ms")
+    print(
+        f"1 sequential client  : {seq_tps:8.1f} tok/s  TTFT p50 {pct(seq_ttft, 50) * 1000:7.1f} ms  "
+        f"p99 {pct(seq_ttft, 99) * 1000:7.1f} ms"
+    )
+    print(
+        f"{args.clients} concurrent clients: {con_tps:8.1f} tok/s  TTFT p50 {pct(con_ttft, 50) * 1000:7.1f} ms  "
+        f"p99 {pct(con_ttft, 99) * 1000:7.1f} ms"
+    )
     print(f"ratio aggregate tok/s, {args.clients} clients / 1 client: {ratio:.1f}x (goal >= 4x)")
     if args.markdown:
         with args.markdown.open("a") as f:
-            f.write(f"| serve: {args.clients} clients vs 1 | h{args.hidden} L{args.layers}, {args.max_tokens} tok | "
-                    f"{ratio:.1f}x | >= 4x | TTFT p50/p99 ms: 1 client {pct(seq_ttft, 50) * 1000:.0f}/"
-                    f"{pct(seq_ttft, 99) * 1000:.0f}, {args.clients} clients {pct(con_ttft, 50) * 1000:.0f}/"
-                    f"{pct(con_ttft, 99) * 1000:.0f} |\n")
+            f.write(
+                f"| serve: {args.clients} clients vs 1 | h{args.hidden} L{args.layers}, {args.max_tokens} tok | "
+                f"{ratio:.1f}x | >= 4x | TTFT p50/p99 ms: 1 client {pct(seq_ttft, 50) * 1000:.0f}/"
+                f"{pct(seq_ttft, 99) * 1000:.0f}, {args.clients} clients {pct(con_ttft, 50) * 1000:.0f}/"
+                f"{pct(con_ttft, 99) * 1000:.0f} |\n"
+            )
 
 
 if __name__ == "__main__":

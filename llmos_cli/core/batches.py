@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+GROUP_BATCHES = 50  # length grouping sorts windows of this many batches: little padding, still shuffled
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
@@ -15,21 +16,42 @@ class ResumableBatchSampler:
     """Shuffled batches of indices, reproducible from (seed, epoch) and resumable at any batch.
 
     The order of epoch e is a permutation drawn from seed + e, so a run resumed at micro-batch k
-    sees exactly the batches an uninterrupted run would have seen from k on.
+    sees exactly the batches an uninterrupted run would have seen from k on. Given `lengths` (rows
+    that cannot be packed, e.g. classification), batches group rows of similar length.
     """
 
-    def __init__(self, n_items: int, batch_size: int, seed: int, start_batch: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        n_items: int,
+        batch_size: int,
+        seed: int,
+        start_batch: int = 0,
+        shuffle: bool = True,
+        lengths: Sequence[int] | None = None,
+    ):
         if n_items < batch_size:
             raise ValueError(f"{n_items} examples are fewer than one batch of {batch_size}")
         self.n_items, self.batch_size, self.seed, self.shuffle = n_items, batch_size, seed, shuffle
         self.batches_per_epoch = n_items // batch_size
         self.start_batch = start_batch
+        self.lengths = torch.as_tensor(lengths) if lengths is not None else None
 
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n_items)
         g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.n_items, generator=g)
+        order = torch.randperm(self.n_items, generator=g)
+        return order if self.lengths is None else self._group_by_length(order, g)
+
+    def _group_by_length(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Sort each window of GROUP_BATCHES batches by length, then shuffle whole batches."""
+        n = self.batches_per_epoch * self.batch_size
+        windows = order[:n].split(GROUP_BATCHES * self.batch_size)
+        grouped = torch.cat(
+            [w[torch.argsort(self.lengths[w], descending=True, stable=True)] for w in windows]
+        )
+        batches = grouped.view(self.batches_per_epoch, self.batch_size)
+        return torch.cat([batches[torch.randperm(self.batches_per_epoch, generator=g)].flatten(), order[n:]])
 
     def __iter__(self) -> Iterator[list[int]]:
         batch = self.start_batch

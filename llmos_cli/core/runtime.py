@@ -52,8 +52,15 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls run 2x+ faster than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def pick_precision(name: str, device: torch.device) -> Precision:
-    """`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (bf16 is slower there)."""
+    """`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU, the safe default (on CPUs
+    with native bf16 math, `bf16` trains faster: the training stages say so)."""
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

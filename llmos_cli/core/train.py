@@ -43,6 +43,7 @@ class TrainJob:
     device: torch.device
     precision: Precision
     compat: dict[str, Any] = field(default_factory=dict)  # what must match for a resume
+    group_by_length: bool = False  # for rows that are not packed: batches of similar length, less padding
 
 
 @dataclass
@@ -120,8 +121,11 @@ def train(job: TrainJob) -> TrainResult:
         out.info(f"train: resumed from {resumed_from} at step {state['step']}")
 
     # Each rank trains on its slice of every global step: any process count sees the same batches.
+    lengths = [len(r["input_ids"]) for r in job.train_rows] if job.group_by_length else None
     sampler = distributed.ShardedBatchSampler(
-        ResumableBatchSampler(len(job.train_rows), cfg.batch_size, job.seed, state["micro_batches"]),
+        ResumableBatchSampler(
+            len(job.train_rows), cfg.batch_size, job.seed, state["micro_batches"], lengths=lengths
+        ),
         cfg.grad_accum,
         world,
     )

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from llmos_cli.console import out
 from llmos_cli.core.distributed import current_world, full_state_dict
 from llmos_cli.core.rundir import RunDir
-from llmos_cli.core.runtime import Precision, pick_device, pick_precision
+from llmos_cli.core.runtime import Precision, cpu_has_fast_bf16, pick_device, pick_precision
 from llmos_cli.recipe import Recipe
 
 
@@ -20,9 +21,15 @@ def open_run(recipe: Recipe) -> RunDir:
     return run.create(recipe.to_yaml()) if current_world().is_main else run
 
 
-def device_and_precision(recipe: Recipe) -> tuple[torch.device, Precision]:
+def device_and_precision(recipe: Recipe, *, training: bool = False) -> tuple[torch.device, Precision]:
     device = pick_device(recipe.train.device)
-    return device, pick_precision(recipe.train.precision, device)
+    precision = pick_precision(recipe.train.precision, device)
+    if training and recipe.train.precision == "auto" and device.type == "cpu" and cpu_has_fast_bf16():
+        out.info(
+            "train: this CPU has native bf16 math: --set train.precision=bf16 trains about 1.3x faster "
+            "here (fp32 stays the default: exact and reproducible)"
+        )
+    return device, precision
 
 
 def config_hash(obj: Any) -> str:

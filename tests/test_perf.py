@@ -1,0 +1,88 @@
+"""The benchmark runner's report (no timings asserted) and the training-precision choice."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import run as bench_run
+from llmos_cli.core import runtime
+
+
+def test_bench_report_survives_a_failing_benchmark(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench_run, "discover", lambda: ["bench_missing"])
+    out = tmp_path / "results.md"
+    code = bench_run.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    assert code == 1
+    assert "## missing" in text and "**FAILED**" in text and "ModuleNotFoundError" in text
+    assert "command: `python -m bench.run --quick --out" in text
+    assert f"torch {torch.__version__}" in text and "machine:" in text
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["env"]["mode"] == "quick" and "error" in saved["sections"][0]
+
+
+def test_bench_report_renders_rows_and_previous_ratio(tmp_path: Path) -> None:
+    env = bench_run.environment(False, [])
+    env["machine"]["load_avg_end"] = None
+    rows = [
+        {"name": "x vs y", "baseline": 100.0, "ours": 250.0, "ratio": 2.5, "unit": "tokens/s", "notes": "a|b"}
+    ]
+    section = {"title": "Training", "rows": [bench_run.check_row(r) for r in rows], "seconds": 1.0}
+    prev_file = tmp_path / "results.json"
+    prev_file.write_text(
+        json.dumps({"env": env, "sections": [{**section, "rows": [{**rows[0], "ratio": 3.0}]}]})
+    )
+    text = bench_run.render(env, [section], bench_run.previous_ratios(prev_file, env))
+    assert "| x vs y | 100 | 250 | tokens/s | **2.50x** | 3.00x | a/b |" in text
+    with pytest.raises(ValueError, match="lacks"):
+        bench_run.check_row({"name": "no figure"})
+
+
+def test_bench_child_records_a_module_without_run(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "bench_norun.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "bench.bench_norun", __import__("bench_norun"))
+    rows_out = tmp_path / "rows.json"
+    bench_run.run_child("bench_norun", True, rows_out, None)
+    assert "defines no run(quick: bool)" in json.loads(rows_out.read_text())["error"]
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_precision_is_fp32_on_cpu_and_hints_at_bf16(monkeypatch, capsys, fast_bf16: bool) -> None:
+    from llmos_cli.recipe import Recipe
+    from llmos_cli.stages.common import device_and_precision
+
+    monkeypatch.setattr("llmos_cli.stages.common.cpu_has_fast_bf16", lambda: fast_bf16)
+    recipe = Recipe()
+    recipe.train.device = "cpu"
+    assert device_and_precision(recipe, training=True)[1].name == "fp32"
+    assert ("train.precision=bf16" in capsys.readouterr().err) is fast_bf16
+    assert runtime.pick_precision("bf16", torch.device("cpu")).name == "bf16"
+
+
+def test_length_grouped_batches_cut_padding_and_stay_resumable() -> None:
+    from llmos_cli.core.batches import ResumableBatchSampler
+
+    lengths = [8 + (i * 37) % 120 for i in range(400)]
+
+    def padding(sampler: ResumableBatchSampler, n: int) -> float:
+        it = iter(sampler)
+        batches = [next(it) for _ in range(n)]
+        real = sum(lengths[i] for b in batches for i in b)
+        return 1 - real / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped = ResumableBatchSampler(400, 8, seed=3, lengths=lengths)
+    assert padding(grouped, 50) < 0.05 < 0.3 < padding(ResumableBatchSampler(400, 8, seed=3), 50)
+    it = iter(grouped)
+    epoch = [next(it) for _ in range(50)]
+    assert sorted(i for b in epoch for i in b) == list(range(400))  # every row once per epoch
+    longest = [max(lengths[i] for i in b) for b in epoch]
+    assert longest != sorted(longest, reverse=True)  # batches come in random order, not by length
+    first_epochs = [next(it) for _ in range(60)]  # into epoch 3
+    resumed = iter(ResumableBatchSampler(400, 8, seed=3, start_batch=70, lengths=lengths))
+    assert [next(resumed) for _ in range(40)] == first_epochs[20:]
