@@ -8,7 +8,7 @@ TORCH_CONSTRAINT := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constrai
 STAMP := $(VENV)/.installed
 DEMO := recipes/pipeline-quickstart.yaml
 
-.PHONY: install demo test test-all bench lint format clean
+.PHONY: install demo test test-all bench bench-quick lint format clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ test-all: install
 
 bench: install
 	$(PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.run --quick
 
 lint: install
 	$(VENV)/bin/ruff check llmos_cli tests bench
