@@ -33,7 +33,9 @@ def instruction_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         animal = rng.choice(list(ANIMALS))
-        rows.append({"prompt": f"What does the {animal} say?", "response": f"The {animal} says {ANIMALS[animal]}."})
+        rows.append(
+            {"prompt": f"What does the {animal} say?", "response": f"The {animal} says {ANIMALS[animal]}."}
+        )
     return rows
 
 
@@ -57,22 +59,25 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         label = rng.choices(list(SENTIMENT), weights=[1, 1, 2])[0]
-        rows.append({"text": f"{rng.choice(subjects)} was {rng.choice(SENTIMENT[label])} today", "label": label})
+        rows.append(
+            {"text": f"{rng.choice(subjects)} was {rng.choice(SENTIMENT[label])} today", "label": label}
+        )
     return rows
 
 
 def pair_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    return [{"source": s, "target": WORDS_EN_FR[s]} for s in (rng.choice(list(WORDS_EN_FR)) for _ in range(n))]
+    return [
+        {"source": s, "target": WORDS_EN_FR[s]} for s in (rng.choice(list(WORDS_EN_FR)) for _ in range(n))
+    ]
 
 
 def tiny_llama(path: Path) -> Path:
     """A 2-layer llama with a byte-level BPE tokenizer trained on the animal texts."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmos_cli.core.data.tokenizer import train_bpe_tokenizer
-
     from llmos_cli.core.data.formats import ALPACA_TEMPLATE
+    from llmos_cli.core.data.tokenizer import train_bpe_tokenizer
 
     texts = [r["prompt"] + " " + r["response"] for r in instruction_rows(200)] + [ALPACA_TEMPLATE] * 20
     tok = train_bpe_tokenizer(iter(texts), vocab_size=300, min_frequency=1)
@@ -122,7 +127,9 @@ def tiny_t5(path: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     texts = [w for pair in WORDS_EN_FR.items() for w in pair] + ["translate English to French:"]
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     cfg = T5Config(
         vocab_size=len(fast),
         d_model=32,

@@ -25,13 +25,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     recipe = recipe.model_copy(deep=True)
     base = resolve_base(recipe.model.name_or_path, recipe.source)
     recipe.model.name_or_path = str(base)  # so the data stage and adapter_config.json name it exactly
+    load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
     tokenizer = load_tokenizer(recipe.model.tokenizer or base, recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_seed(recipe.run.seed)
 
     splits, info = task_data(recipe, tokenizer)
-    model = load_base(recipe, base, info)
+    model = load_base(recipe, base, info, load_kwargs)
     if recipe.finetune.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if recipe.finetune.method == "lora":
@@ -132,9 +133,9 @@ def task_data(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     return load_from_disk(str(prepared.path)), {"format": "text", "fingerprint": prepared.fingerprint}
 
 
-def load_base(recipe: Recipe, base: Path, info: dict[str, Any]) -> Any:
+def load_base(recipe: Recipe, base: Path, info: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     """The pretrained model with the task's head; a classifier gets the label map in its config."""
-    kwargs: dict[str, Any] = quantized_load_kwargs(recipe.finetune)
+    kwargs = dict(kwargs)
     if recipe.task == "classification":
         names = info["label_names"]
         kwargs.update(

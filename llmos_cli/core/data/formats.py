@@ -222,7 +222,8 @@ def chat_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
     """Render with the chat template; assistant turns (through their end-of-turn) carry the loss.
 
     Each assistant span runs from the end of the conversation rendered up to it with a generation
-    prompt, to the end of the conversation rendered through it; tokens are assigned by char offsets.
+    prompt, to the end of the conversation rendered through it; a token carries loss when its
+    characters overlap a span (so a token merging a space with the reply's first word counts).
     """
 
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -259,8 +260,8 @@ def chat_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
         )
         ids = list(enc["input_ids"])
         labels = [
-            t if d.train_on_prompt or any(s <= a < e for s, e in spans) else IGNORE_INDEX
-            for t, (a, _) in zip(ids, enc["offset_mapping"], strict=True)
+            t if d.train_on_prompt or any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+            for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)
         ]
         if all(t == IGNORE_INDEX for t in labels[1:]):
             return "prompt_too_long"
