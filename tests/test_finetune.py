@@ -94,6 +94,7 @@ def test_full_finetune_on_chat_data(tmp_path: Path, bases) -> None:
         bases["llama"],
         chat_rows(200),
         data={"format": "chat", "max_seq_len": 128},
+        finetune={"gradient_checkpointing": True},
         train={"eval_every": 30, "lr": 3e-3},
     )
     summary = finetune.run(recipe)
@@ -258,3 +259,15 @@ def test_lora_classifier_is_saved_merged_with_its_label_map(tmp_path: Path) -> N
     assert not (final / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(str(final))
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def test_trackers_that_are_not_installed_are_a_clear_error(tmp_path: Path) -> None:
+    import importlib.util
+
+    from llmos_cli.core.rundir import RunDir
+    from llmos_cli.core.tracking import Trackers
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    with pytest.raises(UserError, match="train.log_to: mlflow is not installed"):
+        Trackers(["mlflow"], RunDir(tmp_path), {})
