@@ -8,6 +8,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ANIMALS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "owl": "hoot", "sheep": "baa"}
 WORDS_EN_FR = {"the cat": "le chat", "the dog": "le chien", "a house": "une maison", "the sun": "le soleil"}
 SENTIMENT = {
@@ -95,6 +97,7 @@ def tiny_llama(path: Path) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    torch.manual_seed(0)  # the same random base every run
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
@@ -113,6 +116,7 @@ def tiny_bert(path: Path) -> Path:
         num_attention_heads=2,
         max_position_embeddings=64,
     )
+    torch.manual_seed(0)  # the same random base every run
     BertModel(cfg).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
@@ -141,6 +145,7 @@ def tiny_t5(path: Path) -> Path:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
+    torch.manual_seed(0)  # the same random base every run
     T5ForConditionalGeneration(cfg).save_pretrained(str(path))
     fast.save_pretrained(str(path))
     return path
