@@ -23,7 +23,9 @@ from llmos_cli.stages.common import config_hash, device_and_precision, open_run,
 
 def run(recipe: Recipe) -> dict[str, Any]:
     if recipe.train.class_weights is not None and recipe.task != "classification":
-        raise UserError(f"train.class_weights: only classification uses class weights (task is '{recipe.task}')")
+        raise UserError(
+            f"train.class_weights: only classification uses class weights (task is '{recipe.task}')"
+        )
     recipe = recipe.model_copy(deep=True)
     base = resolve_base(recipe.model.name_or_path, recipe.source)
     recipe.model.name_or_path = str(base)  # so the data stage and adapter_config.json name it exactly
@@ -134,7 +136,9 @@ def resolve_base(name: str | None, source: str | None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        return Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise UserError(
             f"model.name_or_path: '{name}' is not a local directory, and the hub model could not be fetched ({err})",
