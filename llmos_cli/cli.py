@@ -200,12 +200,20 @@ def finetune(
     """Train from a pretrained model: full or LoRA; causal LM, classification or seq2seq."""
     r = _load(recipe, set_)
     if dry_run:
+        ft = r.finetune
+        how = ft.method + (" + DoRA" if ft.dora else "") + (" (4-bit QLoRA)" if ft.qlora else "")
+        data = (
+            _data_steps(r)
+            if r.data.format == "text"
+            else [f"read {r.data.train} (format {r.data.format}) and encode it for {r.task}"]
+        )
+        length = r.train.max_steps or f"{r.train.epochs} epochs"
         return _plan(
             r,
             [
-                f"load {r.model.name_or_path} for {r.task}",
-                f"prepare {r.data.train} (format {r.data.format})",
-                f"{r.finetune.method} fine-tune into {r.output_dir}",
+                f"load base model {r.model.name_or_path} for {r.task}",
+                *data,
+                f"{how} fine-tune for {length} steps into {r.output_dir}",
                 f"save {r.output_dir / 'final'}",
             ],
         )

@@ -88,6 +88,22 @@ class DataSection(Section):
     )
     num_proc: int = Field(1, ge=1)
     output: str | None = Field(None, description="default runs/data/<run.name>")
+    template: str | None = Field(
+        None, description="instruction: prompt template with {prompt} and any row field, e.g. {input}"
+    )
+    chat_template: str | None = Field(None, description="chat: a Jinja template; default the tokenizer's")
+    train_on_prompt: bool = Field(
+        False, description="instruction/chat: put loss on prompts and user turns too"
+    )
+    label_names: list[str] | None = Field(
+        None, description="classification: label order; default sorted labels"
+    )
+    task_prefix: str = Field(
+        "", description="pairs: text put before every source, e.g. 'translate English to French: '"
+    )
+    max_target_len: int | None = Field(
+        None, ge=1, description="pairs: target length cap; default max_seq_len"
+    )
 
 
 class LoraSection(Section):
@@ -100,6 +116,16 @@ class LoraSection(Section):
 class FinetuneSection(Section):
     method: Literal["full", "lora"] = "full"
     lora: LoraSection = Field(default_factory=LoraSection)
+    dora: bool = Field(False, description="lora: weight-decomposed LoRA (DoRA)")
+    qlora: bool = Field(False, description="lora: load the base in 4-bit (needs CUDA and bitsandbytes)")
+    gradient_checkpointing: bool = False
+
+
+class EarlyStoppingSection(Section):
+    metric: str = Field("loss", description="a validation metric: loss, perplexity, accuracy, f1")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/perplexity, else max")
+    min_delta: float = Field(0.0, ge=0)
 
 
 class TrainSection(Section):
@@ -126,6 +152,14 @@ class TrainSection(Section):
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="under torchrun: auto/ddp replicate the model, fsdp shards it; see docs/distributed.md",
+    )
+    early_stopping: EarlyStoppingSection | None = None
+    keep_best: bool = Field(
+        False, description="final/ gets the weights of the best validation (early_stopping.metric)"
+    )
+    log_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None, description="classification: 'balanced' (inverse class frequency) or one weight per label"
     )
 
     @model_validator(mode="after")

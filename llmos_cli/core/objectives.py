@@ -41,3 +41,28 @@ def causal_lm_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
 
 
 CAUSAL_LM = Objective(causal_lm_loss_sum, count_targets)
+
+
+def classification_objective(class_weights: torch.Tensor | None = None) -> Objective:
+    """Summed (optionally class-weighted) cross-entropy over sequence labels; one target per example."""
+
+    def loss_sum(model: Any, batch: Batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        weight = class_weights.to(logits.device) if class_weights is not None else None
+        return F.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum")
+
+    return Objective(loss_sum, lambda batch: int(batch["labels"].numel()))
+
+
+def seq2seq_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy of the decoder over target tokens (the model shifts labels right itself)."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).logits
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+CLASSIFICATION = classification_objective()
+SEQ2SEQ = Objective(seq2seq_loss_sum, lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()))

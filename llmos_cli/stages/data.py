@@ -26,7 +26,7 @@ from llmos_cli.core.data.report import DataReport, count_labels, length_summary,
 from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, validation_overlap
 from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
-from llmos_cli.core.models import load_tokenizer
+from llmos_cli.core.models import load_tokenizer, resolve_model_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 
@@ -46,7 +46,7 @@ class PreparedData:
 def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
     d = recipe.data
     if d.format != "text":
-        raise UserError(f"data.format: '{d.format}' is not supported by this version yet (supported: text)")
+        return _prepare_task_format(recipe, force)
     if not d.train:
         raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)
@@ -204,10 +204,47 @@ def tokenize_and_pack(docs: list[str], tokenizer: Any, block: int, name: str) ->
     return blocks, stats
 
 
+def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
+    """instruction, chat, classification, pairs: encoded per example with the model's tokenizer."""
+    from datasets import DatasetDict
+
+    from llmos_cli.core.data.formats import prepare_task_dataset
+
+    src = _tokenizer_source(recipe)
+    if src is None:
+        raise UserError(
+            f"data.format: '{recipe.data.format}' data is encoded with the model's tokenizer",
+            hint="set model.name_or_path (or model.tokenizer) to the model you will fine-tune",
+        )
+    tokenizer = load_tokenizer(src, trust_remote_code=recipe.model.trust_remote_code)
+    splits, info = prepare_task_dataset(recipe, tokenizer)
+    target = recipe.data_output
+    cached = _cached(target, info["fingerprint"])
+    if cached and not force:
+        out.info(f"data: reusing {target} (fingerprint {info['fingerprint'][:12]} matches)")
+        return cached
+    staged = staging_dir(target)
+    try:
+        DatasetDict(splits).save_to_disk(str(staged))
+        tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
+        (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    replace_dir(staged, target)
+    rows = [(f"{split}: {k}", v) for split in ("train", "validation") for k, v in info[split].items()]
+    rows += [(f"class: {k}", v) for k, v in info.get("class_counts", {}).items()]
+    out.table(f"data report ({recipe.data.format})", ["what", "count"], rows)
+    out.info(f"data: wrote {target}")
+    return PreparedData(target, info["fingerprint"], target / "tokenizer", info, reused=False)
+
+
 def _tokenizer_source(recipe: Recipe) -> Path | None:
     """The tokenizer to use, or None when one must be trained."""
     m = recipe.model
     for candidate in (m.tokenizer, m.name_or_path):
+        if candidate and candidate.startswith("builtin:"):
+            candidate = str(resolve_model_dir(candidate))
         if candidate and Path(candidate).is_dir():
             p = Path(candidate)
             p = p / "final" if (p / "final").is_dir() else p

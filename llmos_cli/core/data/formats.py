@@ -1,0 +1,344 @@
+"""Task formats -> token rows: instruction, chat, classification and pairs (seq2seq).
+
+Each encoder turns one input row into the columns its collator expects, and decides where the loss
+goes: instruction and chat rows carry loss on responses (and the EOS / end-of-turn that closes them)
+only; classification rows carry one integer label; pair rows carry the target as `labels`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmos_cli.core.batches import IGNORE_INDEX
+from llmos_cli.core.data.cache import fingerprint
+from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
+from llmos_cli.errors import UserError
+from llmos_cli.recipe import DataSection, Recipe
+
+TASK_FORMATS = {
+    "causal-lm": ("instruction", "chat"),
+    "classification": ("classification",),
+    "seq2seq": ("pairs",),
+}
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Response:\n"
+)
+ALPACA_INPUT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+# Used when neither the recipe nor the tokenizer gives a chat template; EOS closes every turn.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+ROLES = {"system", "user", "assistant", "tool"}
+
+Encoded = dict[str, Any] | str  # the columns of one example, or the reason it was dropped
+
+
+def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """Read, split and encode `data.train`/`data.validation` for the recipe's task and format.
+
+    Returns a DatasetDict (train, validation) and an info dict: counts, drops, fingerprint, and for
+    classification the label names and class counts. The tokenizer may gain a chat template.
+    """
+    from datasets import Dataset, DatasetDict
+
+    d = recipe.data
+    allowed = TASK_FORMATS[recipe.task]
+    if d.format not in allowed:
+        raise UserError(
+            f"data.format: '{d.format}' does not fit task '{recipe.task}' (use {' or '.join(allowed)})"
+        )
+    if not d.train:
+        raise UserError(f"{recipe.source}: data.train: no training data given")
+    train_files = list_files(d.train, d.include)
+    val_files = list_files(d.validation, d.include) if d.validation else []
+    train_rows = _read(train_files, d)
+    if val_files:
+        val_rows = _read(val_files, d)
+    else:
+        train_rows, val_rows = split_rows(train_rows, d.validation_split, recipe.run.seed)
+    if not train_rows:
+        raise UserError(f"data.train: {d.train} holds no rows")
+
+    info: dict[str, Any] = {"format": d.format, "task": recipe.task}
+    if d.format == "chat":
+        _set_chat_template(tokenizer, d.chat_template)
+    if d.format == "classification":
+        names = label_names(train_rows, d)
+        info["label_names"] = names
+        encode = classification_encoder(tokenizer, d, {n: i for i, n in enumerate(names)})
+    else:
+        encode = _ENCODERS[d.format](tokenizer, d)
+
+    splits = {}
+    for name, rows in (("train", train_rows), ("validation", val_rows)):
+        columns, dropped = _encode_all(rows, encode)
+        splits[name] = Dataset.from_dict(columns)
+        info[name] = {"examples": len(splits[name]), "dropped": dict(dropped)}
+        if "input_ids" in columns:
+            info[name]["tokens"] = int(sum(len(x) for x in columns["input_ids"]))
+    if len(splits["train"]) == 0:
+        raise UserError(f"data.train: every row was dropped ({info['train']['dropped']})")
+    if d.format == "classification":
+        counts = Counter(splits["train"]["label"])
+        info["class_counts"] = {n: counts.get(i, 0) for i, n in enumerate(info["label_names"])}
+    settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
+    settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer))
+    info["fingerprint"] = fingerprint(settings, [*train_files, *val_files], None)
+    return DatasetDict(splits), info
+
+
+def _read(files: list[Path], d: DataSection) -> list[Row]:
+    rows = []
+    for row in read_rows(files, d.text_unit):
+        if d.max_documents is not None and len(rows) >= d.max_documents:
+            break
+        rows.append(row)
+    return rows
+
+
+def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Hold out a seeded random `fraction` of whole examples for validation."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(rows)))
+    return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
+
+
+def _encode_all(rows: list[Row], encode: Callable[[Row], Encoded]) -> tuple[dict[str, list], Counter]:
+    columns: dict[str, list] = {}
+    dropped: Counter = Counter()
+    for row in rows:
+        example = encode(row)
+        if isinstance(example, str):
+            dropped[example] += 1
+            continue
+        for key, value in example.items():
+            columns.setdefault(key, []).append(value)
+    return columns, dropped
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([vocab, getattr(tokenizer, "chat_template", None)], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """[BOS] when the tokenizer itself starts sequences with it (llama-style), else nothing."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def _with_eos(ids: list[int], eos: int | None, max_len: int) -> list[int]:
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = [*ids[: max_len - 1], eos]
+    return ids[:max_len]
+
+
+# ---------------------------------------------------------------- instruction
+
+
+def instruction_prompt(row: Row, d: DataSection) -> str:
+    """The prompt text: `data.template` (or the alpaca template) filled with the row's fields."""
+    prompt = field_text(row, d.prompt_field)
+    has_input = isinstance(row.data.get("input"), str) and row.data["input"].strip()
+    template = d.template or (ALPACA_INPUT_TEMPLATE if has_input else ALPACA_TEMPLATE)
+    try:
+        return template.format(**{**row.data, "prompt": prompt})
+    except KeyError as err:
+        raise UserError(
+            f"{row.source}:{row.line}: data.template names field {err} that the row lacks",
+            hint=f"fields present: {', '.join(map(str, row.data))}",
+        ) from None
+    except (IndexError, ValueError) as err:
+        raise UserError(
+            f"data.template: not a valid template ({err}); use {{prompt}} and {{field}}"
+        ) from None
+
+
+def instruction_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
+    bos, eos = _bos(tokenizer), tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no EOS token, which instruction data needs to end responses")
+
+    def encode(row: Row) -> Encoded:
+        prompt = bos + _ids(tokenizer, instruction_prompt(row, d))
+        response = [*_ids(tokenizer, field_text(row, d.response_field)), eos]
+        ids = (prompt + response)[: d.max_seq_len]
+        labels = ((prompt if d.train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response)[: d.max_seq_len]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            return "prompt_too_long"
+        return {"input_ids": ids, "labels": labels}
+
+    return encode
+
+
+# ---------------------------------------------------------------- chat
+
+
+def _set_chat_template(tokenizer: Any, template: str | None) -> None:
+    """The recipe's template wins, then the tokenizer's own, then a plain default; saved with final/."""
+    if template:
+        tokenizer.chat_template = template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def _messages(row: Row, field: str) -> list[dict[str, str]]:
+    msgs = row.data.get(field)
+    where = f"{row.source}:{row.line}"
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(
+            f"{where}: field '{field}' should be a non-empty list of messages (set data.messages_field)"
+        )
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES):
+            raise UserError(
+                f"{where}: message {i + 1} should be {{'role': one of {sorted(ROLES)}, 'content': text}}, got {m!r}"
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def chat_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
+    """Render with the chat template; assistant turns (through their end-of-turn) carry the loss.
+
+    Each assistant span runs from the end of the conversation rendered up to it with a generation
+    prompt, to the end of the conversation rendered through it; a token carries loss when its
+    characters overlap a span (so a token merging a space with the reply's first word counts).
+    """
+
+    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode(row: Row) -> Encoded:
+        msgs = _messages(row, d.messages_field)
+        if not any(m["role"] == "assistant" for m in msgs):
+            return "no_assistant_turn"
+        try:
+            text = render(msgs, False)
+            spans = []
+            for i, m in enumerate(msgs):
+                if m["role"] == "assistant":
+                    before, through = render(msgs[:i], True), render(msgs[: i + 1], False)
+                    if not (text.startswith(through) and through.startswith(before)):
+                        raise UserError(
+                            "data.chat_template: rendering a conversation is not prefix-stable, so assistant "
+                            "turns cannot be located; use a template that renders turns in order"
+                        )
+                    spans.append((len(before), len(through)))
+        except UserError:
+            raise
+        except Exception as err:  # jinja raises many types for a template/data mismatch
+            raise UserError(
+                f"{row.source}:{row.line}: the chat template failed on this conversation: {err}"
+            ) from None
+        enc = tokenizer(
+            text,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            truncation=True,
+            max_length=d.max_seq_len,
+        )
+        ids = list(enc["input_ids"])
+        labels = [
+            t if d.train_on_prompt or any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+            for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            return "prompt_too_long"
+        return {"input_ids": ids, "labels": labels}
+
+    return encode
+
+
+# ---------------------------------------------------------------- classification
+
+
+def _label_key(row: Row, field: str) -> str:
+    if field not in row.data:
+        raise UserError(
+            f"{row.source}:{row.line}: missing field '{field}'",
+            hint=f"fields present: {', '.join(map(str, row.data))}; set data.label_field",
+        )
+    value = row.data[field]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(
+            f"{row.source}:{row.line}: label '{field}' should be text or an integer, got {value!r}"
+        )
+    return str(value)
+
+
+def label_names(rows: list[Row], d: DataSection) -> list[str]:
+    """`data.label_names`, else the training labels sorted (numerically when they are all integers)."""
+    if d.label_names:
+        return list(d.label_names)
+    seen = {_label_key(r, d.label_field) for r in rows}
+    numeric = all(k.lstrip("-").isdigit() for k in seen)
+    names = sorted(seen, key=int if numeric else str)
+    if len(names) < 2:
+        raise UserError(f"data.train: classification needs at least 2 labels, found {names}")
+    return names
+
+
+def classification_encoder(
+    tokenizer: Any, d: DataSection, label2id: dict[str, int]
+) -> Callable[[Row], Encoded]:
+    def encode(row: Row) -> Encoded:
+        key = _label_key(row, d.label_field)
+        if key not in label2id:
+            raise UserError(
+                f"{row.source}:{row.line}: label {key!r} is not one of the labels ({', '.join(label2id)})",
+                hint="every label must appear in the training data, or list them all in data.label_names",
+            )
+        text = field_text(row, d.text_field)
+        ids = tokenizer(text, truncation=True, max_length=d.max_seq_len)["input_ids"]
+        return {"input_ids": list(ids), "label": label2id[key]}
+
+    return encode
+
+
+# ---------------------------------------------------------------- pairs (seq2seq)
+
+
+def pairs_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
+    eos, target_len = tokenizer.eos_token_id, d.max_target_len or d.max_seq_len
+
+    def encode(row: Row) -> Encoded:
+        source = d.task_prefix + field_text(row, d.source_field)
+        target = field_text(row, d.target_field)
+        if not target.strip():
+            return "empty_target"
+        ids = tokenizer(source, truncation=True, max_length=d.max_seq_len)["input_ids"]
+        labels = tokenizer(target, truncation=True, max_length=target_len)["input_ids"]
+        return {
+            "input_ids": _with_eos(list(ids), eos, d.max_seq_len),
+            "labels": _with_eos(list(labels), eos, target_len),
+        }
+
+    return encode
+
+
+_ENCODERS: dict[str, Callable[[Any, DataSection], Callable[[Row], Encoded]]] = {
+    "instruction": instruction_encoder,
+    "chat": chat_encoder,
+    "pairs": pairs_encoder,
+}

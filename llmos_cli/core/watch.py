@@ -1,0 +1,79 @@
+"""Watch one validation metric: remember the best value and step, and say when patience runs out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llmos_cli.errors import UserError
+from llmos_cli.recipe import TrainSection
+
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+@dataclass
+class MetricWatch:
+    metric: str
+    mode: str  # "min" or "max"
+    patience: int | None  # None: keep the best, never stop early
+    min_delta: float = 0.0
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: TrainSection) -> MetricWatch | None:
+        """The watch a recipe asks for (early_stopping and/or keep_best), or None."""
+        es = cfg.early_stopping
+        if es is None and not cfg.keep_best:
+            return None
+        metric = es.metric if es else "loss"
+        mode = es.mode if es and es.mode != "auto" else ("min" if metric in LOWER_IS_BETTER else "max")
+        return cls(metric, mode, es.patience if es else None, es.min_delta if es else 0.0)
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """Record one evaluation; True when it is the best so far."""
+        if self.metric not in metrics:
+            raise UserError(
+                f"train.early_stopping.metric: '{self.metric}' is not a validation metric here "
+                f"(available: {', '.join(k for k in metrics if k != 'tokens')})"
+            )
+        value = float(metrics[self.metric])
+        sign = 1.0 if self.mode == "min" else -1.0
+        if self.best is None or sign * (self.best - value) > self.min_delta:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+
+
+def save_trained_weights(model: Any, path: Path) -> None:
+    """Write the trainable parameters (all of them for full fine-tuning, adapters for LoRA) atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def load_trained_weights(model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    device = next(model.parameters()).device
+    missing = model.load_state_dict(load_file(str(path), device=str(device)), strict=False)
+    if missing.unexpected_keys:
+        raise UserError(f"{path} does not match this model: unexpected {missing.unexpected_keys[:3]}")

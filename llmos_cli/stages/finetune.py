@@ -1,0 +1,241 @@
+"""`llmos finetune`: load a pretrained model, encode the task's data, train (full or LoRA), save final/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmos_cli.console import out
+from llmos_cli.core.adapters import apply_lora, parameter_counts, quantized_load_kwargs
+from llmos_cli.core.batches import causal_lm_collate, classification_collate, seq2seq_collate
+from llmos_cli.core.classify import accuracy_and_f1, predict_labels
+from llmos_cli.core.data.formats import prepare_task_dataset
+from llmos_cli.core.distributed import init_distributed
+from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
+from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
+from llmos_cli.core.registry import register_run
+from llmos_cli.core.runtime import set_seed
+from llmos_cli.core.train import TrainJob, train
+from llmos_cli.errors import UserError
+from llmos_cli.recipe import Recipe
+from llmos_cli.stages.common import config_hash, device_and_precision, open_run, save_final
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    if recipe.train.class_weights is not None and recipe.task != "classification":
+        raise UserError(
+            f"train.class_weights: only classification uses class weights (task is '{recipe.task}')"
+        )
+    recipe = recipe.model_copy(deep=True)
+    base = resolve_base(recipe.model.name_or_path, recipe.source)
+    recipe.model.name_or_path = str(base)  # so the data stage and adapter_config.json name it exactly
+    load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
+    tokenizer = load_tokenizer(recipe.model.tokenizer or base, recipe.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    set_seed(recipe.run.seed)
+
+    world = init_distributed()  # joins torchrun's process group; one process otherwise
+    with world.main_first():  # rank 0 prepares the data, the others reuse it
+        splits, info = task_data(recipe, tokenizer)
+    model = load_base(recipe, base, info, load_kwargs)
+    if recipe.finetune.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if recipe.finetune.method == "lora":
+        model = apply_lora(model, recipe.finetune, recipe.task)
+    trainable, total = parameter_counts(model)
+    out.info(
+        f"finetune: {recipe.finetune.method} {recipe.task} from {base}: "
+        f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train"
+    )
+
+    run_dir = open_run(recipe)
+    device, precision = device_and_precision(recipe, training=True)
+    train_rows = splits["train"].with_format("numpy")
+    val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
+    objective, collate = task_objective(recipe, info, tokenizer.pad_token_id)
+    job = TrainJob(
+        model=model,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        objective=objective,
+        collate=collate,
+        cfg=recipe.train,
+        run=run_dir,
+        seed=recipe.run.seed,
+        device=device,
+        precision=precision,
+        compat={
+            "batch_size": recipe.train.batch_size,
+            "grad_accum": recipe.train.grad_accum,
+            "data_fingerprint": info["fingerprint"],
+            "model": config_hash([str(base), recipe.task, recipe.finetune.model_dump(mode="json")]),
+        },
+        group_by_length=recipe.data.format != "text",  # unpacked rows: batch similar lengths together
+        metrics=classification_metrics(val_rows, collate, recipe, info, device, precision)
+        if recipe.task == "classification" and val_rows is not None
+        else None,
+    )
+    result = train(job)
+    saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base)
+    register_run(
+        run_dir.final,
+        name=recipe.run.name,
+        parent=str(base),
+        recipe_hash=config_hash(recipe.model_dump(mode="json")),
+        data_fingerprint=info["fingerprint"],
+        metrics={
+            "train_loss": result.final_loss,
+            **{f"validation_{k}": v for k, v in (result.validation or {}).items()},
+        },
+    )
+    summary = {
+        "run_dir": str(run_dir.path),
+        "final": str(run_dir.final),
+        "saved_as": saved_as,
+        "base_model": str(base),
+        "task": recipe.task,
+        "method": recipe.finetune.method,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "train_loss": result.final_loss,
+        "validation": result.validation,
+        "best": result.best,
+        "stopped_early": result.stopped_early,
+        "data": info,
+        "device": str(device),
+        "precision": precision.name,
+    }
+    rows = [(k, v) for k, v in summary.items() if k not in ("validation", "data", "best")]
+    rows += [(f"validation {k}", v) for k, v in (result.validation or {}).items()]
+    if result.best:
+        rows.append(
+            (f"best {result.best['metric']}", f"{result.best['value']} at step {result.best['step']}")
+        )
+    out.table("finetune", ["what", "value"], rows)
+    return summary
+
+
+def resolve_base(name: str | None, source: str | None) -> Path:
+    """The base model's directory, absolute: a HF dir, an llmos run dir, `builtin:NAME`, or a hub id."""
+    if not name:
+        raise UserError(f"{source}: model.name_or_path: finetune needs a base model (a directory or hub id)")
+    if name.startswith("builtin:"):
+        return resolve_model_dir(name).resolve()
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return resolve_model_dir(path).resolve()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise UserError(
+            f"model.name_or_path: '{name}' is not a local directory, and the hub model could not be fetched ({err})",
+            hint="pass a HF-format model directory or run directory, or go online (unset HF_HUB_OFFLINE)",
+        ) from None
+
+
+def task_data(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """Encoded train/validation splits; plain text goes through `llmos data` (tokenize and pack, cached)."""
+    if recipe.data.format != "text":
+        return prepare_task_dataset(recipe, tokenizer)
+    if recipe.task != "causal-lm":
+        raise UserError(f"data.format: text data fits task causal-lm, not '{recipe.task}'")
+    from datasets import load_from_disk
+
+    from llmos_cli.stages import data as data_stage
+
+    prepared = data_stage.run(recipe)
+    return load_from_disk(str(prepared.path)), {"format": "text", "fingerprint": prepared.fingerprint}
+
+
+def load_base(recipe: Recipe, base: Path, info: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """The pretrained model with the task's head; a classifier gets the label map in its config."""
+    kwargs = dict(kwargs)
+    if recipe.task == "classification":
+        names = info["label_names"]
+        kwargs.update(
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            ignore_mismatched_sizes=True,  # a base that is already a classifier may have other labels
+        )
+    model = load_model(
+        base,
+        recipe.task,
+        allow_pickle=recipe.model.allow_pickle,
+        trust_remote_code=recipe.model.trust_remote_code,
+        **kwargs,
+    )
+    if hasattr(model, "merge_and_unload"):  # the base is itself a LoRA run: fold its adapter in first
+        model = model.merge_and_unload()
+    return model
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"finetune.gradient_checkpointing: {type(model).__name__} does not support it")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def task_objective(recipe: Recipe, info: dict[str, Any], pad_id: int) -> tuple[Objective, Any]:
+    if recipe.task == "classification":
+        return classification_objective(class_weights(recipe, info)), classification_collate(pad_id)
+    if recipe.task == "seq2seq":
+        return SEQ2SEQ, seq2seq_collate(pad_id)
+    return CAUSAL_LM, causal_lm_collate(pad_id)
+
+
+def class_weights(recipe: Recipe, info: dict[str, Any]) -> torch.Tensor | None:
+    """train.class_weights: 'balanced' = n / (labels * count) per label, or the recipe's list."""
+    setting, counts = recipe.train.class_weights, list(info["class_counts"].values())
+    if setting is None:
+        return None
+    if setting == "balanced":
+        n = sum(counts)
+        return torch.tensor([n / (len(counts) * max(c, 1)) for c in counts], dtype=torch.float32)
+    if len(setting) != len(counts):
+        raise UserError(
+            f"train.class_weights: {len(setting)} weights for {len(counts)} labels ({', '.join(info['label_names'])})"
+        )
+    return torch.tensor(setting, dtype=torch.float32)
+
+
+def classification_metrics(
+    rows: Any, collate: Any, recipe: Recipe, info: dict[str, Any], device: torch.device, precision: Any
+) -> Any:
+    def metrics(model: Any) -> dict[str, float]:
+        pred, true = predict_labels(
+            model, rows, collate, batch_size=recipe.train.batch_size, device=device, precision=precision
+        )
+        return accuracy_and_f1(pred, true, len(info["label_names"]))
+
+    return metrics
+
+
+def save_finetuned(run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, base: Path) -> str:
+    """final/: the full model, or for LoRA the adapter naming its base by absolute path.
+
+    A LoRA classifier is merged into a plain model, so final/ carries its head and label map in
+    config.json and loads with AutoModelForSequenceClassification alone.
+    """
+    if recipe.finetune.method != "lora":
+        save_final(run_dir, model, tokenizer)
+        return "model"
+    if recipe.task == "classification" and not recipe.finetune.qlora:
+        save_final(run_dir, model.merge_and_unload(), tokenizer)
+        return "merged model"
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = str(base)
+    save_final(run_dir, model, tokenizer)
+    return "adapter"
