@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from llmos_cli.core.adapters import apply_lora, auto_target_modules
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import FinetuneSection, validate_recipe
-from llmos_cli.stages import finetune
+from llmos_cli.stages import evaluate, finetune
 from tests.finetune_fixtures import (
     chat_rows,
     instruction_rows,
@@ -140,6 +140,18 @@ def test_classification_beats_the_majority_class(tmp_path: Path, bases) -> None:
     assert config["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
     assert AutoModelForSequenceClassification.from_pretrained(str(final)).config.num_labels == 3
 
+    # `llmos eval` on the same recipe scores the same validation split through the model's head.
+    recipe.eval.metrics = ["accuracy", "f1", "confusion_matrix", "loss"]
+    result = evaluate.run(recipe)
+    assert result["task"] == "classification" and result["n_examples"] == 120
+    assert result["metrics"]["accuracy"] == pytest.approx(summary["validation"]["accuracy"])
+    matrix = result["metrics"]["confusion_matrix"]["matrix"]
+    assert sum(map(sum, matrix)) == 120
+    assert sum(matrix[i][i] for i in range(3)) / 120 == pytest.approx(result["metrics"]["accuracy"])
+    assert (tmp_path / "run" / "confusion_matrix.png").stat().st_size > 1000
+    preds = [json.loads(line) for line in Path(result["predictions"]).read_text().splitlines()]
+    assert len(preds) == 120 and abs(sum(preds[0]["scores"].values()) - 1) < 1e-5
+
 
 def test_seq2seq_loss_falls_with_a_task_prefix(tmp_path: Path, bases) -> None:
     recipe = recipe_for(
@@ -156,6 +168,22 @@ def test_seq2seq_loss_falls_with_a_task_prefix(tmp_path: Path, bases) -> None:
     assert losses[-1] < 0.5 * losses[0] and summary["validation"]["loss"] < 0.5 * losses[0]
     assert summary["saved_as"] == "adapter"
     assert set(auto_target_modules(_t5(bases["t5"]))) == {"q", "k", "v", "o", "wi", "wo"}
+
+    # Generation-based evaluation: prompt -> generate -> score, checked against sacrebleu directly.
+    import sacrebleu
+
+    recipe.eval.metrics = ["chrf", "exact_match"]
+    recipe.eval.generation.max_new_tokens = 12
+    result = evaluate.run(recipe)
+    assert result["task"] == "generation" and result["n_examples"] == 20
+    preds = [json.loads(line) for line in Path(result["predictions"]).read_text().splitlines()]
+    assert preds[0]["prompt"].startswith("translate English to French: ")
+    expected = sacrebleu.corpus_chrf(
+        [p["prediction"] for p in preds], [[p["reference"] for p in preds]]
+    ).score
+    assert result["metrics"]["chrf"] == pytest.approx(expected)
+    exact = sum(p["prediction"].strip() == p["reference"].strip() for p in preds) / len(preds)
+    assert result["metrics"]["exact_match"] == pytest.approx(exact)
 
 
 def _t5(path: Path):

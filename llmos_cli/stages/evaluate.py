@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.data.read import list_files
 from llmos_cli.core.data.report import DataReport
 from llmos_cli.core.evaluate import dataset_loss, loss_metrics
-from llmos_cli.core.metrics import check_metrics
+from llmos_cli.core.metrics import check_metrics, compute_metrics
 from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
 from llmos_cli.core.objectives import CAUSAL_LM
+from llmos_cli.core.plots import save_confusion_matrix_png
 from llmos_cli.core.rundir import RunDir, write_atomic
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
@@ -131,7 +133,167 @@ def _multiple_choice(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], 
     }
 
 
-EVALUATORS = {"perplexity": _perplexity, "multiple_choice": _multiple_choice}
+def _classification(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Predictions from the model's classification head; accuracy, F1, confusion matrix (+ PNG)."""
+    from llmos_cli.core.data.formats import label_key
+    from llmos_cli.core.data.read import field_text
+    from llmos_cli.core.infer import EncoderRunner
+
+    d = recipe.data
+    model = _load(recipe, model_path, "classification")
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    rows, data_name = _example_rows(recipe)
+    texts = [field_text(r, d.text_field) for r in rows]
+    references = [label_key(r, d.label_field) for r in rows]
+    unknown = sorted(set(references) - set(labels))
+    if unknown:
+        raise UserError(f"eval: {data_name} has labels the model does not know: {unknown} (model: {labels})")
+    runner = EncoderRunner(model, tokenizer, max_length=d.max_seq_len)
+    scores: list[dict[str, float]] = []
+    with out.progress("classify", total=len(texts)) as bar:
+        for start in range(0, len(texts), recipe.eval.batch_size):
+            batch = texts[start : start + recipe.eval.batch_size]
+            scores += runner.classify(batch)
+            bar.update(len(batch))
+    predictions = [max(s, key=s.get) for s in scores]
+    names = [m for m in recipe.eval.metrics if m not in LOSS_METRICS] or ["accuracy", "f1"]
+    metrics = compute_metrics(names, predictions, references, labels=labels)
+    if "loss" in recipe.eval.metrics:
+        metrics["loss"] = -sum(
+            math.log(max(s[r], 1e-12)) for s, r in zip(scores, references, strict=True)
+        ) / len(rows)
+    details: dict[str, Any] = {"data": data_name, "n_examples": len(rows), "labels": labels}
+    if "confusion_matrix" in metrics:
+        png = recipe.output_dir / "confusion_matrix.png"
+        save_confusion_matrix_png(
+            metrics["confusion_matrix"]["matrix"], metrics["confusion_matrix"]["labels"], png
+        )
+        details["confusion_matrix_png"] = str(png)
+    details["predictions"] = [
+        {"text": t, "label": r, "prediction": p, "scores": s}
+        for t, r, p, s in zip(texts, references, predictions, scores, strict=True)
+    ]
+    return metrics, details
+
+
+def _generation(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Prompt -> generate -> score (exact_match, bleu, chrf, rouge) for causal LMs and seq2seq models."""
+    from llmos_cli.core.infer import Runner, SamplingParams
+
+    names = [m for m in recipe.eval.metrics if m not in LOSS_METRICS]
+    rows, data_name = _example_rows(recipe)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    g = recipe.eval.generation
+    prompts, references = _prompts_and_references(recipe, rows, tokenizer)
+    model = _load(recipe, model_path, None)
+    if getattr(model.config, "is_encoder_decoder", False):
+        predictions = _seq2seq_generate(model, tokenizer, prompts, recipe)
+    else:
+        params = SamplingParams(
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            seed=recipe.run.seed,
+        )
+        runner = Runner(model, tokenizer)
+        with out.progress("generate", total=len(prompts)) as bar:
+            done = runner.generate(
+                prompts, params, batch_size=recipe.eval.batch_size, on_done=lambda i, c: bar.update(1)
+            )
+        predictions = [c.text.strip() for c in done]
+    metrics = compute_metrics(names, predictions, references)
+    details = {"data": data_name, "n_examples": len(rows), "generation": g.model_dump()}
+    details["predictions"] = [
+        {"prompt": p if isinstance(p, str) else tokenizer.decode(p), "reference": r, "prediction": y}
+        for p, r, y in zip(prompts, references, predictions, strict=True)
+    ]
+    return metrics, details
+
+
+EVALUATORS = {
+    "perplexity": _perplexity,
+    "multiple_choice": _multiple_choice,
+    "classification": _classification,
+    "generation": _generation,
+}
+
+
+def _example_rows(recipe: Recipe) -> tuple[list[Any], str]:
+    """Evaluation examples: eval.data, data.validation, or the seeded validation split of data.train."""
+    from llmos_cli.core.data.formats import read_examples, split_rows
+
+    d = recipe.data
+    source = recipe.eval.data or d.validation
+    if source:
+        rows = read_examples(list_files(source, d.include), d)
+        name = str(source)
+    elif d.train:
+        _, rows = split_rows(
+            read_examples(list_files(d.train, d.include), d), d.validation_split, recipe.run.seed
+        )
+        name = f"{d.train} (validation split {d.validation_split})"
+    else:
+        raise UserError(f"{recipe.source}: eval.data: no evaluation data (set eval.data or data.validation)")
+    rows = rows[: recipe.eval.max_examples]
+    if not rows:
+        raise UserError(f"eval: no evaluation examples in {name}")
+    return rows, name
+
+
+def _prompts_and_references(recipe: Recipe, rows: list[Any], tokenizer: Any) -> tuple[list[Any], list[str]]:
+    """What the model is asked (text, or token ids for chat) and the reference answer, per format."""
+    from llmos_cli.core.data.formats import instruction_prompt, messages_of
+    from llmos_cli.core.data.read import field_text
+
+    d = recipe.data
+    if d.format == "pairs":
+        return (
+            [d.task_prefix + field_text(r, d.source_field) for r in rows],
+            [field_text(r, d.target_field) for r in rows],
+        )
+    if d.format == "instruction":
+        return [instruction_prompt(r, d) for r in rows], [field_text(r, d.response_field) for r in rows]
+    if d.format == "chat":
+        prompts, refs = [], []
+        for r in rows:
+            messages = messages_of(r, d.messages_field)
+            if messages[-1]["role"] != "assistant":
+                raise UserError(
+                    f"{r.source}:{r.line}: the last chat turn must be the assistant's reference answer"
+                )
+            prompts.append(
+                tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+            )
+            refs.append(messages[-1]["content"])
+        return prompts, refs
+    raise UserError(
+        f"eval: generation metrics need prompts and references: data.format instruction, chat or pairs "
+        f"(got '{d.format}')"
+    )
+
+
+def _seq2seq_generate(model: Any, tokenizer: Any, prompts: list[str], recipe: Recipe) -> list[str]:
+    import torch
+
+    g, done = recipe.eval.generation, []
+    with out.progress("generate", total=len(prompts)) as bar, torch.inference_mode():
+        for start in range(0, len(prompts), recipe.eval.batch_size):
+            batch = prompts[start : start + recipe.eval.batch_size]
+            enc = tokenizer(
+                batch, return_tensors="pt", padding=True, truncation=True, max_length=recipe.data.max_seq_len
+            )
+            sample = g.temperature > 0
+            ids = model.generate(
+                **enc,
+                max_new_tokens=g.max_new_tokens,
+                do_sample=sample,
+                **({"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if sample else {}),
+            )
+            done += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            bar.update(len(batch))
+    return done
 
 
 def _load(recipe: Recipe, model_path: Path, task: str) -> Any:

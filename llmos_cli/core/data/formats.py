@@ -64,9 +64,9 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
         raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
-    train_rows = _read(train_files, d)
+    train_rows = read_examples(train_files, d)
     if val_files:
-        val_rows = _read(val_files, d)
+        val_rows = read_examples(val_files, d)
     else:
         train_rows, val_rows = split_rows(train_rows, d.validation_split, recipe.run.seed)
     if not train_rows:
@@ -100,7 +100,8 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     return DatasetDict(splits), info
 
 
-def _read(files: list[Path], d: DataSection) -> list[Row]:
+def read_examples(files: list[Path], d: DataSection) -> list[Row]:
+    """The rows of `files` (up to data.max_documents), for encoding or evaluation."""
     rows = []
     for row in read_rows(files, d.text_unit):
         if d.max_documents is not None and len(rows) >= d.max_documents:
@@ -203,7 +204,7 @@ def _set_chat_template(tokenizer: Any, template: str | None) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
-def _messages(row: Row, field: str) -> list[dict[str, str]]:
+def messages_of(row: Row, field: str) -> list[dict[str, str]]:
     msgs = row.data.get(field)
     where = f"{row.source}:{row.line}"
     if not isinstance(msgs, list) or not msgs:
@@ -230,7 +231,7 @@ def chat_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
     def encode(row: Row) -> Encoded:
-        msgs = _messages(row, d.messages_field)
+        msgs = messages_of(row, d.messages_field)
         if not any(m["role"] == "assistant" for m in msgs):
             return "no_assistant_turn"
         try:
@@ -273,7 +274,7 @@ def chat_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
 # ---------------------------------------------------------------- classification
 
 
-def _label_key(row: Row, field: str) -> str:
+def label_key(row: Row, field: str) -> str:
     if field not in row.data:
         raise UserError(
             f"{row.source}:{row.line}: missing field '{field}'",
@@ -291,7 +292,7 @@ def label_names(rows: list[Row], d: DataSection) -> list[str]:
     """`data.label_names`, else the training labels sorted (numerically when they are all integers)."""
     if d.label_names:
         return list(d.label_names)
-    seen = {_label_key(r, d.label_field) for r in rows}
+    seen = {label_key(r, d.label_field) for r in rows}
     numeric = all(k.lstrip("-").isdigit() for k in seen)
     names = sorted(seen, key=int if numeric else str)
     if len(names) < 2:
@@ -303,7 +304,7 @@ def classification_encoder(
     tokenizer: Any, d: DataSection, label2id: dict[str, int]
 ) -> Callable[[Row], Encoded]:
     def encode(row: Row) -> Encoded:
-        key = _label_key(row, d.label_field)
+        key = label_key(row, d.label_field)
         if key not in label2id:
             raise UserError(
                 f"{row.source}:{row.line}: label {key!r} is not one of the labels ({', '.join(label2id)})",
