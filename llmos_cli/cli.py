@@ -262,7 +262,7 @@ def generate(
     ),
     input_path: Path | None = typer.Option(None, "--input", help='JSONL of {"prompt": ...} for a batch job.'),
     output_path: Path | None = typer.Option(
-        None, "--output", help="JSONL to write completions to (with --input)."
+        None, "--output", help="JSONL to write completions to (with --input; default stdout)."
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
@@ -273,11 +273,7 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence (repeatable)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
 ) -> None:
-    """One completion to stdout, or a batch from --input prompts.jsonl to --output."""
-    if (prompt is None) == (input_path is None):
-        raise UserError("generate: give exactly one of --prompt TEXT or --input prompts.jsonl")
-    if input_path is not None and output_path is None:
-        raise UserError("generate: --input needs --output OUT.jsonl")
+    """One completion to stdout, or a batch from --input prompts.jsonl to --output (default stdout)."""
     from llmos_cli.stages import generate as stage
 
     completions = stage.run(
