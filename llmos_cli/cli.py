@@ -142,6 +142,21 @@ def data(
     )
 
 
+@data_app.command("check")
+def data_check(
+    recipe: Path = RecipeArg,
+    set_: list[str] = SetOpt,
+    index: int = typer.Option(0, "--index", min=0, help="Which row of data.train to check."),
+) -> None:
+    """Render one example through training and serving (chat template), diff them, check EOS carries loss."""
+    from llmos_cli.stages import data_check as stage
+
+    result = stage.run(_load(recipe, set_), index=index)
+    out.emit(result)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
 @data_app.command("convert")
 def data_convert(
     in_path: Path = typer.Argument(..., help="Input file (.jsonl .json .csv .tsv .parquet .txt)."),

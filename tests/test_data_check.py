@@ -98,26 +98,24 @@ def test_generation_prompt_unlike_the_rendered_assistant_header_is_caught(
     assert "+ " in m["diff"] and "<|assistant|>The" in m["diff"]
 
 
-def test_end_of_turn_the_server_does_not_stop_on_is_caught(tmp_path: Path, model: Path) -> None:
-    # The trained tokenizer's ChatML template closes turns with <|im_end|>, but generation stops on EOS only.
+def test_chat_end_of_turn_token_is_a_stop_token(tmp_path: Path, model: Path) -> None:
+    # The trained tokenizer's ChatML template closes turns with <|im_end|>: serving stops there too.
     r = recipe(tmp_path, model, chat_rows(1), format="chat")
     result = data_check.run(r)
-    assert not result["ok"] and result["mismatch"] is None and not result["eos_carries_loss"]
-    assert "will not learn to stop" in result["problems"][0]
+    assert result["ok"] and result["mismatch"] is None and result["eos_carries_loss"]
     assert result["training"]["loss_text"].endswith("<|im_end|>\n")
-
-    # A model whose generation config also stops on <|im_end|> serves it correctly.
-    copy = tmp_path / "stops-on-im-end"
-    copy.mkdir()
-    for f in model.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    config = json.loads((copy / "generation_config.json").read_text())
-    tokens = json.loads((copy / "tokenizer.json").read_text())["model"]["vocab"]
-    config["eos_token_id"] = [tokens["<|endoftext|>"], tokens["<|im_end|>"]]
-    (copy / "generation_config.json").write_text(json.dumps(config))
-    result = data_check.run(recipe(tmp_path, copy, chat_rows(1), format="chat"))
-    assert result["ok"] and result["eos_carries_loss"]
     assert result["serving"]["stop_tokens"] == ["<|endoftext|>", "<|im_end|>"]
+
+
+def test_a_template_without_a_stop_token_is_caught(tmp_path: Path, model: Path) -> None:
+    # Turns that end in plain text: the model never learns to emit anything serving stops on.
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    result = data_check.run(recipe(tmp_path, model, chat_rows(1), format="chat", chat_template=template))
+    assert not result["ok"] and not result["eos_carries_loss"]
+    assert "will not learn to stop" in result["problems"][0]
 
 
 def test_instruction_prompt_matches_and_eos_carries_loss(tmp_path: Path, model: Path) -> None:
@@ -148,7 +146,7 @@ def test_text_and_pairs_check_only_the_eos(tmp_path: Path, model: Path) -> None:
     assert (
         result["ok"]
         and result["eos_carries_loss"]
-        and result["serving"] == {"stop_tokens": ["<|endoftext|>"]}
+        and result["serving"] == {"stop_tokens": ["<|endoftext|>", "<|im_end|>"]}
     )
     assert (
         result["training"]["loss_text"] == "the cat says meow<|endoftext|>"
@@ -171,3 +169,16 @@ def test_text_and_pairs_check_only_the_eos(tmp_path: Path, model: Path) -> None:
 def test_index_past_the_data_is_a_user_error(tmp_path: Path, model: Path) -> None:
     with pytest.raises(UserError, match=r"--index 5: data.train .* has fewer than 6 rows"):
         data_check.run(recipe(tmp_path, model, instruction_rows(2), format="instruction"), index=5)
+
+
+def test_runner_stops_on_the_chat_end_of_turn(model: Path) -> None:
+    """Serving stops where a chat fine-tune learned to close its turn, not only on EOS."""
+    from llmos_cli.core.infer import Runner, chat_end_of_turn
+    from llmos_cli.core.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(model)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert chat_end_of_turn(tok) == im_end
+    assert Runner(load_model(model), tok).eos_ids == {tok.eos_token_id, im_end}
+    tok.chat_template = None
+    assert chat_end_of_turn(tok) is None

@@ -266,14 +266,56 @@ class DecodeBatch:
             seq.accept(tok)
 
 
+def chat_end_of_turn(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (e.g. <|im_end|>), if any.
+
+    Found by rendering a one-exchange conversation: what the assistant turn adds after the generation
+    prompt is its content and its closing marker.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = [{"role": "user", "content": "x"}]
+    try:
+        prompt = tokenizer.apply_chat_template(
+            user, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": "y"}], tokenize=True, return_dict=False
+        )
+    except Exception:  # noqa: BLE001 - a template that cannot render this simply names no end token
+        return None
+    prompt, full = _token_list(prompt), _token_list(full)
+    if full[: len(prompt)] != prompt:
+        return None
+    # Control tokens: the named special tokens and any added token marked special (e.g. <|im_end|>).
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    return next((t for t in full[len(prompt) :] if t in special), None)
+
+
+def _token_list(ids: Any) -> list[int]:
+    """apply_chat_template(tokenize=True) gives a list or, in some versions, a mapping with input_ids."""
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def stop_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> frozenset[int]:
+    """What generation stops on: the model's EOS (else the tokenizer's) and the chat end-of-turn token,
+    so a chat model trained to close its turn with <|im_end|> stops there."""
+    eos = generation_eos if generation_eos is not None else tokenizer.eos_token_id
+    ids = set([eos] if isinstance(eos, int) else (eos or []))
+    end_of_turn = chat_end_of_turn(tokenizer)
+    if end_of_turn is not None:
+        ids.add(end_of_turn)
+    return frozenset(ids)
+
+
 class Runner:
     """A loaded causal LM and its tokenizer, ready to generate."""
 
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.eos_ids = stop_token_ids(eos, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
         text_config = model.config.get_text_config()
@@ -310,7 +352,7 @@ class Runner:
         ids = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return _token_list(ids)
 
     def sequence(
         self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[str], None] | None = None

@@ -51,7 +51,7 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
         raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
-    tokenizer_src = _tokenizer_source(recipe)
+    tokenizer_src = tokenizer_source(recipe)
     settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
     settings.update(task=recipe.task, seed=recipe.run.seed)
     fp = fingerprint(settings, [*train_files, *val_files], tokenizer_src)
@@ -210,7 +210,7 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
 
     from llmos_cli.core.data.formats import prepare_task_dataset
 
-    src = _tokenizer_source(recipe)
+    src = tokenizer_source(recipe)
     if src is None:
         raise UserError(
             f"data.format: '{recipe.data.format}' data is encoded with the model's tokenizer",
@@ -239,7 +239,7 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     return PreparedData(target, info["fingerprint"], target / "tokenizer", info, reused=False)
 
 
-def _tokenizer_source(recipe: Recipe) -> Path | None:
+def tokenizer_source(recipe: Recipe) -> Path | None:
     """The tokenizer to use, or None when one must be trained."""
     m = recipe.model
     for candidate in (m.tokenizer, m.name_or_path):

@@ -31,7 +31,7 @@ from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.core.models import load_tokenizer, resolve_model_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
-from llmos_cli.stages.data import _tokenizer_source
+from llmos_cli.stages.data import tokenizer_source
 
 CONTEXT_TOKENS = 6  # tokens shown either side of a mismatch
 
@@ -63,6 +63,8 @@ def run(recipe: Recipe, *, index: int = 0) -> dict[str, Any]:
         }
         out.info("data check: classification has no generated text, template or EOS to check")
         return result
+    if d.format == "chat":
+        formats.set_chat_template(tokenizer, d.chat_template)  # what finetune trains with and saves to final/
     stops = stop_ids(recipe, tokenizer)
     if d.format == "chat":
         result = {**base, **_check_chat(tokenizer, row, recipe, stops)}
@@ -79,7 +81,7 @@ def run(recipe: Recipe, *, index: int = 0) -> dict[str, Any]:
 
 def _load_tokenizer(recipe: Recipe) -> Any:
     """The tokenizer `llmos data`/`finetune` would use: model.tokenizer, model.name_or_path, or data's trained one."""
-    src = _tokenizer_source(recipe)
+    src = tokenizer_source(recipe)
     if src is None:
         trained = recipe.data_output / "tokenizer"
         if not trained.is_dir():
@@ -104,8 +106,10 @@ def _example(recipe: Recipe, index: int) -> Row:
 
 
 def stop_ids(recipe: Recipe, tokenizer: Any) -> list[int]:
-    """The token ids generation stops on, as `Runner` picks them: the model's generation EOS, else the tokenizer's."""
+    """The token ids generation stops on, as `Runner` picks them (`stop_token_ids`), from config files only."""
     from transformers import AutoConfig, GenerationConfig
+
+    from llmos_cli.core.infer import stop_token_ids
 
     eos: Any = None
     model_dir = _model_dir(recipe.model.name_or_path)
@@ -114,9 +118,7 @@ def stop_ids(recipe: Recipe, tokenizer: Any) -> list[int]:
             eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
         except OSError:  # no generation_config.json: loading derives it from config.json
             eos = AutoConfig.from_pretrained(str(model_dir)).get_text_config().eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted(stop_token_ids(eos, tokenizer))
 
 
 def _model_dir(path: str | None) -> Path | None:
@@ -144,8 +146,7 @@ def _serving_runner(tokenizer: Any) -> Any:
 
 def _check_chat(tokenizer: Any, row: Row, recipe: Recipe, stops: list[int]) -> dict[str, Any]:
     d = recipe.data
-    formats._set_chat_template(tokenizer, d.chat_template)  # what finetune trains with and saves to final/
-    msgs = formats._messages(row, d.messages_field)
+    msgs = formats.messages_of(row, d.messages_field)
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
     if last is None:
         return _finding("this conversation has no assistant turn, so it trains nothing (it is dropped)")

@@ -74,7 +74,7 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
 
     info: dict[str, Any] = {"format": d.format, "task": recipe.task}
     if d.format == "chat":
-        _set_chat_template(tokenizer, d.chat_template)
+        set_chat_template(tokenizer, d.chat_template)
     if d.format == "classification":
         names = label_names(train_rows, d)
         info["label_names"] = names
@@ -196,7 +196,7 @@ def instruction_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encod
 # ---------------------------------------------------------------- chat
 
 
-def _set_chat_template(tokenizer: Any, template: str | None) -> None:
+def set_chat_template(tokenizer: Any, template: str | None) -> None:
     """The recipe's template wins, then the tokenizer's own, then a plain default; saved with final/."""
     if template:
         tokenizer.chat_template = template
