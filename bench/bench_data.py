@@ -5,9 +5,9 @@ For two corpus sizes (the second 4x the first) it runs, each in a fresh child pr
   - baseline: `datasets.load_dataset("json")` + `Dataset.map(tokenizer, batched=True)`
 and reports rows/s and the child's peak RSS (os.wait4 rusage), then the peak-memory growth for 4x data.
 
-    python bench/bench_data.py            # 12.5 MB and 50 MB
-    python bench/bench_data.py --quick    # 1 MB and 4 MB
-Prints markdown table rows; exits 0.
+    python -m bench.bench_data            # 12.5 MB and 50 MB
+    python -m bench.bench_data --quick    # 1 MB and 4 MB
+Prints markdown tables; `run(quick)` returns the same figures as rows for bench/run.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+TITLE = "Data preparation (`llmos data` vs datasets.map)"
 ROOT = Path(__file__).resolve().parents[1]
 
 BASELINE = """
@@ -72,7 +74,6 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
 
 
 def train_tokenizer(corpus: Path, out: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 
     with corpus.open(encoding="utf-8") as fh:
@@ -89,17 +90,15 @@ def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, float]:
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"child failed ({proc.returncode}): {' '.join(args[:3])}\n{stderr[-3000:]}")
+        raise RuntimeError(f"child failed ({proc.returncode}): {' '.join(args[:3])}\n{stderr[-3000:]}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small corpora (1 MB and 4 MB)")
-    parser.add_argument("--num-proc", type=int, default=1)
-    opts = parser.parse_args()
-    sizes = (1.0, 4.0) if opts.quick else (12.5, 50.0)
+PIPELINES = ("llmos data", "datasets.map")
 
+
+def measure_sizes(sizes: tuple[float, float], num_proc: int = 1) -> list[dict[str, Any]]:
+    """For each corpus size and pipeline: {pipeline, mb, rows, wall, cpu, peak} (peak RSS in MiB)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -108,12 +107,11 @@ def main() -> int:
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    rows_out = []
+    results = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         tmp_path = Path(tmp)
         env["HF_HOME"] = str(tmp_path / "hf")
         tok_dir = tmp_path / "tokenizer"
-        peaks: dict[str, list[float]] = {"llmos data": [], "datasets.map": []}
         for mb in sizes:
             corpus = tmp_path / f"corpus-{mb:g}.jsonl"
             n_rows = write_corpus(corpus, mb)
@@ -128,13 +126,13 @@ def main() -> int:
                         "data": {
                             "train": str(corpus),
                             "max_seq_len": 512,
-                            "num_proc": opts.num_proc,
+                            "num_proc": num_proc,
                             "output": str(tmp_path / f"out-{mb:g}"),
                         },
                     }
                 )
             )
-            runs = {
+            cmds = {
                 "llmos data": [sys.executable, "-c", LLMOS, str(recipe)],
                 "datasets.map": [
                     sys.executable,
@@ -145,22 +143,86 @@ def main() -> int:
                     str(tmp_path / "cache"),
                 ],
             }
-            for name, cmd in runs.items():
-                wall, cpu, peak = measure(cmd, env)
-                peaks[name].append(peak)
-                rows_out.append(
-                    f"| {name} | {mb:g} | {n_rows} | {wall:.1f} | {cpu:.1f} | {n_rows / wall:.0f} | {peak:.0f} |"
+            for name in PIPELINES:
+                wall, cpu, peak = measure(cmds[name], env)
+                results.append(
+                    {"pipeline": name, "mb": mb, "rows": n_rows, "wall": wall, "cpu": cpu, "peak": peak}
                 )
+    return results
 
-    print("| pipeline | corpus MB | rows | wall s | CPU s | rows/s (wall) | peak RSS MB |")
+
+def to_rows(results: list[dict[str, Any]], num_proc: int) -> list[dict[str, Any]]:
+    """bench/run.py rows: rows/s and peak RSS per size, then the peak-RSS growth for the larger corpus."""
+    by = {(r["pipeline"], r["mb"]): r for r in results}
+    sizes = sorted({r["mb"] for r in results})
+    setting = (
+        f"synthetic JSONL, 100-600 words a document, ~1% duplicates; BPE tokenizer (4096) given; "
+        f"num_proc {num_proc}; each pipeline in a fresh process"
+    )
+    out = []
+    for mb in sizes:
+        ours, base = by["llmos data", mb], by["datasets.map", mb]
+        out.append(
+            {
+                "name": f"data, {mb:g} MB corpus ({ours['rows']} docs): rows/s vs datasets.map tokenisation",
+                "baseline": base["rows"] / base["wall"],
+                "ours": ours["rows"] / ours["wall"],
+                "ratio": base["wall"] / ours["wall"],
+                "unit": "rows/s",
+                "notes": f"llmos also cleans, dedups, packs (max_seq_len 512), splits and saves; wall "
+                f"{ours['wall']:.1f} s vs {base['wall']:.1f} s, CPU {ours['cpu']:.1f} s vs {base['cpu']:.1f} s; "
+                f"{setting}",
+            }
+        )
+        out.append(
+            {
+                "name": f"data, {mb:g} MB corpus: peak RSS vs datasets.map tokenisation",
+                "baseline": base["peak"],
+                "ours": ours["peak"],
+                "ratio": base["peak"] / ours["peak"],
+                "unit": "MiB",
+                "notes": f"peak RSS of the child process (rusage); {setting}",
+            }
+        )
+    small, large = sizes
+    growth = {p: by[p, large]["peak"] / by[p, small]["peak"] for p in PIPELINES}
+    out.append(
+        {
+            "name": f"data: peak RSS growth for {large / small:g}x corpus ({small:g} -> {large:g} MB)",
+            "baseline": growth["datasets.map"],
+            "ours": growth["llmos data"],
+            "ratio": growth["datasets.map"] / growth["llmos data"],
+            "unit": "x",
+            "notes": f"goal < 2x: {'met' if growth['llmos data'] < 2 else 'NOT met'}; llmos "
+            f"+{by['llmos data', large]['peak'] - by['llmos data', small]['peak']:.0f} MiB, datasets.map "
+            f"+{by['datasets.map', large]['peak'] - by['datasets.map', small]['peak']:.0f} MiB",
+        }
+    )
+    return out
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    return to_rows(measure_sizes((1.0, 4.0) if quick else (12.5, 50.0)), 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small corpora (1 MB and 4 MB)")
+    parser.add_argument("--num-proc", type=int, default=1)
+    opts = parser.parse_args()
+    results = measure_sizes((1.0, 4.0) if opts.quick else (12.5, 50.0), opts.num_proc)
+    print("| pipeline | corpus MB | rows | wall s | CPU s | rows/s (wall) | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows_out))
+    for r in results:
+        print(
+            f"| {r['pipeline']} | {r['mb']:g} | {r['rows']} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+            f"{r['rows'] / r['wall']:.0f} | {r['peak']:.0f} |"
+        )
     print()
-    print("| pipeline | peak RSS growth for 4x corpus | under 2x |")
-    print("|---|---|---|")
-    for name, (small, large) in peaks.items():
-        ratio = large / small
-        print(f"| {name} | {ratio:.2f}x (+{large - small:.0f} MB) | {'yes' if ratio < 2 else 'no'} |")
+    for row in to_rows(results, opts.num_proc)[-1:]:
+        print(
+            f"{row['name']}: llmos data {row['ours']:.2f}x, datasets.map {row['baseline']:.2f}x; {row['notes']}"
+        )
     return 0
 
 

@@ -1,100 +1,147 @@
 """Batch `generate` (continuous batching, shared KV cache) against a plain per-prompt HF `generate` loop.
 
 Also times transformers' own continuous-batching manager (`model.generate_batch`) on the same prompts: the
-reason core/infer.py runs its own batch. Prints the ratios; `--markdown FILE` appends a row.
+reason core/infer.py runs its own batch. The loop and llmos alternate over the repeats; each figure is
+the median. `run(quick)` returns the rows for bench/run.py; `python -m bench.bench_generate` prints them.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.tiny_model import build_tiny_llama
+from llmos_cli.core.infer import Runner, SamplingParams
 
-from bench.tiny_model import build_tiny_llama  # noqa: E402
-from llmos_cli.core.infer import Runner, SamplingParams  # noqa: E402
+TITLE = "Batch generation (generated tokens/s)"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument(
-        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy box"
-    )
-    ap.add_argument("--markdown", type=Path, help="append a result row to this markdown file")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@dataclass
+class Settings:
+    prompts: int = 32
+    max_new_tokens: int = 64
+    hidden: int = 256
+    layers: int = 4
+    batch_size: int = 32
+    repeats: int = 3
 
-    with tempfile.TemporaryDirectory() as tmp:
-        runner = Runner.load(build_tiny_llama(Path(tmp), hidden=args.hidden, layers=args.layers))
-    prompts = [
-        runner.encode(f"prompt {i}: " + "the quick brown fox " * (1 + i % 7)) for i in range(args.prompts)
-    ]
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    runner.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    ref = []
+def hf_loop(runner: Runner, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The baseline: one `model.generate` call per prompt, greedy."""
+    out = []
     with torch.inference_mode():
         for ids in prompts:
             x = torch.tensor([ids])
             y = runner.model.generate(
                 x,
                 attention_mask=torch.ones_like(x),
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=runner.pad_id,
             )
-            ref.append(y[0, x.shape[1] :].tolist())
-    loop_s, loop_cpu = time.perf_counter() - t0, time.process_time() - c0
+            out.append(y[0, x.shape[1] :].tolist())
+    return out
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    ours = runner.generate(prompts, params, batch_size=args.batch_size)
-    ours_s, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
-    same = sum(c.token_ids == r for c, r in zip(ours, ref, strict=True))
 
+def measure(s: Settings) -> dict[str, Any]:
+    """Wall and CPU seconds of the HF loop, llmos and HF generate_batch, and how many outputs agree."""
     from transformers import GenerationConfig
 
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner.load(build_tiny_llama(Path(tmp), hidden=s.hidden, layers=s.layers))
+    prompts = [
+        runner.encode(f"prompt {i}: " + "the quick brown fox " * (1 + i % 7)) for i in range(s.prompts)
+    ]
+    params = SamplingParams(max_new_tokens=s.max_new_tokens)
+    runner.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
+    loop_s, loop_cpu, ours_s, ours_cpu = [], [], [], []
+    for _ in range(s.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        ref = hf_loop(runner, prompts, s.max_new_tokens)
+        loop_s.append(time.perf_counter() - t0)
+        loop_cpu.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        ours = runner.generate(prompts, params, batch_size=s.batch_size)
+        ours_s.append(time.perf_counter() - t0)
+        ours_cpu.append(time.process_time() - c0)
     t0 = time.perf_counter()
     runner.model.generate_batch(
         prompts,
         generation_config=GenerationConfig(
-            max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=sorted(runner.eos_ids)
+            max_new_tokens=s.max_new_tokens, do_sample=False, eos_token_id=sorted(runner.eos_ids)
         ),
     )
-    hf_cb_s = time.perf_counter() - t0
+    return {
+        "tokens": sum(len(c.token_ids) for c in ours),
+        "same": sum(c.token_ids == r for c, r in zip(ours, ref, strict=True)),
+        "loop_s": loop_s,
+        "ours_s": ours_s,
+        "cpu_ratio": statistics.median(loop_cpu) / statistics.median(ours_cpu),
+        "hf_cb_s": time.perf_counter() - t0,
+    }
 
-    tokens = sum(len(c.token_ids) for c in ours)
-    ratio = loop_s / ours_s
-    print(
-        f"model: llama hidden {args.hidden}, {args.layers} layers; {args.prompts} prompts x "
-        f"{args.max_new_tokens} new tokens ({tokens} generated); {torch.get_num_threads()} threads"
+
+def rows(s: Settings, m: dict[str, Any]) -> list[dict[str, Any]]:
+    tokens, loop, ours = m["tokens"], statistics.median(m["loop_s"]), statistics.median(m["ours_s"])
+    ratios = ", ".join(f"{a / b:.1f}x" for a, b in zip(m["loop_s"], m["ours_s"], strict=True))
+    setting = (
+        f"llama h{s.hidden} L{s.layers}, {s.prompts} prompts x {s.max_new_tokens} new tokens "
+        f"({tokens} generated), batch {s.batch_size}, greedy, {torch.get_num_threads()} threads"
     )
-    print(f"per-prompt HF generate loop : {loop_s:7.2f} s  {tokens / loop_s:8.1f} tok/s")
-    print(f"llmos generate (batch {args.batch_size:>3}) : {ours_s:7.2f} s  {tokens / ours_s:8.1f} tok/s")
-    print(f"transformers generate_batch : {hf_cb_s:7.2f} s  {tokens / hf_cb_s:8.1f} tok/s")
-    print(f"greedy outputs identical to the HF loop: {same}/{len(prompts)}")
-    print(
-        f"ratio batch generate / per-prompt loop: {ratio:.1f}x wall time (goal >= 5x); "
-        f"{loop_cpu / ours_cpu:.1f}x CPU time (steadier when the machine is shared)"
+    return [
+        {
+            "name": f"generate {s.prompts} prompts: batch vs per-prompt HF generate loop",
+            "baseline": tokens / loop,
+            "ours": tokens / ours,
+            "ratio": loop / ours,
+            "unit": "tokens/s",
+            "notes": f"goal >= 5x; {setting}; median of {s.repeats} alternating repeats (ratios {ratios}); "
+            f"CPU-time ratio {m['cpu_ratio']:.1f}x; greedy outputs identical to the loop: "
+            f"{m['same']}/{s.prompts}",
+        },
+        {
+            "name": f"generate {s.prompts} prompts: batch vs transformers generate_batch",
+            "baseline": tokens / m["hf_cb_s"],
+            "ours": tokens / ours,
+            "ratio": m["hf_cb_s"] / ours,
+            "unit": "tokens/s",
+            "notes": f"transformers' continuous-batching manager, one run; {setting}",
+        },
+    ]
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    s = Settings(max_new_tokens=32, repeats=2) if quick else Settings()
+    return rows(s, measure(s))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    d = Settings()
+    ap.add_argument("--prompts", type=int, default=d.prompts)
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ap.add_argument("--hidden", type=int, default=d.hidden)
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--repeats", type=int, default=d.repeats)
+    ap.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy box"
     )
-    if args.markdown:
-        with args.markdown.open("a") as f:
-            f.write(
-                f"| generate: batch vs per-prompt HF loop | {args.prompts} prompts, h{args.hidden} L{args.layers}, "
-                f"{args.max_new_tokens} tok | {ratio:.1f}x | >= 5x | HF continuous batching: "
-                f"{loop_s / hf_cb_s:.1f}x |\n"
-            )
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = Settings(args.prompts, args.max_new_tokens, args.hidden, args.layers, args.batch_size, args.repeats)
+    for r in rows(s, measure(s)):
+        print(
+            f"{r['name']}: {r['baseline']:.1f} -> {r['ours']:.1f} {r['unit']} ({r['ratio']:.1f}x); {r['notes']}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """16 concurrent streaming clients against 1 sequential client on the same `llmos serve` process.
 
 Reports aggregate generated tokens/s (ratio, goal >= 4x) and p50/p99 time to first token for both.
-`--markdown FILE` appends a row.
+`run(quick)` returns the rows for bench/run.py; `python -m bench.bench_serve` prints them.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import torch
 
+from bench.tiny_model import build_tiny_llama
+
+TITLE = "Serving (concurrent clients)"
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.tiny_model import build_tiny_llama  # noqa: E402
 
 
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, int]:
@@ -71,31 +74,45 @@ def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if len(xs) > 1 else xs[0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests-per-client", type=int, default=2)
-    ap.add_argument("--sequential-requests", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate the phases this often, keep the best")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument(
-        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy box"
-    )
-    ap.add_argument("--markdown", type=Path, help="append a result row to this markdown file")
-    args = ap.parse_args()
+@dataclass
+class Settings:
+    clients: int = 16
+    requests_per_client: int = 2
+    sequential_requests: int = 8
+    max_tokens: int = 64
+    repeats: int = 2  # the phases alternate this often; the best of each is kept
+    hidden: int = 256
+    layers: int = 4
+    threads: int | None = None
 
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        model = build_tiny_llama(Path(tmp) / "model", hidden=args.hidden, layers=args.layers)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+
+def wait_healthy(url: str, server: subprocess.Popen[bytes], seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError("the llmos server did not start")
+        time.sleep(0.2)
+
+
+def measure(s: Settings) -> dict[str, Any]:
+    """Best aggregate tokens/s and its TTFTs for 1 sequential client and for `s.clients` concurrent ones."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+        model = build_tiny_llama(Path(tmp) / "model", hidden=s.hidden, layers=s.layers)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
         code = (
             f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
-            f"api_key_env='LLMOS_BENCH_NO_KEY', max_batch_size={args.clients}, max_queue=256)"
+            f"api_key_env='LLMOS_BENCH_NO_KEY', max_batch_size={s.clients}, max_queue=256)"
         )
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        if s.threads:
+            env["OMP_NUM_THREADS"] = str(s.threads)
         server = subprocess.Popen(
             [sys.executable, "-c", code],
             cwd=ROOT,
@@ -105,50 +122,93 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start")
-                time.sleep(0.2)
+            wait_healthy(url, server)
             asyncio.run(run_clients(url, 2, 1, 8))  # warm-up
             # Alternate the two phases and keep the best of each: the machine may be shared, and a noisy
             # neighbour should not decide the ratio.
-            seq_tps, con_tps, seq_ttft, con_ttft = 0.0, 0.0, [], []
-            for _ in range(args.repeats):
-                tps, ttft = asyncio.run(run_clients(url, 1, args.sequential_requests, args.max_tokens))
-                seq_tps, seq_ttft = (tps, ttft) if tps > seq_tps else (seq_tps, seq_ttft)
-                tps, ttft = asyncio.run(
-                    run_clients(url, args.clients, args.requests_per_client, args.max_tokens)
-                )
-                con_tps, con_ttft = (tps, ttft) if tps > con_tps else (con_tps, con_ttft)
+            seq: tuple[float, list[float]] = (0.0, [])
+            con: tuple[float, list[float]] = (0.0, [])
+            for _ in range(s.repeats):
+                seq = max(seq, asyncio.run(run_clients(url, 1, s.sequential_requests, s.max_tokens)))
+                con = max(con, asyncio.run(run_clients(url, s.clients, s.requests_per_client, s.max_tokens)))
         finally:
             server.terminate()
             server.wait(timeout=60)
+    return {"seq_tps": seq[0], "seq_ttft": seq[1], "con_tps": con[0], "con_ttft": con[1]}
 
-    ratio = con_tps / seq_tps
-    print(f"model: llama hidden {args.hidden}, {args.layers} layers; {args.max_tokens} tokens per request")
-    print(
-        f"1 sequential client  : {seq_tps:8.1f} tok/s  TTFT p50 {pct(seq_ttft, 50) * 1000:7.1f} ms  "
-        f"p99 {pct(seq_ttft, 99) * 1000:7.1f} ms"
+
+def rows(s: Settings, m: dict[str, Any]) -> list[dict[str, Any]]:
+    setting = (
+        f"llama h{s.hidden} L{s.layers}, {s.max_tokens} tokens per request, temperature 0, streaming; "
+        f"best of {s.repeats} alternating repeats; server threads {s.threads or 'default'}"
     )
-    print(
-        f"{args.clients} concurrent clients: {con_tps:8.1f} tok/s  TTFT p50 {pct(con_ttft, 50) * 1000:7.1f} ms  "
-        f"p99 {pct(con_ttft, 99) * 1000:7.1f} ms"
+    out = [
+        {
+            "name": f"serve: {s.clients} concurrent clients vs 1 sequential, aggregate generated tokens/s",
+            "baseline": m["seq_tps"],
+            "ours": m["con_tps"],
+            "ratio": m["con_tps"] / m["seq_tps"],
+            "unit": "tokens/s",
+            "notes": f"goal >= 4x; same server; 1 client x {s.sequential_requests} requests vs "
+            f"{s.clients} clients x {s.requests_per_client}; {setting}",
+        }
+    ]
+    for q in (50, 99):
+        one, many = pct(m["seq_ttft"], q) * 1000, pct(m["con_ttft"], q) * 1000
+        out.append(
+            {
+                "name": f"serve: p{q} time to first token, 1 client -> {s.clients} concurrent clients",
+                "baseline": one,
+                "ours": many,
+                "ratio": None,
+                "unit": "ms",
+                "notes": f"the latency cost of sharing the batch (baseline column: 1 client, "
+                f"{len(m['seq_ttft'])} requests; llmos column: {s.clients} clients, {len(m['con_ttft'])} "
+                f"requests); {setting}",
+            }
+        )
+    return out
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    threads = torch.get_num_threads()
+    if quick:
+        s = Settings(requests_per_client=1, sequential_requests=4, max_tokens=32, repeats=1, threads=threads)
+    else:
+        s = Settings(threads=threads)
+    return rows(s, measure(s))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    d = Settings()
+    ap.add_argument("--clients", type=int, default=d.clients)
+    ap.add_argument("--requests-per-client", type=int, default=d.requests_per_client)
+    ap.add_argument("--sequential-requests", type=int, default=d.sequential_requests)
+    ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    ap.add_argument(
+        "--repeats", type=int, default=d.repeats, help="alternate the phases this often, keep the best"
     )
-    print(f"ratio aggregate tok/s, {args.clients} clients / 1 client: {ratio:.1f}x (goal >= 4x)")
-    if args.markdown:
-        with args.markdown.open("a") as f:
-            f.write(
-                f"| serve: {args.clients} clients vs 1 | h{args.hidden} L{args.layers}, {args.max_tokens} tok | "
-                f"{ratio:.1f}x | >= 4x | TTFT p50/p99 ms: 1 client {pct(seq_ttft, 50) * 1000:.0f}/"
-                f"{pct(seq_ttft, 99) * 1000:.0f}, {args.clients} clients {pct(con_ttft, 50) * 1000:.0f}/"
-                f"{pct(con_ttft, 99) * 1000:.0f} |\n"
-            )
+    ap.add_argument("--hidden", type=int, default=d.hidden)
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="server torch threads (default: torch's choice); 1 is steadier on a busy box",
+    )
+    a = ap.parse_args()
+    s = Settings(
+        a.clients,
+        a.requests_per_client,
+        a.sequential_requests,
+        a.max_tokens,
+        a.repeats,
+        a.hidden,
+        a.layers,
+        a.threads,
+    )
+    for r in rows(s, measure(s)):
+        print(f"{r['name']}: {r['baseline']:.1f} -> {r['ours']:.1f} {r['unit']}; {r['notes']}")
 
 
 if __name__ == "__main__":
