@@ -110,7 +110,13 @@ def _prepare(
         report.quarantine = bad.quarantine_path.name  # beside report.json
         out.warn(f"data: skipped {bad.count} malformed rows ({dict(bad.by_reason)}); see quarantine.jsonl")
     if not train.keep.any():
-        raise UserError(f"data.train: no documents left after cleaning ({dict(report.dropped)} dropped)")
+        names = ", ".join(str(f) for f in train_files)
+        if not n:
+            raise UserError(f"data.train: no documents in {names}", hint="the files are empty")
+        raise UserError(
+            f"data.train: no documents left after cleaning {names} ({dict(report.dropped)} dropped)",
+            hint="loosen data.clean or check data.text_field",
+        )
 
     overlap = validation_overlap(train, val, collector.near if val_files else None)
     report.validation_overlap = len(overlap)
