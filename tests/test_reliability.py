@@ -93,7 +93,7 @@ def test_sigkill_mid_run_resumes_to_the_same_loss_curve(tiny_recipe: Path, tmp_p
     """kill -9 (no handler runs, possibly mid-save), rerun the same command: the curve is unchanged."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
-    sets = ["train.max_steps=24", "train.log_every=1", "train.save_every=3", "train.eval_every=100"]
+    sets = ["train.max_steps=16", "train.log_every=1", "train.save_every=2", "train.eval_every=100"]
 
     def command(run: str) -> list[str]:
         args = [*sets, f"run.output_dir={tmp_path / run}"]
@@ -103,7 +103,7 @@ def test_sigkill_mid_run_resumes_to_the_same_loss_curve(tiny_recipe: Path, tmp_p
 
     pretrain.run(load_recipe(tiny_recipe, [*sets, f"run.output_dir={tmp_path / 'whole'}"]))
     expected = _train_losses(tmp_path / "whole" / "metrics.jsonl")
-    assert sorted(expected) == list(range(1, 25))
+    assert sorted(expected) == list(range(1, 17))
 
     proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -116,7 +116,7 @@ def test_sigkill_mid_run_resumes_to_the_same_loss_curve(tiny_recipe: Path, tmp_p
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "final").exists()
     killed_at = max(_train_losses(tmp_path / "killed" / "metrics.jsonl"))
-    assert killed_at < 24
+    assert killed_at < 16
 
     again = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
