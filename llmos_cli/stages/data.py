@@ -27,6 +27,7 @@ from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, valida
 from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 from llmos_cli.core.models import load_tokenizer, resolve_model_dir
+from llmos_cli.core.writable import disk_full_is_clear
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 
@@ -61,9 +62,10 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
         out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
         return cached
 
-    staged = staging_dir(target)
+    staged = staging_dir(target, "data.output")
     try:
-        report = _prepare(recipe, train_files, val_files, tokenizer_src, fp, staged)
+        with disk_full_is_clear(target):
+            report = _prepare(recipe, train_files, val_files, tokenizer_src, fp, staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -229,11 +231,12 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     if cached and not force:
         out.info(f"data: reusing {target} (fingerprint {info['fingerprint'][:12]} matches)")
         return cached
-    staged = staging_dir(target)
+    staged = staging_dir(target, "data.output")
     try:
-        DatasetDict(splits).save_to_disk(str(staged))
-        tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
-        (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
+        with disk_full_is_clear(target):
+            DatasetDict(splits).save_to_disk(str(staged))
+            tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
+            (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
