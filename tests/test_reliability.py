@@ -82,3 +82,44 @@ def test_partial_checkpoints_are_never_resumed(tmp_path: Path) -> None:
     (root / "step-9" / "model.safetensors").write_bytes(b"partial")
     (root / ".step-11.tmp-abcd").mkdir()
     assert [p.name for p in complete_checkpoints(root)] == ["step-5"]
+
+
+def _train_losses(metrics: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and r.get("split") != "validation"}
+
+
+def test_sigkill_mid_run_resumes_to_the_same_loss_curve(tiny_recipe: Path, tmp_path: Path) -> None:
+    """kill -9 (no handler runs, possibly mid-save), rerun the same command: the curve is unchanged."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    sets = ["train.max_steps=16", "train.log_every=1", "train.save_every=2", "train.eval_every=100"]
+
+    def command(run: str) -> list[str]:
+        args = [*sets, f"run.output_dir={tmp_path / run}"]
+        return [sys.executable, "-m", "llmos_cli", "pretrain", str(tiny_recipe)] + [
+            arg for s in args for arg in ("--set", s)
+        ]
+
+    pretrain.run(load_recipe(tiny_recipe, [*sets, f"run.output_dir={tmp_path / 'whole'}"]))
+    expected = _train_losses(tmp_path / "whole" / "metrics.jsonl")
+    assert sorted(expected) == list(range(1, 17))
+
+    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while len(complete_checkpoints(checkpoints)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: nothing flushes, nothing cleans up
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final").exists()
+    killed_at = max(_train_losses(tmp_path / "killed" / "metrics.jsonl"))
+    assert killed_at < 16
+
+    again = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and "Traceback" not in again.stderr
+    assert _train_losses(tmp_path / "killed" / "metrics.jsonl") == expected
+    assert (tmp_path / "killed" / "final" / "model.safetensors").exists()

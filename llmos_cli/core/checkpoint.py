@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmos_cli.core.writable import disk_full_is_clear
 from llmos_cli.errors import UserError
 
 COMPLETE = "complete.json"
@@ -60,28 +61,33 @@ def save_checkpoint(
 ) -> Path:
     from safetensors.torch import save_model
 
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_model(model, str(tmp / "model.safetensors"))
-        rng_tensors = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng_tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_tensors},
-            tmp / "trainer_state.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
-        (tmp / COMPLETE).write_text(json.dumps({"step": step}))
-        _fsync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_full_is_clear(target):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            rng_tensors = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng_tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_tensors,
+                },
+                tmp / "trainer_state.pt",
+            )
+            (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
+            (tmp / COMPLETE).write_text(json.dumps({"step": step}))
+            _fsync_tree(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     prune(root, keep_last)
     return target
 

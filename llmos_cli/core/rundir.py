@@ -9,20 +9,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmos_cli.core.writable import disk_full_is_clear, ensure_dir
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temp file and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_full_is_clear(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 class RunDir:
@@ -50,7 +53,7 @@ class RunDir:
         return self.path / "eval.json"
 
     def create(self, recipe_yaml: str) -> RunDir:
-        self.path.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path, "run.output_dir")
         write_atomic(self.recipe_file, recipe_yaml)
         return self
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from typing import Any
 
 import torch
@@ -42,13 +43,19 @@ def save_final(run: RunDir, model: Any, tokenizer: Any) -> None:
     Under torchrun every rank calls this (FSDP shards are gathered); the main process writes.
     """
     from llmos_cli.core.data.cache import replace_dir, staging_dir
+    from llmos_cli.core.writable import disk_full_is_clear
 
     world = current_world()
     state = full_state_dict(model)
     if world.is_main:
-        staged = staging_dir(run.final)
-        model.save_pretrained(str(staged), state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(str(staged))
+        staged = staging_dir(run.final, "run.output_dir")
+        with disk_full_is_clear(run.final):
+            try:
+                model.save_pretrained(str(staged), state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(str(staged))
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
         replace_dir(staged, run.final)
     world.barrier()
 

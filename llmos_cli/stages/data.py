@@ -27,6 +27,7 @@ from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, valida
 from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 from llmos_cli.core.models import load_tokenizer, resolve_model_dir
+from llmos_cli.core.writable import disk_full_is_clear
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 
@@ -61,9 +62,10 @@ def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
         out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
         return cached
 
-    staged = staging_dir(target)
+    staged = staging_dir(target, "data.output")
     try:
-        report = _prepare(recipe, train_files, val_files, tokenizer_src, fp, staged)
+        with disk_full_is_clear(target):
+            report = _prepare(recipe, train_files, val_files, tokenizer_src, fp, staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -110,7 +112,13 @@ def _prepare(
         report.quarantine = bad.quarantine_path.name  # beside report.json
         out.warn(f"data: skipped {bad.count} malformed rows ({dict(bad.by_reason)}); see quarantine.jsonl")
     if not train.keep.any():
-        raise UserError(f"data.train: no documents left after cleaning ({dict(report.dropped)} dropped)")
+        names = ", ".join(str(f) for f in train_files)
+        if not n:
+            raise UserError(f"data.train: no documents in {names}", hint="the files are empty")
+        raise UserError(
+            f"data.train: no documents left after cleaning {names} ({dict(report.dropped)} dropped)",
+            hint="loosen data.clean or check data.text_field",
+        )
 
     overlap = validation_overlap(train, val, collector.near if val_files else None)
     report.validation_overlap = len(overlap)
@@ -223,11 +231,12 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     if cached and not force:
         out.info(f"data: reusing {target} (fingerprint {info['fingerprint'][:12]} matches)")
         return cached
-    staged = staging_dir(target)
+    staged = staging_dir(target, "data.output")
     try:
-        DatasetDict(splits).save_to_disk(str(staged))
-        tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
-        (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
+        with disk_full_is_clear(target):
+            DatasetDict(splits).save_to_disk(str(staged))
+            tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
+            (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ from llmos_cli.core.models import (
     resolve_model_dir,
 )
 from llmos_cli.core.registry import register_run
+from llmos_cli.core.writable import disk_full_is_clear, ensure_dir
 from llmos_cli.errors import UserError
 
 FORMATS = ("hf", "onnx", "gguf")
@@ -84,6 +85,8 @@ def run(
     config, task = _config_and_task(model_dir)
     _check_supported(formats, config, task)
     targets = _targets(formats, Path(out))
+    for target in targets.values():
+        _check_target(target)
 
     console.info(f"loading {model_dir}")
     model_obj = load_model(model_dir, task if task != "other" else None, allow_pickle=allow_pickle)
@@ -268,13 +271,21 @@ def _saved_dtype(config: Any) -> Any:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _check_target(target: Path) -> None:
+    """The export target must be (or become) a folder in a writable place."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out: {target} is a file, not a folder", hint="choose another path")
+    ensure_dir(target.parent, "--out")
+
+
 @contextmanager
 def _staging(target: Path) -> Iterator[Path]:
     """A temp dir beside `target`, renamed to it on success and removed on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        yield tmp
+        with disk_full_is_clear(target):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

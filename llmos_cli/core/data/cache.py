@@ -10,6 +10,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llmos_cli.core.writable import ensure_dir
+from llmos_cli.errors import UserError
+
 FINGERPRINT_VERSION = 2  # bump when the prepared layout or its report changes
 
 
@@ -47,9 +50,14 @@ def fingerprint(settings: dict[str, Any], inputs: Iterable[Path], tokenizer_dir:
     return h.hexdigest()
 
 
-def staging_dir(target: Path) -> Path:
-    """A fresh temp folder beside `target` (same filesystem, so the final rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def staging_dir(target: Path, what: str) -> Path:
+    """A fresh temp folder beside `target` (same filesystem, so the final rename is atomic).
+
+    `what` names the setting that chose `target`, for the error when it cannot be written.
+    """
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{what}: {target} is a file, not a folder", hint="choose another path")
+    ensure_dir(target.parent, what)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp

@@ -1,0 +1,49 @@
+"""Output folders the user names: refuse unwritable ones up front, and turn a full disk into one clear error."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llmos_cli.errors import RunFailed, UserError
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def ensure_dir(path: Path, what: str) -> Path:
+    """Create folder `path` (what: the setting that names it); a path that cannot be one is a UserError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{what}: {path} is a file, not a folder", hint="choose another path") from None
+    except NotADirectoryError:
+        raise UserError(
+            f"{what}: cannot create {path}: a part of that path is a file", hint="choose another path"
+        ) from None
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise RunFailed(f"disk full while creating {path}") from None
+        raise UserError(
+            f"{what}: cannot create {path}: {err.strerror}", hint="choose a writable folder"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {path} is not writable", hint="choose a writable folder")
+    return path
+
+
+@contextmanager
+def disk_full_is_clear(path: Path) -> Iterator[None]:
+    """Re-raise ENOSPC/EDQUOT from the writes inside as RunFailed naming `path`.
+
+    The writers inside must clean up their temp files on failure (they do: temp dir, then rename).
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise RunFailed(f"disk full while writing {path}; nothing half-written was left") from err
