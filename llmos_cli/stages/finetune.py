@@ -18,6 +18,7 @@ from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classificat
 from llmos_cli.core.registry import register_run
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
+from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages.common import config_hash, device_and_precision, open_run, save_final
@@ -28,6 +29,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         raise UserError(
             f"train.class_weights: only classification uses class weights (task is '{recipe.task}')"
         )
+    ensure_dir(recipe.output_dir, "run.output_dir")  # an unwritable run dir fails now, not after the data
     recipe = recipe.model_copy(deep=True)
     base = resolve_base(recipe.model.name_or_path, recipe.source)
     recipe.model.name_or_path = str(base)  # so the data stage and adapter_config.json name it exactly
