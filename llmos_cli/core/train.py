@@ -222,6 +222,7 @@ def train(job: TrainJob) -> TrainResult:
                 window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
 
             if job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps):
+                eval_start = time.perf_counter()
                 validation = loss_metrics(
                     *dataset_loss(
                         model,
@@ -240,6 +241,7 @@ def train(job: TrainJob) -> TrainResult:
                     run.log({"step": step, "split": "validation", **validation})
                     trackers.log({"step": step, "split": "validation", **validation})
                 bar.update(0, val_loss=validation["loss"])
+                window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
                 if watch and watch.update(validation, step) and cfg.keep_best and world.is_main:
                     save_trained_weights(model, best_file)
                 if watch and watch.should_stop:
