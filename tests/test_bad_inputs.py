@@ -196,7 +196,7 @@ CLI_CASES = {
     ),
     "both prompt and input": (["generate", "{model}", "--prompt", "hi", "--input", "p.jsonl"], "--prompt"),
     "neither prompt nor input": (["generate", "{model}"], "--prompt"),
-    "input without output": (["generate", "{model}", "--input", "p.jsonl"], "--output"),
+    "input file missing": (["generate", "{model}", "--input", "{tmp}/p.jsonl"], "p.jsonl"),
     "unknown verb": (["pretrian", "r.yaml"], "pretrian"),
     "serve a missing model": (["serve", "{tmp}/nowhere"], "nowhere"),
     "generate from a missing model": (["generate", "{tmp}/nowhere", "--prompt", "hi"], "nowhere"),
