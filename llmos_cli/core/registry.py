@@ -98,6 +98,19 @@ class ModelEntry:
         return asdict(self)
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL once. Switching needs an exclusive lock and SQLite answers "locked" at once, without
+    its busy handler, while another connection reads: retry for a while, as the busy timeout would."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Registry:
     """The model library in `<home>/registry.db` (home: LLMOS_HOME, default ~/.llmos)."""
 
@@ -114,8 +127,7 @@ class Registry:
         conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(conn)
             yield conn

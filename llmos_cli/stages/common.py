@@ -73,3 +73,22 @@ def trained_model_path(recipe: Recipe) -> str:
         f"{recipe.source}: no model to use: {final} does not exist yet and model.name_or_path is not set",
         hint="train first (llmos pretrain/finetune RECIPE) or set model.name_or_path",
     )
+
+
+def register_trained(
+    run: RunDir, recipe: Recipe, *, parent: str | None, data_fingerprint: str, result: Any
+) -> None:
+    """Record a training run's final/ in the model library, with its lineage and final metrics."""
+    from llmos_cli.core.registry import register_run
+
+    register_run(
+        run.final,
+        name=recipe.run.name,
+        parent=parent,
+        recipe_hash=config_hash(recipe.model_dump(mode="json")),
+        data_fingerprint=data_fingerprint,
+        metrics={
+            "train_loss": result.final_loss,
+            **{f"validation_{k}": v for k, v in (result.validation or {}).items()},
+        },
+    )

@@ -15,13 +15,12 @@ from llmos_cli.core.data.formats import prepare_task_dataset
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
 from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
-from llmos_cli.core.registry import register_run
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
-from llmos_cli.stages.common import config_hash, device_and_precision, open_run, save_final
+from llmos_cli.stages.common import config_hash, device_and_precision, open_run, register_trained, save_final
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -82,17 +81,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
     result = train(job)
     saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base)
-    register_run(
-        run_dir.final,
-        name=recipe.run.name,
-        parent=str(base),
-        recipe_hash=config_hash(recipe.model_dump(mode="json")),
-        data_fingerprint=info["fingerprint"],
-        metrics={
-            "train_loss": result.final_loss,
-            **{f"validation_{k}": v for k, v in (result.validation or {}).items()},
-        },
-    )
+    register_trained(run_dir, recipe, parent=str(base), data_fingerprint=info["fingerprint"], result=result)
     summary = {
         "run_dir": str(run_dir.path),
         "final": str(run_dir.final),

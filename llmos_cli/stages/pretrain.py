@@ -9,14 +9,13 @@ from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.objectives import CAUSAL_LM
-from llmos_cli.core.registry import register_run
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages import data as data_stage
-from llmos_cli.stages.common import config_hash, device_and_precision, open_run, save_final
+from llmos_cli.stages.common import config_hash, device_and_precision, open_run, register_trained, save_final
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -62,17 +61,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
     result = train(job)
     save_final(run_dir, model, tokenizer)
-    register_run(
-        run_dir.final,
-        name=recipe.run.name,
-        parent=None,
-        recipe_hash=config_hash(recipe.model_dump(mode="json")),
-        data_fingerprint=prepared.fingerprint,
-        metrics={
-            "train_loss": result.final_loss,
-            **{f"validation_{k}": v for k, v in (result.validation or {}).items()},
-        },
-    )
+    register_trained(run_dir, recipe, parent=None, data_fingerprint=prepared.fingerprint, result=result)
     summary = {
         "run_dir": str(run_dir.path),
         "final": str(run_dir.final),
