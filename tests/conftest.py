@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,23 @@ TINY_MODEL = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 128,
 }
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    *,
+    alive: Callable[[], bool],
+    what: str | Callable[[], object],
+    timeout: float,
+    interval: float = 0.05,
+) -> None:
+    """Poll `ready` while `alive` holds; fail (with `what`, a message or a function giving one) when the
+    process died or `timeout` passed. A bound against hangs, not a timing check."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if not alive() or time.monotonic() > deadline:
+            pytest.fail(str(what() if callable(what) else what))
+        time.sleep(interval)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from llmos_cli.core.objectives import CAUSAL_LM, Objective
 from llmos_cli.errors import RunFailed
 from llmos_cli.recipe import load_recipe
 from llmos_cli.stages import pretrain
+from tests.conftest import wait_until
 
 
 def test_sigterm_finishes_the_step_saves_and_resumes(tiny_recipe: Path, tmp_path: Path) -> None:
@@ -36,10 +36,13 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tiny_recipe: Path, tmp_path
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
+    wait_until(
+        lambda: metrics.exists() and metrics.read_text().count("\n") >= 3,
+        alive=lambda: proc.poll() is None,
+        what=proc.communicate,
+        timeout=120,
+        interval=0.2,
+    )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -107,10 +110,13 @@ def test_sigkill_mid_run_resumes_to_the_same_loss_curve(tiny_recipe: Path, tmp_p
 
     proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while len(complete_checkpoints(checkpoints)) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.02)
+    wait_until(
+        lambda: len(complete_checkpoints(checkpoints)) >= 2,
+        alive=lambda: proc.poll() is None,
+        what=proc.communicate,
+        timeout=120,
+        interval=0.02,
+    )
     proc.kill()  # SIGKILL: nothing flushes, nothing cleans up
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -19,6 +21,7 @@ from bench.tiny_model import build_tiny_llama
 from llmos_cli.core.batching import Engine, QueueFull
 from llmos_cli.core.infer import EncoderRunner, Runner, SamplingParams
 from llmos_cli.core.server import create_app
+from tests.conftest import wait_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 KEY = "test-key-123"
@@ -35,28 +38,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serve_in_thread(engine: Engine) -> Iterator[str]:
+    """uvicorn on 127.0.0.1 in a background thread, serving `engine`; yields the base URL."""
+    port = free_port()
+    app = create_app(engine, model_name="tiny", api_key=KEY, max_body_bytes=4096)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.started, alive=thread.is_alive, what="uvicorn did not start", timeout=30)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(runner):
     """uvicorn on 127.0.0.1 in a background thread; yields (base_url, engine)."""
     engine = Engine(runner, max_batch_size=4, max_queue=8)
-    port = free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(engine, model_name="tiny", api_key=KEY, max_body_bytes=4096),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(engine) as url:
+        yield url, engine
 
 
 @pytest.fixture
@@ -316,15 +317,18 @@ def test_sigterm_lets_in_flight_requests_finish(runner, tmp_path):
         stderr=subprocess.DEVNULL,
         cwd=pathlib.Path(__file__).parent.parent,
     )
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until(
+            healthy, alive=lambda: proc.poll() is None, what="server did not start", timeout=60, interval=0.2
+        )
         body = {"prompt": "the quick", "max_tokens": 300, "temperature": 0, "stream": True}
         lines = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from llmos_cli.core.batching import Engine
-from llmos_cli.core.server import create_app
-from tests.test_server import KEY, free_port, runner  # noqa: F401 - runner is a fixture
+from tests.test_server import KEY, runner, serve_in_thread  # noqa: F401 - runner is a fixture
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 N_REQUESTS, N_THREADS = 96, 8
@@ -25,19 +21,8 @@ N_REQUESTS, N_THREADS = 96, 8
 @pytest.fixture(scope="module")
 def url(runner):  # noqa: F811
     """uvicorn on 127.0.0.1 with a queue deep enough for every client thread."""
-    engine = Engine(runner, max_batch_size=4, max_queue=4 * N_THREADS)
-    port = free_port()
-    app = create_app(engine, model_name="tiny", api_key=KEY, max_body_bytes=4096)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(Engine(runner, max_batch_size=4, max_queue=4 * N_THREADS)) as base:
+        yield base
 
 
 def request_plan(seed: int = 0) -> list[dict[str, Any]]:
