@@ -6,12 +6,13 @@ Corpus: the Python standard library's top-level modules, split into documents at
 - baseline, padded: `Trainer` with `DataCollatorForLanguageModeling(mlm=False)`, one row per document
   (truncated to max_seq_len, EOS appended), padded per batch; Trainer defaults otherwise.
 - baseline, packed: the same `Trainer` fed llmos's pre-packed blocks (the loop's own efficiency).
-- llmos: `stages.pretrain.run` on the same documents, packed by `llmos data`.
+- llmos: `stages.pretrain.run` on the same documents, packed by `llmos data`: at fp32 (its CPU default)
+  and, where bf16 math is native, at bf16 (what llmos recommends there).
 
 All use the quickstart recipe's model, lr, schedule, batch and steps, and the same torch threads.
 Throughput counts real tokens only (documents and their EOS, never padding) over the steady-state steps
-(the first `warm` steps are excluded); the three runs alternate, repeated, and each figure is the
-median of the repeats (spread in the notes). MFU is against a matmul peak measured in the same run.
+(the first `warm` steps are excluded); every run is a fresh process, the variants alternate, repeated,
+and each figure is the median of the repeats (spread in the notes). MFU is against a matmul peak measured in the same run.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import json
 import os
 import re
 import statistics
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,35 +125,50 @@ def recipe_overrides(setting: Setting, corpus: Path, work: Path) -> list[str]:
 
 
 class Experiment:
-    """Prepared data and recipe for one Setting; runs llmos and the Trainer baselines on it."""
+    """Prepared data and recipe for one Setting; runs llmos or a Trainer baseline on it.
+
+    The parent process prepares the data once (`prepare`); every measured run is a fresh child
+    process (`measure`), so that nothing one side sets process-wide (llmos tunes the host allocator
+    on CPU) carries over to the other.
+    """
 
     def __init__(self, setting: Setting, work: Path):
+        from llmos_cli.core.models import load_tokenizer
+
+        self.setting, self.work = setting, work
+        self.overrides = recipe_overrides(setting, work / "corpus.jsonl", work)
+        self.recipe = self.load()
+        saved = json.loads((work / "rows.json").read_text())
+        self.tokenizer = load_tokenizer(saved["tokenizer_dir"])
+        self.doc_rows, self.blocks = saved["documents"], saved["blocks"]
+
+    @staticmethod
+    def prepare(setting: Setting, work: Path) -> None:
+        """Write the corpus, run `llmos data` on it and save the Trainer's rows: documents and blocks."""
+        from datasets import load_from_disk
+
         from llmos_cli.core.data.read import list_files
         from llmos_cli.core.data.report import DataReport
         from llmos_cli.core.models import load_tokenizer
-        from llmos_cli.core.runtime import cpu_has_fast_bf16, pick_device, pick_precision
+        from llmos_cli.recipe import load_recipe
         from llmos_cli.stages import data as data_stage
 
-        self.setting, self.work = setting, work
         corpus = work / "corpus.jsonl"
-        if not corpus.exists():
-            write_corpus(corpus, setting.max_files)
-        self.overrides = recipe_overrides(setting, corpus, work)
-        self.recipe = self.load()
-        # llmos at its recommended setting here: bf16 on CPUs with native bf16 math, else `auto`.
-        device = pick_device(self.recipe.train.device)
-        fast = device.type == "cpu" and cpu_has_fast_bf16()
-        self.precision = "bf16" if fast else pick_precision(self.recipe.train.precision, device).name
-        prepared = data_stage.run(self.recipe)
-        self.tokenizer = load_tokenizer(prepared.tokenizer_dir)
-        docs = data_stage.read_documents(self.recipe, list_files(str(corpus)), DataReport())
-        eos, limit = self.tokenizer.eos_token_id, self.recipe.data.max_seq_len
-        ids = self.tokenizer(docs, add_special_tokens=False)["input_ids"]
-        self.doc_rows = [(x + [eos])[:limit] for x in ids]
-        from datasets import load_from_disk
-
-        self.blocks = [list(map(int, b)) for b in load_from_disk(str(prepared.path))["train"]["input_ids"]]
-        self.runs = 0
+        if (work / "rows.json").exists():
+            return
+        write_corpus(corpus, setting.max_files)
+        recipe = load_recipe(RECIPE, recipe_overrides(setting, corpus, work))
+        prepared = data_stage.run(recipe)
+        tokenizer = load_tokenizer(prepared.tokenizer_dir)
+        docs = data_stage.read_documents(recipe, list_files(str(corpus)), DataReport())
+        eos, limit = tokenizer.eos_token_id, recipe.data.max_seq_len
+        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        saved = {
+            "tokenizer_dir": str(prepared.tokenizer_dir),
+            "documents": [(x + [eos])[:limit] for x in ids],
+            "blocks": [list(map(int, b)) for b in load_from_disk(str(prepared.path))["train"]["input_ids"]],
+        }
+        (work / "rows.json").write_text(json.dumps(saved))
 
     def load(self, extra: list[str] | None = None) -> Any:
         from llmos_cli.recipe import load_recipe
@@ -170,13 +188,19 @@ class Experiment:
         }
         return build_model(self.recipe.model.arch, self.recipe.model.config, len(tok), special)
 
-    def llmos(self) -> dict[str, float]:
+    def measure(self, variant: str) -> dict[str, Any]:
+        """One run of `variant` (see VARIANTS) in this process."""
+        kind, precision = variant.split("-")
+        if kind == "llmos":
+            return self.llmos(precision)
+        return self.trainer(packed=kind == "packed", bf16=precision == "bf16")
+
+    def llmos(self, precision: str) -> dict[str, Any]:
         """`llmos pretrain`; real tokens/s over the log windows after the first `warm` steps."""
         from llmos_cli.stages import pretrain
 
-        self.runs += 1
-        out_dir = self.work / f"llmos-{self.setting.preset}-{self.runs}"
-        summary = pretrain.run(self.load([f"run.output_dir={out_dir}", f"train.precision={self.precision}"]))
+        out_dir = self.work / f"llmos-{self.setting.preset}-{os.getpid()}"
+        summary = pretrain.run(self.load([f"run.output_dir={out_dir}", f"train.precision={precision}"]))
         rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "split" not in r and r["step"] > self.setting.warm]
         prev_tokens = _tokens_before(out_dir, self.setting.warm)
@@ -188,7 +212,7 @@ class Experiment:
             prev_tokens = r["tokens"]
         return {"tokens_per_s": tokens / seconds, "padding": 0.0, "precision": summary["precision"]}
 
-    def trainer(self, packed: bool, bf16: bool = False) -> dict[str, float]:
+    def trainer(self, packed: bool, bf16: bool = False) -> dict[str, Any]:
         """A plain HF Trainer with its default LM collator; real tokens/s after the first `warm` steps."""
         from datasets import Dataset
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
@@ -209,9 +233,8 @@ class Experiment:
                 slots.append(inputs["input_ids"].numel())
                 return super().training_step(model, inputs, num_items_in_batch)
 
-        self.runs += 1
         args = TrainingArguments(
-            output_dir=str(self.work / f"hf-{self.setting.preset}-{self.runs}"),
+            output_dir=str(self.work / f"hf-{self.setting.preset}-{os.getpid()}"),
             per_device_train_batch_size=t.batch_size,
             gradient_accumulation_steps=t.grad_accum,
             max_steps=s.steps,
@@ -248,6 +271,29 @@ class Experiment:
         }
 
 
+# Trainer on padded documents / on llmos's packed blocks, and llmos, each at a precision.
+VARIANTS = ("padded-fp32", "packed-fp32", "packed-bf16", "llmos-fp32", "llmos-bf16")
+
+
+def measure_in_child(setting: Setting, work: Path, variant: str) -> dict[str, Any]:
+    """Run one variant in a fresh Python process with this process's torch threads."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.bench_train",
+        "--measure",
+        variant,
+        str(work),
+        json.dumps(asdict(setting)),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise RuntimeError(f"{variant} run failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _tokens_before(out_dir: Path, step: int) -> int:
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return next((r["tokens"] for r in rows if r.get("step") == step and "split" not in r), 0)
@@ -259,66 +305,84 @@ def _summary(values: list[float]) -> tuple[float, str]:
     return med, spread
 
 
+def bf16_is_native() -> bool:
+    """bf16 runs natively here: a GPU that supports it, or a CPU with bf16 dot products."""
+    from llmos_cli.core.runtime import cpu_has_fast_bf16
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
+
+
 def bench_setting(setting: Setting, work: Path) -> list[dict[str, Any]]:
+    Experiment.prepare(setting, work)
     exp = Experiment(setting, work)
     probe = exp.build_model()
     n_params = sum(p.numel() for p in probe.parameters())
     fpt = flops_per_token(probe, exp.recipe.data.max_seq_len)
     del probe
-    peaks = {"fp32": [], "bf16": []}
-    results: dict[str, list[dict[str, Any]]] = {"padded": [], "packed": [], "llmos": [], "packed-same": []}
+    native_bf16 = bf16_is_native()
+    variants = [v for v in VARIANTS if native_bf16 or not v.endswith("bf16")]
+    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for _ in range(setting.repeats):
         # Alternate so that drift in the machine's load hits every variant alike.
         peaks["fp32"].append(matmul_peak(torch.float32))
         peaks["bf16"].append(matmul_peak(torch.bfloat16))
-        results["padded"].append(exp.trainer(packed=False))
-        results["llmos"].append(exp.llmos())
-        results["packed"].append(exp.trainer(packed=True))
-        if results["llmos"][-1]["precision"] == "bf16":
-            results["packed-same"].append(exp.trainer(packed=True, bf16=True))
-    ours_prec = results["llmos"][0]["precision"]
-    rate = {k: [r["tokens_per_s"] for r in v] for k, v in results.items() if v}
-    # Ratios are taken per repeat (each pair ran back to back), then the median.
-    pairs = {k: [o / b for o, b in zip(rate["llmos"], rate[k], strict=True)] for k in rate if k != "llmos"}
-    ratio = {k: statistics.median(v) for k, v in pairs.items()}
-    per_repeat = {k: "ratio per repeat " + ", ".join(f"{x:.2f}" for x in v) for k, v in pairs.items()}
+        for v in variants:
+            results[v].append(measure_in_child(setting, work, v))
+    rate = {k: [r["tokens_per_s"] for r in v] for k, v in results.items()}
     med = {k: _summary(v) for k, v in rate.items()}
     peak = {k: max(v) for k, v in peaks.items()}
     label = f"{setting.preset} ({n_params / 1e6:.1f}M params, seq {exp.recipe.data.max_seq_len}, batch {exp.recipe.train.batch_size})"
     common = f"{setting.steps} steps, first {setting.warm} untimed; {torch.get_num_threads()} threads"
+
+    def versus(ours: str, base: str, name: str, notes: str) -> dict[str, Any]:
+        # Ratios are taken per repeat (each pair ran back to back), then the median.
+        pairs = [o / b for o, b in zip(rate[ours], rate[base], strict=True)]
+        spread = "ratio per repeat " + ", ".join(f"{x:.2f}" for x in pairs)
+        return {
+            "name": f"{label}: {name}",
+            "baseline": med[base][0],
+            "ours": med[ours][0],
+            "ratio": statistics.median(pairs),
+            "unit": "tokens/s",
+            "notes": f"{notes}; {spread}; baseline {med[base][1]}; llmos {med[ours][1]}",
+        }
+
     rows = [
-        {
-            "name": f"{label}: llmos pretrain vs HF Trainer, padded documents",
-            "baseline": med["padded"][0],
-            "ours": med["llmos"][0],
-            "ratio": ratio["padded"],
-            "unit": "tokens/s",
-            "notes": f"goal >= 2x. Trainer fp32 (its default), llmos {ours_prec}; {common}; "
-            f"{per_repeat['padded']}; baseline {med['padded'][1]}; llmos {med['llmos'][1]}",
-        },
-        {
-            "name": f"{label}: llmos pretrain vs HF Trainer fed the same packed blocks",
-            "baseline": med["packed"][0],
-            "ours": med["llmos"][0],
-            "ratio": ratio["packed"],
-            "unit": "tokens/s",
-            "notes": f"goal >= 1.2x. Trainer fp32 (its default), llmos {ours_prec}; {per_repeat['packed']}; "
-            f"baseline {med['packed'][1]}",
-        },
-    ]
-    if "packed-same" in rate:
-        rows.append(
-            {
-                "name": f"{label}: llmos pretrain vs HF Trainer, packed blocks, both {ours_prec}",
-                "baseline": med["packed-same"][0],
-                "ours": med["llmos"][0],
-                "ratio": ratio["packed-same"],
-                "unit": "tokens/s",
-                "notes": f"the loop alone, same precision; {per_repeat['packed-same']}; "
-                f"baseline {med['packed-same'][1]}",
-            }
+        versus(
+            "llmos-fp32",
+            "padded-fp32",
+            "llmos pretrain (fp32, the default) vs HF Trainer, padded documents",
+            f"goal >= 2x; both fp32 (each one's default on CPU); {common}",
         )
-    padding = statistics.mean(r["padding"] for r in results["padded"])
+    ]
+    if native_bf16:
+        rows.append(
+            versus(
+                "llmos-bf16",
+                "padded-fp32",
+                "llmos pretrain (train.precision=bf16) vs HF Trainer (its default fp32), padded documents",
+                f"goal >= 2x; bf16 is native here, so llmos recommends it (a hint on every CPU run); {common}",
+            )
+        )
+    rows.append(
+        versus(
+            "llmos-fp32",
+            "packed-fp32",
+            "llmos pretrain vs HF Trainer fed the same packed blocks, both fp32",
+            "goal >= 1.2x: the loop's own efficiency",
+        )
+    )
+    if native_bf16:
+        rows.append(
+            versus(
+                "llmos-bf16",
+                "packed-bf16",
+                "llmos pretrain vs HF Trainer fed the same packed blocks, both bf16",
+                "goal >= 1.2x: the loop's own efficiency at bf16",
+            )
+        )
+    padding = statistics.mean(r["padding"] for r in results["padded-fp32"])
     rows.append(
         {
             "name": f"{label}: padding fraction of batch slots",
@@ -329,19 +393,18 @@ def bench_setting(setting: Setting, work: Path) -> list[dict[str, Any]]:
             "notes": "Trainer pads each batch to its longest document; llmos packs documents (EOS-separated) into full blocks",
         }
     )
-    peak_prec = peak["bf16" if ours_prec == "bf16" else "fp32"]
-    rows.append(
-        {
-            "name": f"{label}: model FLOPs utilisation (MFU)",
-            "baseline": med["padded"][0] * fpt / peak["fp32"],
-            "ours": med["llmos"][0] * fpt / peak_prec,
-            "ratio": None,
-            "unit": "fraction of peak",
-            "notes": f"{fpt / 1e6:.1f} MFLOP/token (6N + attention at full context); measured matmul peak: "
-            f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; each side against "
-            "the peak of its own precision",
-        }
-    )
+    for prec in ("fp32", "bf16") if native_bf16 else ("fp32",):
+        rows.append(
+            {
+                "name": f"{label}: model FLOPs utilisation (MFU), {prec}",
+                "baseline": med[f"padded-{prec}" if prec == "fp32" else "packed-bf16"][0] * fpt / peak[prec],
+                "ours": med[f"llmos-{prec}"][0] * fpt / peak[prec],
+                "ratio": None,
+                "unit": "fraction of peak",
+                "notes": f"baseline: Trainer {'padded' if prec == 'fp32' else 'packed'}; {fpt / 1e6:.1f} MFLOP/token "
+                f"(6N + attention at full context); measured {prec} matmul peak {peak[prec] / 1e9:.0f} GFLOP/s",
+            }
+        )
     return rows
 
 
@@ -373,20 +436,27 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    """`--quick` prints the rows; `--trainer WORK FILES STEPS` runs only the padded HF Trainer baseline
-    (bench_memory measures its peak RSS)."""
+    """`--quick` prints the rows; `--measure VARIANT WORK SETTING` runs one variant on prepared data and
+    prints its result as JSON; `--trainer WORK FILES STEPS` prepares data and runs only the padded HF
+    Trainer baseline (bench_memory measures its peak RSS)."""
     import argparse
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--measure", nargs=3, metavar=("VARIANT", "WORK", "SETTING"))
     ap.add_argument("--trainer", nargs=3, metavar=("WORK", "FILES", "STEPS"))
     args = ap.parse_args()
     quiet_offline()
+    if args.measure:
+        variant, work, setting = args.measure
+        result = Experiment(Setting(**json.loads(setting)), Path(work)).measure(variant)
+        print(json.dumps(result))
+        return
     if args.trainer:
         work, files, steps = Path(args.trainer[0]), int(args.trainer[1]), int(args.trainer[2])
-        Experiment(Setting("tiny-llama", files or None, steps=steps, warm=1, repeats=1), work).trainer(
-            packed=False
-        )
+        setting = Setting("tiny-llama", files or None, steps=steps, warm=1, repeats=1)
+        Experiment.prepare(setting, work)
+        Experiment(setting, work).trainer(packed=False)
         return
     for row in run(args.quick):
         print(row)

@@ -86,3 +86,50 @@ def test_length_grouped_batches_cut_padding_and_stay_resumable() -> None:
     first_epochs = [next(it) for _ in range(60)]  # into epoch 3
     resumed = iter(ResumableBatchSampler(400, 8, seed=3, start_batch=70, lengths=lengths))
     assert [next(resumed) for _ in range(40)] == first_epochs[20:]
+
+
+FAULTS_PER_ROUND = """
+import resource, sys, torch
+from llmos_cli.core.allocator import retain_freed_memory
+
+
+def faults_per_round() -> int:
+    # A training step's pattern: the same large buffers allocated, written and freed every step.
+    # (Tuned, the heap takes a few rounds to grow to its steady size.)
+    for _ in range(10):
+        x = torch.empty(16_000_000); x.fill_(1); del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        x = torch.empty(16_000_000); x.fill_(1); del x
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 20
+
+
+untuned = faults_per_round()
+print(untuned, int(retain_freed_memory()), faults_per_round())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_cpu_stages_keep_freed_buffers_instead_of_page_faulting_every_step() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_ROUND], capture_output=True, text=True, check=True
+    )
+    untuned, tuned_ok, tuned = map(int, done.stdout.split())
+    if not tuned_ok:
+        pytest.skip("the C library is not glibc")
+    assert untuned >= 10_000  # a 64 MB buffer (a step's logits) is mmapped and faulted in afresh
+    assert tuned <= 10  # reused from the heap
+
+
+def test_cpu_stage_setup_tunes_the_allocator(monkeypatch) -> None:
+    from llmos_cli.recipe import Recipe
+    from llmos_cli.stages import common
+
+    calls = []
+    monkeypatch.setattr(common, "retain_freed_memory", lambda: calls.append(1))
+    recipe = Recipe()
+    recipe.train.device = "cpu"
+    common.device_and_precision(recipe)
+    assert calls == [1]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from llmos_cli.console import out
+from llmos_cli.core.allocator import retain_freed_memory
 from llmos_cli.core.distributed import current_world, full_state_dict
 from llmos_cli.core.rundir import RunDir
 from llmos_cli.core.runtime import Precision, cpu_has_fast_bf16, pick_device, pick_precision
@@ -23,7 +24,10 @@ def open_run(recipe: Recipe) -> RunDir:
 
 
 def device_and_precision(recipe: Recipe, *, training: bool = False) -> tuple[torch.device, Precision]:
+    """The stage's device and precision; on CPU, freed host buffers are kept for the next step."""
     device = pick_device(recipe.train.device)
+    if device.type == "cpu":
+        retain_freed_memory()
     precision = pick_precision(recipe.train.precision, device)
     if training and recipe.train.precision == "auto" and device.type == "cpu" and cpu_has_fast_bf16():
         out.info(
