@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from llmos_cli.core.data import IGNORE_INDEX
+
 GROUP_BATCHES = 50  # length grouping sorts windows of this many batches: little padding, still shuffled
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -74,20 +76,21 @@ def causal_lm_collate(pad_id: int) -> Collate:
     def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
         longest = max(lengths)
-        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        # Filled in numpy: rows may be lists or (read-only) arrays from a dataset.
+        ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+        labels = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)
         documents = "position_ids" in rows[0]
-        positions = torch.zeros((len(rows), longest), dtype=torch.long) if documents else None
+        positions = np.zeros((len(rows), longest), dtype=np.int64) if documents else None
         for i, r in enumerate(rows):
             n = lengths[i]
-            ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-            labels[i, :n] = torch.as_tensor(r.get("labels", r["input_ids"]), dtype=torch.long)
+            ids[i, :n] = r["input_ids"]
+            labels[i, :n] = r.get("labels", r["input_ids"])
             if positions is not None:
-                positions[i, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
-        batch = {"input_ids": ids, "labels": labels}
+                positions[i, :n] = r["position_ids"]
+        batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
         if positions is not None:
-            batch["labels"] = mask_document_starts(labels, positions)
-            batch["position_ids"] = positions
+            batch["labels"] = torch.from_numpy(mask_document_starts(labels, positions))
+            batch["position_ids"] = torch.from_numpy(positions)
         elif min(lengths) != longest:
             mask = torch.zeros((len(rows), longest), dtype=torch.long)
             for i, n in enumerate(lengths):

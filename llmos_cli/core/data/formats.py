@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmos_cli.core.batches import IGNORE_INDEX
+from llmos_cli.core.data import IGNORE_INDEX
 from llmos_cli.core.data.cache import fingerprint
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.errors import UserError

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llmos_cli.core.batches import IGNORE_INDEX
+from llmos_cli.core.data import IGNORE_INDEX
 from llmos_cli.core.data.split import Part
 from llmos_cli.core.data.store import column_names, iter_batches, token_features, write_rows
 from llmos_cli.recipe import DataSection
