@@ -7,7 +7,9 @@ Same model (a random llama, built as bench/tiny_model.py does), same token rows,
 Two kinds of rows: documents of uneven length (stdlib modules cut at top-level definitions, truncated to
 the block length), where length sorting keeps padding small, and packed blocks (the documents' token
 stream with EOS after each, cut into full blocks), which is what `llmos eval` scores. Both sides must give
-the same summed loss to 1e-5 relative (checked here, not just timed). The two alternate over the repeats;
+the same summed loss to 1e-5 relative (checked here, not just timed). Both run with the host allocator
+tuning that `llmos eval` applies on CPU (it keeps the batch's large logits buffers from page-faulting
+every batch; the per-example loop's small buffers barely notice it). The two alternate over the repeats;
 each figure is the median (spread in the notes). Row lengths 64 and 256 are both measured: on a
 CPU thread a 256-token row already keeps the matmuls busy, so batching gains little there (the
 per-forward overhead it saves matters for short rows and on GPUs). `python -m bench.bench_eval [--quick]` prints the rows.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from bench.bench_train import stdlib_documents
 from bench.tiny_model import build_tiny_llama
+from llmos_cli.core.allocator import retain_freed_memory
 from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.evaluate import dataset_loss
 from llmos_cli.core.objectives import CAUSAL_LM
@@ -73,6 +76,8 @@ def measure(s: Settings) -> dict[str, dict[str, Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        retain_freed_memory()  # as `llmos eval` runs; process-wide, so the loop gets it too
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_llama(Path(tmp), hidden=s.hidden, layers=s.layers)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -123,7 +128,7 @@ def rows(s: Settings, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]
                 "notes": f"llama h{s.hidden} L{s.layers}, fp32, batch {s.batch_size}, {m['tokens']} scored "
                 f"tokens; median of {s.repeats} alternating repeats (ratios {ratios}); same loss checked: "
                 f"{m['ours_loss']:.6f} vs {m['base_loss']:.6f} (rel. diff {rel:.1e} <= 1e-5); "
-                f"{torch.get_num_threads()} threads",
+                f"{torch.get_num_threads()} threads; allocator tuned for both",
             }
         )
     return out
