@@ -15,18 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bench.bench_train import RECIPE, ROOT, Setting, recipe_overrides, write_corpus
+from bench.bench_train import RECIPE, ROOT, Setting, child_env, recipe_overrides, write_corpus
 
 TITLE = "Peak memory per stage (RSS)"
 
 
 def peak_rss_mib(cmd: list[str]) -> float:
     """Run `cmd` to completion and return its peak resident set size in MiB (Linux/macOS rusage)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as many threads as this benchmark was given
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:

@@ -275,9 +275,20 @@ class Experiment:
 VARIANTS = ("padded-fp32", "packed-fp32", "packed-bf16", "llmos-fp32", "llmos-bf16")
 
 
+def child_env() -> dict[str, str]:
+    """Environment of a benchmark's child process: offline, this checkout, this process's torch threads."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+
+
 def measure_in_child(setting: Setting, work: Path, variant: str) -> dict[str, Any]:
     """Run one variant in a fresh Python process with this process's torch threads."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = child_env()
     cmd = [
         sys.executable,
         "-m",
