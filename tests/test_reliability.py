@@ -13,6 +13,7 @@ import pytest
 
 from llmos_cli.core.checkpoint import complete_checkpoints, save_checkpoint
 from llmos_cli.core.objectives import CAUSAL_LM, Objective
+from llmos_cli.core.train import NonFiniteGuard
 from llmos_cli.errors import RunFailed
 from llmos_cli.recipe import load_recipe
 from llmos_cli.stages import pretrain
@@ -71,6 +72,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         pretrain.run(load_recipe(tiny_recipe))
     assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-10"]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_nonfinite_guard_keeps_the_first_bad_step_and_norm() -> None:
+    import torch
+
+    guard = NonFiniteGuard(torch.device("cpu"))
+    for step, norm in [(1, 0.5), (2, 3.0)]:
+        guard.record(step, torch.tensor(norm))
+    assert guard.first_bad() is None
+    for step, norm in [(3, float("inf")), (4, 1.0), (5, float("nan"))]:
+        guard.record(step, torch.tensor(norm))
+    assert guard.first_bad() == (3, float("inf"))
+
+
+def test_gradient_norm_reaches_the_host_only_where_the_loop_syncs_anyway(
+    tiny_recipe: Path, monkeypatch
+) -> None:
+    """No per-step host sync: the guard is read at log (every 5), eval (15, 30) and save (10, 20, 30) steps."""
+    asked: list[int] = []
+    first_bad = NonFiniteGuard.first_bad
+
+    def counted(self: NonFiniteGuard) -> tuple[int, float] | None:
+        asked.append(1)
+        return first_bad(self)
+
+    monkeypatch.setattr(NonFiniteGuard, "first_bad", counted)
+    pretrain.run(load_recipe(tiny_recipe))
+    assert len(asked) == len({5, 10, 15, 20, 25, 30})
 
 
 def test_partial_checkpoints_are_never_resumed(tmp_path: Path) -> None:

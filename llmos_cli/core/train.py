@@ -61,6 +61,27 @@ class TrainResult:
     stopped_early: bool = False
 
 
+class NonFiniteGuard:
+    """Remembers, on the device, the first step whose gradient norm was not finite.
+
+    Checking the norm on the host every step would stall a GPU's queue; the loop asks `first_bad`
+    only where it syncs anyway (logging, evaluation, saving), before any of them can use the weights.
+    """
+
+    def __init__(self, device: torch.device):
+        self.step = torch.zeros((), dtype=torch.long, device=device)  # 0: none yet
+        self.norm = torch.zeros((), device=device)
+
+    def record(self, step: int, grad_norm: torch.Tensor) -> None:
+        first = ~torch.isfinite(grad_norm) & (self.step == 0)
+        self.step = torch.where(first, step, self.step)
+        self.norm = torch.where(first, grad_norm.float(), self.norm)
+
+    def first_bad(self) -> tuple[int, float] | None:
+        step = int(self.step)
+        return (step, float(self.norm)) if step else None
+
+
 def total_steps(cfg: TrainSection, n_rows: int) -> int:
     if cfg.max_steps is not None and cfg.epochs is None:
         return cfg.max_steps
@@ -157,6 +178,7 @@ def train(job: TrainJob) -> TrainResult:
     last_loss, validation = None, None
     window_loss = torch.zeros((), device=device)
     window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+    nonfinite = NonFiniteGuard(device)
 
     with (
         StopRequest() as stop,
@@ -185,8 +207,8 @@ def train(job: TrainJob) -> TrainResult:
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = distributed.clip_grad_norm(model, cfg.max_grad_norm or float("inf"))
-            if scaler is None and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps itself
-                _diverged(job, state["step"] + 1, f"gradient norm is {float(grad_norm)}")
+            if scaler is None:  # fp16's scaler skips non-finite steps itself
+                nonfinite.record(state["step"] + 1, grad_norm)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -198,8 +220,13 @@ def train(job: TrainJob) -> TrainResult:
             state["micro_batches"] += cfg.grad_accum
             step = state["step"]
             distributed.agree_on_stop(stop, world)
+            logging = step % cfg.log_every == 0 or step == steps
+            evaluating = job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps)
+            saving = step % cfg.save_every == 0 or step == steps or stop.requested
+            if (logging or evaluating or saving) and (bad := nonfinite.first_bad()):
+                _diverged(job, bad[0], f"gradient norm is {bad[1]}")
 
-            if step % cfg.log_every == 0 or step == steps:
+            if logging:
                 window_loss, window_tokens = world.sum(window_loss), world.sum(window_tokens)
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / max(window_targets, 1)
@@ -221,7 +248,7 @@ def train(job: TrainJob) -> TrainResult:
                 window_loss.zero_()
                 window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
 
-            if job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps):
+            if evaluating:
                 eval_start = time.perf_counter()
                 validation = loss_metrics(
                     *dataset_loss(
@@ -251,7 +278,7 @@ def train(job: TrainJob) -> TrainResult:
                     )
 
             early_stop = bool(watch and watch.should_stop)
-            if step % cfg.save_every == 0 or step == steps or stop.requested or early_stop:
+            if saving or early_stop:
                 saved = distributed.save_checkpoint(
                     world,
                     run.checkpoints,
