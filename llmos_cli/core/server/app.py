@@ -1,0 +1,269 @@
+"""The OpenAI-compatible HTTP API over a continuous-batching Engine (or an encoder for embeddings/classification)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from llmos_cli.core.batching import Engine
+from llmos_cli.core.infer import EncoderRunner, SamplingParams
+from llmos_cli.core.server.guard import Guard
+from llmos_cli.core.server.metrics import Metrics
+from llmos_cli.core.server.schema import ApiError, ChatBody, CompletionBody, EncodeBody, SamplingBody
+from llmos_cli.core.server.stream import complete, finish_reason, stream_events, usage_of, wants_usage
+
+
+def create_app(
+    backend: Engine | EncoderRunner,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    default_max_tokens: int = 256,
+    retry_after_s: int = 1,
+    drain_timeout_s: float = 30.0,
+) -> FastAPI:
+    """The FastAPI app. An Engine serves completions and chat; an EncoderRunner serves embeddings or classify."""
+    engine = backend if isinstance(backend, Engine) else None
+    encoder = backend if isinstance(backend, EncoderRunner) else None
+    metrics = Metrics()
+    encoder_lock = asyncio.Lock()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            engine.on_first_token = metrics.ttft.observe
+            engine.start()
+        yield
+        if engine is not None:
+            await run_in_threadpool(engine.stop, drain_timeout_s)
+
+    app = FastAPI(title="llmos", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = (
+            f"{param}: {first.get('msg', 'invalid value')}"
+            if param
+            else str(first.get("msg", "invalid body"))
+        )
+        return ApiError(400, message, param=param, code="invalid_parameter").response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine is not None and not engine.healthy:
+            reason = f"model failed: {engine.error}" if engine.error else "engine is not running"
+            return JSONResponse({"status": "error", "detail": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_route() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llmos"}],
+        }
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise ApiError(
+                400,
+                f"model '{name}' is not served here; this server serves '{model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def need_engine() -> Engine:
+        if engine is None:
+            raise ApiError(
+                400,
+                f"'{model_name}' is not a generative model; use /v1/embeddings or /v1/classify",
+                code="unsupported_endpoint",
+            )
+        return engine
+
+    def sampling(body: SamplingBody, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        window = need_engine().runner.context_window
+        if window is not None and prompt_len >= window:
+            raise ApiError(
+                400,
+                f"the prompt is {prompt_len} tokens; this model's context window is {window}",
+                param="messages" if isinstance(body, ChatBody) else "prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = (
+                default_max_tokens if window is None else min(default_max_tokens, window - prompt_len)
+            )
+        elif window is not None and prompt_len + max_tokens > window:
+            raise ApiError(
+                400,
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over this "
+                f"model's context window of {window} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=stop,
+        )
+        try:
+            params.check()
+        except ValueError as err:
+            raise ApiError(400, str(err)) from err
+        return params
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request) -> Response:
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        eng = need_engine()
+        ids = [eng.runner.encode(p) for p in prompts]
+        params = [sampling(body, len(x), body.max_tokens or 16) for x in ids]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+
+        def chunk(text: str, finish: str | None, index: int = 0) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+
+        if body.stream:
+            if len(ids) != 1:
+                raise ApiError(400, "stream: true takes a single prompt", param="prompt")
+            return stream_events(
+                eng,
+                ids[0],
+                params[0],
+                retry_after_s,
+                usage=wants_usage(body),
+                first=None,
+                delta=lambda t: chunk(t, None),
+                last=lambda c: chunk("", finish_reason(c)),
+            )
+        results = await asyncio.gather(
+            *(complete(eng, x, p, request, retry_after_s) for x, p in zip(ids, params, strict=True))
+        )
+        out = chunk("", None)
+        out["choices"] = [
+            {"index": i, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c)}
+            for i, c in enumerate(results)
+        ]
+        out["usage"] = usage_of(results)
+        return JSONResponse(out)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request) -> Response:
+        check_model(body.model)
+        eng = need_engine()
+        try:
+            ids = eng.runner.encode_chat([m.text() for m in body.messages])
+        except ValueError as err:
+            raise ApiError(400, str(err), param="messages") from err
+        params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+
+        if body.stream:
+            return stream_events(
+                eng,
+                ids,
+                params,
+                retry_after_s,
+                usage=wants_usage(body),
+                first=chunk({"role": "assistant", "content": ""}, None),
+                delta=lambda t: chunk({"content": t}, None),
+                last=lambda c: chunk({}, finish_reason(c)),
+            )
+        c = await complete(eng, ids, params, request, retry_after_s)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": None,
+                        "finish_reason": finish_reason(c),
+                    }
+                ],
+                "usage": usage_of([c]),
+            }
+        )
+
+    async def run_encoder(body: EncodeBody, fn: Callable[[list[str]], Any]) -> tuple[list[str], Any]:
+        check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise ApiError(400, "input must not be empty", param="input")
+        async with encoder_lock:
+            return texts, await run_in_threadpool(fn, texts)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EncodeBody) -> dict[str, Any]:
+        if encoder is None or encoder.is_classifier:
+            raise ApiError(400, f"'{model_name}' does not serve embeddings", code="unsupported_endpoint")
+        texts, vectors = await run_encoder(body, encoder.embed)
+        n = encoder.count_tokens(texts)
+        return {
+            "object": "list",
+            "model": model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        }
+
+    @app.post("/v1/classify")
+    async def classify(body: EncodeBody) -> dict[str, Any]:
+        if encoder is None or not encoder.is_classifier:
+            raise ApiError(400, f"'{model_name}' is not a classifier", code="unsupported_endpoint")
+        _, scores = await run_encoder(body, encoder.classify)
+        data = []
+        for i, s in enumerate(scores):
+            label = max(s, key=s.get)
+            data.append({"index": i, "label": label, "score": s[label], "scores": s})
+        return {"object": "list", "model": model_name, "data": data}
+
+    return app

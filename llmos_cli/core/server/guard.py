@@ -1,0 +1,124 @@
+"""ASGI middleware in front of the app: API key, body size cap and per-route metrics."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmos_cli.core.server.metrics import Metrics
+from llmos_cli.core.server.schema import error_bytes
+
+
+class Guard:
+    """Check the API key (constant time, every route but /health) and the body size (413) before the app runs."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+        self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, path = time.monotonic(), scope["path"]
+        status = 500
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if path != "/health" and self.api_key is not None and not self._authorized(scope):
+                await self._reject(
+                    send_recording,
+                    401,
+                    "invalid or missing API key",
+                    "authentication_error",
+                    "invalid_api_key",
+                )
+                return
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                await self._reject(
+                    send_recording,
+                    413,
+                    f"request body is over {self.max_body_bytes} bytes",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
+                return
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._read_capped(receive)
+                if body is None:
+                    await self._reject(
+                        send_recording,
+                        413,
+                        f"request body is over {self.max_body_bytes} bytes",
+                        "invalid_request_error",
+                        "request_too_large",
+                    )
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_recording)
+        finally:
+            self.metrics.record(path if path in KNOWN_PATHS else "other", status, time.monotonic() - start)
+
+    def _authorized(self, scope: Scope) -> bool:
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key.encode())
+
+    async def _read_capped(self, receive: Receive) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _reject(send: Send, status: int, message: str, type: str, code: str) -> None:
+        body = error_bytes(status, message, type, code)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+KNOWN_PATHS = {
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/classify",
+}
