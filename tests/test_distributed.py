@@ -158,6 +158,31 @@ def test_fsdp_on_two_processes_trains_saves_plain_final_and_resumes_on_one(works
     _assert_same_curve(workspace / "single", run)
 
 
+def test_fsdp_keeps_the_best_weights(workspace: Path) -> None:
+    """keep_best under FSDP: shards are gathered for best.safetensors and scattered back at the end.
+
+    Watching the loss with mode=max makes step 10 the best evaluation, so final/ must hold the
+    step-10 weights, which differ from the step-20 ones.
+    """
+    from safetensors.torch import load_file
+
+    run = workspace / "fsdp-best"
+    watch = json.dumps({"metric": "loss", "mode": "max", "patience": 5})
+    sets = [f"run.output_dir={run}", "train.keep_best=true", f"train.early_stopping={watch}"]
+    cmd = torchrun_command(2, ["pretrain", str(workspace / "recipe.yaml"), *(f"--set={s}" for s in sets)])
+    cmd[cmd.index("--standalone")] = f"--master_port={_free_port()}"
+    _run([*cmd, "--set", "train.distributed=fsdp"], workspace)
+
+    final = load_file(str(run / "final" / "model.safetensors"))
+    best = load_file(str(run / "checkpoints" / "best.safetensors"))
+    step10 = load_file(str(run / "checkpoints" / "step-10" / "model.safetensors"))
+    step20 = load_file(str(run / "checkpoints" / "step-20" / "model.safetensors"))
+    assert best.keys() <= step10.keys() and "model.layers.0.self_attn.q_proj.weight" in best
+    for name, tensor in best.items():
+        assert torch.equal(tensor, step10[name]) and torch.equal(final[name], step10[name]), name
+    assert not torch.equal(final["model.norm.weight"], step20["model.norm.weight"])
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_ranks_split_each_global_step_in_the_one_process_order(world_size: int) -> None:
     def steps(sampler, n_steps: int) -> list[list[int]]:

@@ -391,6 +391,25 @@ def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[st
     return full if keep else {}
 
 
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters as full CPU tensors, tied ones once. FSDP shards are gathered (a
+    collective: call on every rank) and only rank 0 gets them; the other ranks get an empty dict."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if is_sharded(model):
+        full = full_state_dict(model)
+        return {n: full[n].contiguous() for n in trainable} if full else {}
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().contiguous().cpu() for n in trainable}
+
+
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load a full (unsharded) state dict non-strictly, into a sharded model too; (missing, unexpected)."""
+    if is_sharded(model):
+        return _FullStateModel(model).load_state_dict(state)
+    result = model.load_state_dict(state, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
 def save_checkpoint(
     world: World,
     root: Path,

@@ -141,8 +141,6 @@ def train(job: TrainJob) -> TrainResult:
         raise UserError(
             "train.early_stopping / train.keep_best need validation data (data.validation or split)"
         )
-    if watch and cfg.keep_best and world.size > 1 and cfg.distributed == "fsdp":
-        raise UserError("train.keep_best is not supported with train.distributed=fsdp yet (it is with ddp)")
     best_file = run.checkpoints / "best.safetensors"
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
@@ -264,13 +262,14 @@ def train(job: TrainJob) -> TrainResult:
                 )
                 if job.metrics:
                     validation.update(job.metrics(model))
+                validation = world.broadcast(validation)  # every rank's watch decides alike
                 if world.is_main:
                     run.log({"step": step, "split": "validation", **validation})
                     trackers.log({"step": step, "split": "validation", **validation})
                 bar.update(0, val_loss=validation["loss"])
                 window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
-                if watch and watch.update(validation, step) and cfg.keep_best and world.is_main:
-                    save_trained_weights(model, best_file)
+                if watch and watch.update(validation, step) and cfg.keep_best:
+                    save_trained_weights(model, best_file, world)
                 if watch and watch.should_stop:
                     out.info(
                         f"train: early stop at step {step}: {watch.metric} did not improve for "
@@ -297,7 +296,6 @@ def train(job: TrainJob) -> TrainResult:
                     exit_code=128 + stop.signum,
                 )
 
-    world.barrier()  # rank 0 wrote the best weights; every rank loads them
     if watch and cfg.keep_best and watch.best_step not in (None, state["step"]) and best_file.exists():
         load_trained_weights(model, best_file)
         out.info(

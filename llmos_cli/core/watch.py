@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmos_cli.core import distributed
+from llmos_cli.core.distributed import World
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import TrainSection
 
@@ -59,21 +61,27 @@ class MetricWatch:
             self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
 
 
-def save_trained_weights(model: Any, path: Path) -> None:
-    """Write the trainable parameters (all of them for full fine-tuning, adapters for LoRA) atomically."""
+def save_trained_weights(model: Any, path: Path, world: World) -> None:
+    """Write the trainable parameters (all of them for full fine-tuning, adapters for LoRA) atomically.
+
+    Every rank calls it (FSDP gathers shards); rank 0 writes.
+    """
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    tensors = distributed.trained_weights(model)
+    if world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+    world.barrier()
 
 
 def load_trained_weights(model: Any, path: Path) -> None:
+    """Load weights `save_trained_weights` wrote (every rank reads the file under FSDP)."""
     from safetensors.torch import load_file
 
-    device = next(model.parameters()).device
-    missing = model.load_state_dict(load_file(str(path), device=str(device)), strict=False)
-    if missing.unexpected_keys:
-        raise UserError(f"{path} does not match this model: unexpected {missing.unexpected_keys[:3]}")
+    device = "cpu" if distributed.is_sharded(model) else str(next(model.parameters()).device)
+    _, unexpected = distributed.load_full_state(model, load_file(str(path), device=device))
+    if unexpected:
+        raise UserError(f"{path} does not match this model: unexpected {unexpected[:3]}")
