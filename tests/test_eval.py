@@ -101,3 +101,29 @@ def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
     assert rows["loss"]["delta"] == pytest.approx(-0.5)
     missing = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "nope")
     assert missing.code == 2 and "no eval.json" in missing.stderr
+
+
+def test_dataset_loss_shards_add_up_to_the_whole() -> None:
+    """The validation share of each of 3 processes sums to the one-process loss and target count."""
+    from llmos_cli.core.batches import causal_lm_collate
+    from llmos_cli.core.evaluate import dataset_loss
+    from llmos_cli.core.models import build_model
+    from llmos_cli.core.objectives import CAUSAL_LM
+    from llmos_cli.core.runtime import pick_precision
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = build_model("llama", TINY_MODEL, 64, {"pad_token_id": 0})
+    rows = [{"input_ids": torch.randint(1, 64, (n,)).tolist()} for n in range(5, 40, 3)]
+    collate = causal_lm_collate(0)
+    kwargs = {
+        "batch_size": 2,
+        "device": torch.device("cpu"),
+        "precision": pick_precision("fp32", torch.device("cpu")),
+        "max_batches": 5,
+    }
+    whole = dataset_loss(model, rows, CAUSAL_LM, collate, **kwargs)
+    parts = [dataset_loss(model, rows, CAUSAL_LM, collate, shard=(i, 3), **kwargs) for i in range(3)]
+    assert sum(c for _, c in parts) == whole[1] and whole[1] < sum(len(r["input_ids"]) for r in rows)
+    assert sum(t for t, _ in parts) == pytest.approx(whole[0], rel=1e-9)
+    assert all(c > 0 for _, c in parts)

@@ -24,8 +24,12 @@ def dataset_loss(
     device: torch.device,
     precision: Precision,
     max_batches: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[float, int]:
-    """Summed loss and target count over `rows`, batched in length order to avoid padding waste."""
+    """Summed loss and target count over `rows`, batched in length order to avoid padding waste.
+
+    `shard=(i, n)` scores only batches i, i + n, i + 2n, ... (one process's share of the work).
+    """
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]), reverse=True)
@@ -34,6 +38,8 @@ def dataset_loss(
     for b, start in enumerate(range(0, len(order), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
+        if b % shard[1] != shard[0]:
+            continue
         batch = collate([rows[i] for i in order[start : start + batch_size]])
         count += objective.count(batch)
         with precision.autocast(device):

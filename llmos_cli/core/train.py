@@ -248,18 +248,7 @@ def train(job: TrainJob) -> TrainResult:
 
             if evaluating:
                 eval_start = time.perf_counter()
-                validation = loss_metrics(
-                    *dataset_loss(
-                        model,
-                        job.val_rows,
-                        job.objective,
-                        job.collate,
-                        batch_size=cfg.batch_size,
-                        device=device,
-                        precision=job.precision,
-                        max_batches=cfg.eval_batches,
-                    )
-                )
+                validation = loss_metrics(*_validation_loss(job, model, world))
                 if job.metrics:
                     validation.update(job.metrics(model))
                 validation = world.broadcast(validation)  # every rank's watch decides alike
@@ -310,6 +299,24 @@ def train(job: TrainJob) -> TrainResult:
         best={"metric": watch.metric, "value": watch.best, "step": watch.best_step} if watch else None,
         stopped_early=bool(watch and watch.should_stop),
     )
+
+
+def _validation_loss(job: TrainJob, model: torch.nn.Module, world: distributed.World) -> tuple[float, int]:
+    """Summed validation loss and targets. Under DDP each rank scores every world.size-th batch and
+    the sums are added up; under FSDP every rank runs every batch (its forward is a collective)."""
+    split = world.size > 1 and not distributed.is_sharded(model)
+    total, count = dataset_loss(
+        model,
+        job.val_rows,
+        job.objective,
+        job.collate,
+        batch_size=job.cfg.batch_size,
+        device=job.device,
+        precision=job.precision,
+        max_batches=job.cfg.eval_batches,
+        shard=(world.rank, world.size) if split else (0, 1),
+    )
+    return (world.sum(total), world.sum(count)) if split else (total, count)
 
 
 def _diverged(job: TrainJob, step: int, what: str) -> None:
