@@ -498,15 +498,15 @@ def models_pull(
 
 
 def _relaunch(nproc: int, verb: str, recipe: Path, sets: list[str]) -> None:
-    """`llmos VERB RECIPE --nproc N`: exec torchrun running the same command in N processes."""
-    from llmos_cli.core.distributed import launch_torchrun
+    """`llmos VERB RECIPE --nproc N`: run the same command as N processes under torchrun's agent."""
+    from llmos_cli.core.launch import launch_local
 
     flags = [
         flag
         for flag, on in (("--debug", debug_enabled()), ("--json", out.json_mode), ("--quiet", out.quiet))
         if on
     ]
-    launch_torchrun(nproc, [*flags, verb, str(recipe), *(f"--set={s}" for s in sets)])
+    launch_local(nproc, [*flags, verb, str(recipe), *(f"--set={s}" for s in sets)])
 
 
 @recipe_app.command("validate")

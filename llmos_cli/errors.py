@@ -13,6 +13,7 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+ERRORS_DIR_ENV = "LLMOS_RANK_ERRORS"  # set by `--nproc`: each rank leaves its error message there
 
 
 class UserError(Exception):
@@ -47,12 +48,12 @@ def run_guarded(fn: Callable[[], T]) -> T:
     except UserError as err:
         if debug_enabled():
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         raise SystemExit(EXIT_USAGE) from None
     except RunFailed as err:
         if debug_enabled():
             traceback.print_exc()
-        print(f"error: {err.message}", file=sys.stderr)
+        _say(f"error: {err.message}")
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -64,5 +65,16 @@ def run_guarded(fn: Callable[[], T]) -> T:
             traceback.print_exc()
         else:
             print("(run with --debug or LLMOS_DEBUG=1 for the traceback)", file=sys.stderr)
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        _say(f"error: {type(err).__name__}: {err}")
         raise SystemExit(EXIT_FAILURE) from None
+
+
+def _say(message: str) -> None:
+    """Print the error; under `--nproc`, also leave it for the launcher (written whole, then renamed)."""
+    print(message, file=sys.stderr)
+    errors_dir, rank = os.environ.get(ERRORS_DIR_ENV), os.environ.get("RANK")
+    if errors_dir and rank is not None and os.path.isdir(errors_dir):
+        tmp = os.path.join(errors_dir, f".error-rank-{rank}.tmp")
+        with open(tmp, "w") as f:
+            f.write(message + "\n")
+        os.replace(tmp, os.path.join(errors_dir, f"error-rank-{rank}.txt"))

@@ -209,6 +209,43 @@ def test_a_step_that_does_not_split_over_the_processes_is_refused() -> None:
         ShardedBatchSampler(ResumableBatchSampler(40, 3, seed=0), 1, World(0, 0, 4))
 
 
+def test_an_error_every_rank_hits_is_shown_once_with_its_exit_code(workspace: Path) -> None:
+    cmd = [sys.executable, "-m", "llmos_cli", "pretrain", str(workspace / "recipe.yaml"), "--nproc", "2"]
+    proc = subprocess.run(
+        [*cmd, "--set", "train.batch_size=100000", "--set", f"run.output_dir={workspace / 'too-big'}"],
+        cwd=workspace,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("train.batch_size: 100000 is larger than the training set") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+def test_the_launcher_repeats_what_only_other_ranks_said(tmp_path: Path, capsys) -> None:
+    from types import SimpleNamespace
+
+    from llmos_cli.core.launch import _report
+
+    (tmp_path / "error-rank-0.txt").write_text("error: bad recipe\n")
+    (tmp_path / "error-rank-1.txt").write_text("error: bad recipe\n")  # shown by rank 0 already
+    (tmp_path / "error-rank-2.txt").write_text("error: disk full\n")
+    (tmp_path / "run" / "attempt_0" / "3").mkdir(parents=True)
+    (tmp_path / "run" / "attempt_0" / "3" / "stderr.log").write_text("loading\nSegmentation fault\n")
+    failures = {
+        0: SimpleNamespace(local_rank=0, exitcode=-15, timestamp=9),  # stopped by the agent
+        1: SimpleNamespace(local_rank=1, exitcode=2, timestamp=8),
+        2: SimpleNamespace(local_rank=2, exitcode=2, timestamp=7),
+        3: SimpleNamespace(local_rank=3, exitcode=139, timestamp=6),
+    }
+    assert _report(failures, tmp_path) == 139  # the first failure's code
+    err = capsys.readouterr().err
+    assert "bad recipe" not in err and "rank 2: error: disk full" in err
+    assert "rank 3 failed (exit code 139)" in err and err.rstrip().endswith("Segmentation fault")
+
+
 def test_nproc_under_torchrun_is_refused(workspace: Path, run_cli, monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -1,7 +1,7 @@
 """Several processes, one run: torch.distributed set up from torchrun's environment.
 
 llmos never launches workers itself: torchrun (or `accelerate launch`, or `llmos ... --nproc N`,
-which execs torchrun) starts one process per device and sets RANK, WORLD_SIZE, LOCAL_RANK and
+which runs torchrun's agent: see launch.py) starts one process per device and sets RANK, WORLD_SIZE, LOCAL_RANK and
 MASTER_ADDR/MASTER_PORT. Each process then runs the same stage; this module decides the pieces
 that differ: the process group (NCCL on CUDA, gloo on CPU), the model wrapper (DDP or FSDP2),
 which rows of every step this rank trains on, and world-size-independent checkpoints.
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -150,17 +150,6 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
         "llmos_cli",
         *args,
     ]
-
-
-def launch_torchrun(nproc: int, args: list[str]) -> NoReturn:
-    """Replace this process with torchrun running `llmos ARGS` on `nproc` local processes."""
-    if launched_by_torchrun():
-        raise UserError("--nproc: already running under torchrun; drop --nproc (torchrun sets the processes)")
-    cmd = torchrun_command(nproc, args)
-    out.info(f"launching: {' '.join(cmd[1:])}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(cmd[0], cmd)
 
 
 # ---------------------------------------------------------------- model
