@@ -89,7 +89,7 @@ def test_nonfinite_guard_keeps_the_first_bad_step_and_norm() -> None:
 def test_gradient_norm_reaches_the_host_only_where_the_loop_syncs_anyway(
     tiny_recipe: Path, monkeypatch
 ) -> None:
-    """No per-step host sync: the guard is read at log (every 5), eval (15, 30) and save (10, 20, 30) steps."""
+    """No per-step host sync: the guard is read once at each log (every 5), eval (15, 30) or save (10, 20, 30) step."""
     asked: list[int] = []
     first_bad = NonFiniteGuard.first_bad
 

@@ -218,11 +218,11 @@ def train(job: TrainJob) -> TrainResult:
             state["micro_batches"] += cfg.grad_accum
             step = state["step"]
             distributed.agree_on_stop(stop, world)
+            stopping = stop.requested  # as every rank agreed; a signal from now on counts next step
             logging = step % cfg.log_every == 0 or step == steps
             evaluating = job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps)
-            saving = step % cfg.save_every == 0 or step == steps or stop.requested
-            if (logging or evaluating or saving) and (bad := nonfinite.first_bad()):
-                _diverged(job, bad[0], f"gradient norm is {bad[1]}")
+            if logging or evaluating:
+                _check_gradients(job, nonfinite)
 
             if logging:
                 window_loss, window_tokens = world.sum(window_loss), world.sum(window_tokens)
@@ -266,7 +266,9 @@ def train(job: TrainJob) -> TrainResult:
                     )
 
             early_stop = bool(watch and watch.should_stop)
-            if saving or early_stop:
+            if step % cfg.save_every == 0 or step == steps or stopping or early_stop:
+                if not (logging or evaluating):
+                    _check_gradients(job, nonfinite)
                 saved = distributed.save_checkpoint(
                     world,
                     run.checkpoints,
@@ -278,7 +280,7 @@ def train(job: TrainJob) -> TrainResult:
                     cfg.keep_last,
                 )
             bar.update(1)
-            if stop.requested and step < steps:
+            if stopping and step < steps:
                 raise RunFailed(
                     f"stopped by {stop.name} at step {step}; checkpoint saved to {saved}; "
                     "run the same command again to resume",
@@ -317,6 +319,12 @@ def _validation_loss(job: TrainJob, model: torch.nn.Module, world: distributed.W
         shard=(world.rank, world.size) if split else (0, 1),
     )
     return (world.sum(total), world.sum(count)) if split else (total, count)
+
+
+def _check_gradients(job: TrainJob, guard: NonFiniteGuard) -> None:
+    """Stop at the first step whose gradient norm was not finite, if any (reads the guard: a host sync)."""
+    if bad := guard.first_bad():
+        _diverged(job, bad[0], f"gradient norm is {bad[1]}")
 
 
 def _diverged(job: TrainJob, step: int, what: str) -> None:
