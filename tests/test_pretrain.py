@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -14,7 +15,11 @@ from llmos_cli.stages import pretrain
 
 
 def test_tiny_pretrain_loss_falls_and_run_dir_is_complete(tiny_recipe: Path, tmp_path: Path, run_cli) -> None:
-    res = run_cli("--json", "pretrain", tiny_recipe)
+    old_umask = os.umask(0o022)
+    try:
+        res = run_cli("--json", "pretrain", tiny_recipe)
+    finally:
+        os.umask(old_umask)
     assert res.code == 0, res.stderr
     summary = json.loads(res.stdout)
     run = tmp_path / "run"
@@ -39,6 +44,12 @@ def test_tiny_pretrain_loss_falls_and_run_dir_is_complete(tiny_recipe: Path, tmp
     model = AutoModelForCausalLM.from_pretrained(str(run / "final"))
     tok = AutoTokenizer.from_pretrained(str(run / "final"))
     assert (run / "final" / "model.safetensors").exists()
+    owner_only = [  # every file follows the umask (0o022: readable by all), as a plain open() would
+        str(p.relative_to(tmp_path))
+        for p in [tmp_path / "data", run, *(tmp_path / "data").rglob("*"), *run.rglob("*")]
+        if p.stat().st_mode & 0o777 not in (0o644, 0o755)
+    ]
+    assert owner_only == []
     ids = tok("the cat sat on the", return_tensors="pt").input_ids
     with torch.no_grad():
         loss = model(ids, labels=ids).loss

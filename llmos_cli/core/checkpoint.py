@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmos_cli.core.writable import disk_full_is_clear
+from llmos_cli.core.writable import disk_full_is_clear, match_umask
 from llmos_cli.errors import UserError
 
 COMPLETE = "complete.json"
@@ -82,6 +82,7 @@ def save_checkpoint(
             (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
             (tmp / COMPLETE).write_text(json.dumps({"step": step}))
             _fsync_tree(tmp)
+            match_umask(tmp)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llmos_cli.core.writable import match_umask
+
 
 def _figure() -> tuple[Any, Any]:
     import matplotlib
@@ -27,6 +29,7 @@ def _save_atomically(fig: Any, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", bbox_inches="tight")
+        match_umask(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

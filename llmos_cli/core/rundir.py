@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmos_cli.core.writable import disk_full_is_clear, ensure_dir
+from llmos_cli.core.writable import disk_full_is_clear, ensure_dir, match_umask
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -22,6 +22,7 @@ def write_atomic(path: Path, text: str) -> None:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
+            match_umask(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -47,3 +47,38 @@ def disk_full_is_clear(path: Path) -> Iterator[None]:
         if err.errno not in _DISK_FULL:
             raise
         raise RunFailed(f"disk full while writing {path}; nothing half-written was left") from err
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_umask(path: Path) -> None:
+    """Give `path` (a folder: and all it holds) the permissions a plain open() or mkdir() would get.
+
+    Temp files and folders (mkstemp, mkdtemp) and some writers (transformers' safetensors files) are
+    owner-only; a published model, dataset or report should be readable as the user's umask allows.
+    """
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, dir_mode)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            child = os.path.join(root, name)
+            if not os.path.islink(child):
+                os.chmod(child, dir_mode if name in dirs else file_mode)

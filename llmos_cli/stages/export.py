@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos_cli.console import out as console
+from llmos_cli.core.data.cache import replace_dir
 from llmos_cli.core.export import verify as check
 from llmos_cli.core.export.gguf import GGUF_DTYPES, check_gguf_supported, export_gguf
 from llmos_cli.core.export.hf import export_hf, model_card, read_provenance
@@ -289,13 +290,7 @@ def _staging(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.parent / f"{tmp.name}.old"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
+    replace_dir(tmp, target)
 
 
 def _asdict(result: check.VerifyResult) -> dict[str, Any]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from llmos_cli.console import out
 from llmos_cli.core.infer import Runner, SamplingParams
+from llmos_cli.core.rundir import write_atomic
 from llmos_cli.errors import UserError
 
 
@@ -111,15 +110,3 @@ def read_prompts(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not rows:
         raise UserError(f"{path} holds no prompts")
     return rows
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from llmos_cli.core.writable import ensure_dir
+from llmos_cli.core.writable import ensure_dir, match_umask
 from llmos_cli.errors import UserError
 
 FINGERPRINT_VERSION = 2  # bump when the prepared layout or its report changes
@@ -65,6 +65,7 @@ def staging_dir(target: Path, what: str) -> Path:
 
 def replace_dir(staged: Path, target: Path) -> None:
     """Move `staged` into place at `target`, replacing any old copy without a half-written moment."""
+    match_umask(staged)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
