@@ -151,6 +151,30 @@ def test_over_long_prompt(client):
         client.completions.create(model="tiny", prompt="hi", max_tokens=600)
 
 
+def test_a_body_that_is_not_json_gets_a_message_saying_so(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = '{"model": "tiny", "prompt": "hi", "max_tokens": 2}'
+    form = httpx.post(  # what `curl -d` sends without -H "Content-Type: application/json"
+        server[0] + "/v1/completions",
+        headers={**auth, "Content-Type": "application/x-www-form-urlencoded"},
+        content=body,
+    )
+    assert form.status_code == 400 and form.json()["error"]["code"] == "invalid_body"
+    assert "Content-Type: application/json" in form.json()["error"]["message"]
+    broken = httpx.post(
+        server[0] + "/v1/completions",
+        headers={**auth, "Content-Type": "application/json"},
+        content='{"model": "tiny", "prompt": }',
+    )
+    error = broken.json()["error"]
+    assert broken.status_code == 400 and error["param"] is None
+    assert error["message"].startswith("invalid JSON at character 28: Expecting value")
+    ok = httpx.post(
+        server[0] + "/v1/completions", headers={**auth, "Content-Type": "application/json"}, content=body
+    )
+    assert ok.status_code == 200
+
+
 def test_oversized_body_is_413(server):
     r = httpx.post(
         server[0] + "/v1/completions",

@@ -58,6 +58,13 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
+        content_type = request.headers.get("content-type", "")
+        if first.get("loc") == ("body",) and content_type and "json" not in content_type:
+            message = f"the body must be JSON, sent with Content-Type: application/json (not {content_type})"
+            return ApiError(400, message, code="invalid_body").response()
+        if first.get("type") == "json_invalid":
+            at, why = first["loc"][-1], first.get("ctx", {}).get("error", "")
+            return ApiError(400, f"invalid JSON at character {at}: {why}", code="invalid_json").response()
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         message = (
