@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from llmos_cli.core.checkpoint import complete_checkpoints
@@ -79,3 +80,19 @@ def test_resume_refuses_a_changed_recipe(tiny_recipe: Path, tmp_path: Path, run_
     pretrain.run(load_recipe(tiny_recipe, ["train.max_steps=10"]))
     res = run_cli("pretrain", tiny_recipe, "--set", "train.batch_size=4")
     assert res.code == 2 and "cannot resume" in res.stderr and "batch_size: 8 -> 4" in res.stderr
+
+
+def test_a_finished_run_reports_its_result_and_refuses_other_settings(
+    tiny_recipe: Path, tmp_path: Path, run_cli
+) -> None:
+    first = pretrain.run(load_recipe(tiny_recipe, ["train.max_steps=10"]))
+    res = run_cli("--json", "pretrain", tiny_recipe, "--set", "train.max_steps=10")
+    assert res.code == 0 and "already finished at step 10: nothing to train" in " ".join(res.stderr.split())
+    again = json.loads(res.stdout)
+    assert again["steps"] == 10 and again["train_loss"] == pytest.approx(first["train_loss"], abs=1e-6)
+    assert again["validation"]["loss"] == pytest.approx(first["validation"]["loss"], abs=1e-6)
+
+    res = run_cli("pretrain", tiny_recipe, "--set", "train.max_steps=10", "--set", "train.lr=0.001")
+    said = " ".join(res.stderr.split())
+    assert res.code == 2 and "already finished at step 10 with other settings" in said
+    assert "train.lr: 0.003 -> 0.001" in said and "train.resume=never" in said

@@ -144,6 +144,7 @@ def train(job: TrainJob) -> TrainResult:
     best_file = run.checkpoints / "best.safetensors"
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
+    last_loss, validation = None, None
     resumed_from = world.broadcast(_resume_point(job))
     if resumed_from is not None:
         saved = distributed.load_checkpoint(resumed_from, model, optimizer, scheduler)
@@ -153,7 +154,15 @@ def train(job: TrainJob) -> TrainResult:
             watch.restore(saved.get("watch"))
         if world.is_main:
             _truncate_metrics(run, state["step"])
-        out.info(f"train: resumed from {resumed_from} at step {state['step']}")
+        if state["step"] >= steps or (watch and watch.should_stop):
+            _refuse_changed_finished_run(saved.get("settings"), _settings(cfg), resumed_from, state["step"])
+            last_loss, validation = _last_logged(run)
+            out.info(
+                f"train: {run.path} already finished at step {state['step']}: nothing to train "
+                "(raise train.max_steps to train on)"
+            )
+        else:
+            out.info(f"train: resumed from {resumed_from} at step {state['step']}")
 
     # Each rank trains on its slice of every global step: any process count sees the same batches.
     lengths = [len(r["input_ids"]) for r in job.train_rows] if job.group_by_length else None
@@ -173,7 +182,6 @@ def train(job: TrainJob) -> TrainResult:
     )
     batches = iter(loader)
     model.train()
-    last_loss, validation = None, None
     window_loss = torch.zeros((), device=device)
     window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
     nonfinite = NonFiniteGuard(device)
@@ -276,7 +284,12 @@ def train(job: TrainJob) -> TrainResult:
                     model,
                     optimizer,
                     scheduler,
-                    {**state, "compat": job.compat, "watch": watch.state() if watch else None},
+                    {
+                        **state,
+                        "compat": job.compat,
+                        "settings": _settings(cfg),
+                        "watch": watch.state() if watch else None,
+                    },
                     cfg.keep_last,
                 )
             bar.update(1)
@@ -319,6 +332,43 @@ def _validation_loss(job: TrainJob, model: torch.nn.Module, world: distributed.W
         shard=(world.rank, world.size) if split else (0, 1),
     )
     return (world.sum(total), world.sum(count)) if split else (total, count)
+
+
+# The settings a finished run was trained with: a rerun that changes one would train nothing with it.
+TRAINING_SETTINGS = (
+    "lr", "warmup", "scheduler", "weight_decay", "betas", "max_grad_norm", "precision",
+    "early_stopping", "keep_best", "class_weights",
+)  # fmt: skip
+
+
+def _settings(cfg: TrainSection) -> dict[str, Any]:
+    dumped = cfg.model_dump(mode="json")
+    return {k: dumped[k] for k in TRAINING_SETTINGS}
+
+
+def _refuse_changed_finished_run(
+    saved: dict[str, Any] | None, now: dict[str, Any], path: Path, step: int
+) -> None:
+    """A finished run resumed with other training settings: say so instead of silently doing nothing."""
+    changed = [
+        f"train.{k}: {saved[k]!r} -> {now[k]!r}" for k in now if saved and k in saved and saved[k] != now[k]
+    ]
+    if changed:
+        raise UserError(
+            f"{path.parent.parent} already finished at step {step} with other settings ({'; '.join(changed)}); "
+            "resuming it would train nothing",
+            hint="use a new run.output_dir, or --set train.resume=never to train again from scratch",
+        )
+
+
+def _last_logged(run: RunDir) -> tuple[float | None, dict[str, float] | None]:
+    """The last training loss and validation metrics in a run's log (a finished run's result)."""
+    rows = run.read_metrics()
+    train_rows = [r for r in rows if "split" not in r]
+    val_rows = [r for r in rows if r.get("split") == "validation"]
+    loss = train_rows[-1]["loss"] if train_rows else None
+    validation = {k: v for k, v in val_rows[-1].items() if k not in ("step", "split")} if val_rows else None
+    return loss, validation
 
 
 def _check_gradients(job: TrainJob, guard: NonFiniteGuard) -> None:
