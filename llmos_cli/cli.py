@@ -351,7 +351,8 @@ def serve(
     model_name: str | None = typer.Option(None, "--model-name", help="Name shown in /v1/models."),
     set_: list[str] = SetOpt,
 ) -> None:
-    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    """OpenAI-compatible HTTP server: /v1/completions and /v1/chat/completions (generative models),
+    /v1/embeddings or /v1/classify (encoders), /v1/models, /health, /metrics."""
     path, r = _model_or_recipe(model, set_)
     s = r.serve
     from llmos_cli.stages import serve as stage
