@@ -131,6 +131,7 @@ def test_classification_beats_the_majority_class(tmp_path: Path, bases) -> None:
     assert 0.4 < majority < 0.6
     assert summary["steps"] == 6 * (360 // 16) and summary["validation"]["accuracy"] > majority + 0.3
     assert summary["validation"]["f1"] > 0.7
+    assert "perplexity" not in summary["validation"] and summary["validation"]["examples"] > 0
 
     from transformers import AutoModelForSequenceClassification
 

@@ -48,6 +48,9 @@ def dataset_loss(
     return float(total), count
 
 
-def loss_metrics(loss_sum: float, count: int) -> dict[str, float]:
+def loss_metrics(loss_sum: float, count: int, per_token: bool = True) -> dict[str, float]:
+    """Mean loss, and for token targets perplexity and the token count (else the example count)."""
     loss = loss_sum / max(count, 1)
+    if not per_token:
+        return {"loss": loss, "examples": count}
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}

@@ -22,6 +22,7 @@ Batch = dict[str, torch.Tensor]
 class Objective:
     loss_sum: Callable[[Any, Batch], torch.Tensor]
     count: Callable[[Batch], int]
+    per_token: bool = True  # targets are tokens (perplexity means something), not whole examples
 
 
 def causal_lm_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
@@ -51,7 +52,7 @@ def classification_objective(class_weights: torch.Tensor | None = None) -> Objec
         weight = class_weights.to(logits.device) if class_weights is not None else None
         return F.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum")
 
-    return Objective(loss_sum, lambda batch: int(batch["labels"].numel()))
+    return Objective(loss_sum, lambda batch: int(batch["labels"].numel()), per_token=False)
 
 
 def seq2seq_loss_sum(model: Any, batch: Batch) -> torch.Tensor:

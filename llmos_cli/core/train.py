@@ -256,7 +256,7 @@ def train(job: TrainJob) -> TrainResult:
 
             if evaluating:
                 eval_start = time.perf_counter()
-                validation = loss_metrics(*_validation_loss(job, model, world))
+                validation = loss_metrics(*_validation_loss(job, model, world), job.objective.per_token)
                 if job.metrics:
                     validation.update(job.metrics(model))
                 validation = world.broadcast(validation)  # every rank's watch decides alike

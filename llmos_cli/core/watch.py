@@ -39,7 +39,7 @@ class MetricWatch:
         if self.metric not in metrics:
             raise UserError(
                 f"train.early_stopping.metric: '{self.metric}' is not a validation metric here "
-                f"(available: {', '.join(k for k in metrics if k != 'tokens')})"
+                f"(available: {', '.join(k for k in metrics if k not in ('tokens', 'examples'))})"
             )
         value = float(metrics[self.metric])
         sign = 1.0 if self.mode == "min" else -1.0

@@ -105,7 +105,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     rows += [(f"validation {k}", v) for k, v in (result.validation or {}).items()]
     if result.best:
         rows.append(
-            (f"best {result.best['metric']}", f"{result.best['value']} at step {result.best['step']}")
+            (f"best {result.best['metric']}", f"{result.best['value']:.6g} at step {result.best['step']}")
         )
     out.table("finetune", ["what", "value"], rows)
     return summary
