@@ -48,12 +48,12 @@ def run_guarded(fn: Callable[[], T]) -> T:
     except UserError as err:
         if debug_enabled():
             traceback.print_exc()
-        _say(f"error: {err}")
+        _say(f"error: {err}", EXIT_USAGE)
         raise SystemExit(EXIT_USAGE) from None
     except RunFailed as err:
         if debug_enabled():
             traceback.print_exc()
-        _say(f"error: {err.message}")
+        _say(f"error: {err.message}", err.exit_code)
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -65,14 +65,19 @@ def run_guarded(fn: Callable[[], T]) -> T:
             traceback.print_exc()
         else:
             print("(run with --debug or LLMOS_DEBUG=1 for the traceback)", file=sys.stderr)
-        _say(f"error: {type(err).__name__}: {err}")
+        _say(f"error: {type(err).__name__}: {err}", EXIT_FAILURE)
         raise SystemExit(EXIT_FAILURE) from None
 
 
-def _say(message: str) -> None:
-    """Print the error; under `--nproc`, also leave it for the launcher (written whole, then renamed)."""
+def _say(message: str, exit_code: int) -> None:
+    """Print the error (under --json also as a JSON object on stdout, for scripts); under `--nproc`,
+    also leave it for the launcher (written whole, then renamed)."""
+    from llmos_cli.console import out
+
     print(message, file=sys.stderr)
     errors_dir, rank = os.environ.get(ERRORS_DIR_ENV), os.environ.get("RANK")
+    if rank in (None, "0"):
+        out.emit({"error": message.removeprefix("error: "), "exit_code": exit_code})
     if errors_dir and rank is not None and os.path.isdir(errors_dir):
         tmp = os.path.join(errors_dir, f".error-rank-{rank}.tmp")
         with open(tmp, "w") as f:

@@ -88,6 +88,15 @@ def test_missing_recipe_file(tmp_path, run_cli):
     assert_refused(run_cli("recipe", "validate", tmp_path / "nope.yaml"), 2, "nope.yaml")
 
 
+def test_json_mode_reports_the_error_on_stdout_too(tmp_path, run_cli):
+    res = run_cli("--json", "pretrain", tmp_path / "nope.yaml")
+    assert res.code == 2 and "nope.yaml" in res.stderr
+    assert json.loads(res.stdout) == {
+        "error": f"recipe file not found: {tmp_path / 'nope.yaml'}",
+        "exit_code": 2,
+    }
+
+
 SET_CASES = {
     "no equals": ("train.lr", ["train.lr"]),
     "unknown key": ("train.lrr=1", ["train.lrr"]),
