@@ -228,3 +228,58 @@ def test_cli_recipe_that_is_a_directory(run_cli, tmp_path) -> None:
         f"error: {tmp_path} is a directory, not a recipe file\n"
         f"  hint: give one of its recipes, e.g. {tmp_path / 'a.yaml'}\n"
     )
+
+
+# ---------------------------------------------------------------- --dry-run checks what the run checks
+
+
+def _no_data_recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "r.yaml", {"run": {"output_dir": str(tmp_path / "run")}})
+
+
+@pytest.mark.parametrize("verb", ["data", "pretrain"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_no_training_data_is_refused_by_dry_run_and_run_alike(run_cli, tmp_path, verb, dry_run) -> None:
+    path = _no_data_recipe(tmp_path)
+    res = run_cli(verb, path, *(["--dry-run"] if dry_run else []))
+    assert (res.code, res.stderr) == (2, f"error: {path}: data.train: no training data given\n")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_finetune_without_a_base_model_is_refused_by_dry_run_and_run_alike(
+    run_cli, tiny_recipe, tmp_path, dry_run
+) -> None:
+    res = run_cli("finetune", tiny_recipe, *(["--dry-run"] if dry_run else []))
+    message = "model.name_or_path: finetune needs a base model (a directory or hub id)"
+    assert (res.code, res.stderr) == (2, f"error: {tiny_recipe}: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_dry_run_checks_the_format_fits_the_task(run_cli, tiny_recipe) -> None:
+    sets = [
+        "--set",
+        "task=classification",
+        "--set",
+        "data.format=instruction",
+        "--set",
+        "model.name_or_path=m",
+    ]
+    res = run_cli("finetune", tiny_recipe, *sets, "--dry-run")
+    message = "data.format: 'instruction' does not fit task 'classification' (use classification)"
+    assert (res.code, res.stderr) == (2, f"error: {message}\n")
+
+
+def test_pretrain_dry_run_refuses_a_task_it_cannot_train(run_cli, tiny_recipe) -> None:
+    res = run_cli("pretrain", tiny_recipe, "--set", "task=seq2seq", "--dry-run")
+    assert res.code == 2 and "task: pretrain trains causal LMs only (got 'seq2seq')" in res.stderr
+
+
+def test_validate_warns_when_there_is_no_training_data(run_cli, tmp_path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    res = run_cli("recipe", "validate", path)
+    assert res.code == 0  # a serve or export recipe needs no data.train
+    assert res.stderr == (
+        f"warning: {path}: no data.train (data, pretrain and finetune need one)\n{path}: ok\n"
+    )
