@@ -128,6 +128,9 @@ def data(
     """Read, clean, deduplicate, train a tokenizer, tokenize, pack, split; write data.output."""
     r = _load(recipe, set_)
     if dry_run:
+        from llmos_cli.stages.checks import check_data
+
+        check_data(r)
         return _plan(r, _data_steps(r))
     from llmos_cli.stages import data as stage
 
@@ -192,6 +195,9 @@ def pretrain(
     """Train a model from scratch (model.arch + model.config)."""
     r = _load(recipe, set_)
     if dry_run:
+        from llmos_cli.stages.checks import check_pretrain
+
+        check_pretrain(r)
         return _plan(
             r,
             [
@@ -215,6 +221,9 @@ def finetune(
     """Train from a pretrained model: full or LoRA; causal LM, classification or seq2seq."""
     r = _load(recipe, set_)
     if dry_run:
+        from llmos_cli.stages.checks import check_finetune
+
+        check_finetune(r)
         ft = r.finetune
         how = ft.method + (" + DoRA" if ft.dora else "") + (" (4-bit QLoRA)" if ft.qlora else "")
         data = (
@@ -512,9 +521,12 @@ def _relaunch(nproc: int, verb: str, recipe: Path, sets: list[str]) -> None:
 
 @recipe_app.command("validate")
 def recipe_validate(recipe: Path = RecipeArg, set_: list[str] = SetOpt) -> None:
-    """Check a recipe: keys, types, files; exit 2 with the problem named."""
+    """Check a recipe: keys, types, files; exit 2 with the problem named (any stage's recipe, so a
+    missing data.train is a warning)."""
     r = _load(recipe, set_)
     _check_inputs(r)
+    if not r.data.train:  # validate is stage-agnostic: serve, export and eval recipes need no data.train
+        out.warn(f"{recipe}: no data.train (data, pretrain and finetune need one)")
     out.info(f"{recipe}: ok")
     out.emit({"recipe": str(recipe), "valid": True})
 

@@ -33,7 +33,7 @@ class Output:
             self.err.print(message, markup=self.interactive, highlight=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"warning: {message}", markup=False, highlight=False)
+        self.err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)  # one line
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """A table on stderr: rich on a TTY, aligned plain text otherwise. Skipped in --json mode."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import sysconfig
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -249,25 +249,68 @@ class Recipe(Section):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, follow `extends`, apply `--set` overrides, validate, resolve input paths."""
     path = Path(path)
-    raw = _read_with_extends(path, chain=())
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a recipe file", hint=_recipes_inside(path))
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    raw, origins = _read_with_extends(path, chain=())
     for item in overrides or []:
-        apply_override(raw, item)
-    recipe = validate_recipe(raw, str(path))
+        apply_override(raw, item, origins)
+    recipe = validate_recipe(raw, str(path), origins)
     return _resolve_paths(recipe, path.parent)
 
 
-def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+def validate_recipe(raw: dict[str, Any], source: str, origins: dict[Any, Any] | None = None) -> Recipe:
+    """Validate a raw recipe mapping; errors name the file (or `--set`) each bad key came from, per
+    `origins` (see `_origin_tree`), else `source`."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_describe_validation_error(err, source)) from None
+        raise UserError(_describe_validation_error(err, source, origins or {})) from None
     recipe.source = source
     return recipe
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+# An origin tree mirrors a raw recipe: each value is replaced by where it came from (a file name, or
+# `--set KEY=VALUE`), and each mapping also holds its own origin under `_HERE`. Merging two origin
+# trees with `deep_merge` makes the same choices as merging the recipes, so the winner's origin stays.
+_HERE = object()
+
+
+def _origin_tree(data: dict[str, Any], origin: str) -> dict[Any, Any]:
+    tree: dict[Any, Any] = {
+        k: _origin_tree(v, origin) if isinstance(v, dict) else origin for k, v in data.items()
+    }
+    tree[_HERE] = origin
+    return tree
+
+
+def _origin_of(origins: dict[Any, Any], loc: tuple[Any, ...]) -> str | None:
+    """Where the value at `loc` (or its nearest enclosing key) came from."""
+    node: Any = origins
+    for part in loc:
+        if not (isinstance(node, dict) and part in node):
+            break
+        node = node[part]
+    return node.get(_HERE) if isinstance(node, dict) else node
+
+
+def _not_a_recipe_file(path: Path) -> str | None:
+    if path.is_dir():
+        return f"{path} is a directory, not a recipe file"
     if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+        return f"file not found: {path}"
+    return None
+
+
+def _recipes_inside(path: Path) -> str:
+    names = sorted(p.name for p in path.glob("*.y*ml"))
+    if not names:
+        return "give a recipe YAML file"
+    return f"give one of its recipes, e.g. {path / names[0]}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -283,21 +326,30 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[Any, Any]]:
+    """The recipe at `path` merged over its `extends` parents, and its origin tree."""
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise UserError(f"{path}: extends forms a cycle: {cycle}")
     data = _read_yaml(path)
     parents = data.pop("extends", None)
+    origins = _origin_tree(data, str(path))
     if parents is None:
-        return data
+        return data, origins
     merged: dict[str, Any] = {}
+    merged_origins: dict[Any, Any] = {}
     for parent in [parents] if isinstance(parents, str) else parents:
         if not isinstance(parent, str):
             raise UserError(f"{path}: extends: expected a file name or a list of them")
-        merged = deep_merge(merged, _read_with_extends(path.parent / parent, (*chain, resolved)))
-    return deep_merge(merged, data)
+        parent_path = path.parent / parent
+        problem = _not_a_recipe_file(parent_path.resolve())
+        if problem:
+            raise UserError(f"{path}: extends: {problem}")
+        parent_data, parent_origins = _read_with_extends(parent_path, (*chain, resolved))
+        merged = deep_merge(merged, parent_data)
+        merged_origins = deep_merge(merged_origins, parent_origins)
+    return deep_merge(merged, data), deep_merge(merged_origins, origins)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -311,8 +363,9 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set a dotted KEY=VALUE (the value parsed as YAML) in a raw recipe mapping."""
+def apply_override(raw: dict[str, Any], item: str, origins: dict[Any, Any] | None = None) -> None:
+    """Set a dotted KEY=VALUE (the value parsed as YAML) in a raw recipe mapping; `origins`, if given,
+    records that the value came from this `--set`."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -329,18 +382,31 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
+    if origins is not None:
+        origin = f"--set {item}"
+        for part in parts[:-1]:
+            child_origins = origins.get(part)
+            if not isinstance(child_origins, dict):
+                child_origins = origins[part] = {_HERE: origin}
+            origins = child_origins
+        origins[parts[-1]] = _origin_tree(value, origin) if isinstance(value, dict) else origin
 
 
-def _describe_validation_error(err: ValidationError, source: str) -> str:
+def _describe_validation_error(err: ValidationError, source: str, origins: dict[Any, Any]) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
+        where = _origin_of(origins, e["loc"]) or source
+        got = e.get("input")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: {loc}: unknown key{_did_you_mean(e['loc'])}")
+            lines.append(f"{where}: {loc}: unknown key{_did_you_mean(e['loc'])}")
+        elif e["type"] == "model_type":  # a section given as a value: pydantic would name its class
+            lines.append(f"{where}: {loc}: expected a mapping of {loc} settings, got {got!r}")
+        elif e["type"] == "dict_type":
+            lines.append(f"{where}: {loc}: expected a mapping, got {got!r}")
         else:
-            got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: {loc}: {e['msg']}{shown}")
+            lines.append(f"{where}: {loc}: {e['msg']}{shown}")
     return "invalid recipe\n  " + "\n  ".join(lines)
 
 
@@ -349,9 +415,10 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        sections = [t for t in (ann, *get_args(ann)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not sections:  # not a section, nor an optional one
             return ""
-        model = ann
+        model = sections[0]
     known = [k for k in model.model_fields if k != "source"]
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
     if close:

@@ -95,7 +95,7 @@ def test_deep_merge_replaces_lists() -> None:
     [
         ({"trian": {}}, [], "trian: unknown key (did you mean 'train'?)"),
         ({"train": {"precision": "fp8"}}, [], "train.precision"),
-        ({}, ["--set", "train.batch_size=abc"], "train.batch_size"),
+        ({}, ["--set", "train.batch_size=abc"], "--set train.batch_size=abc: train.batch_size"),
         ({"data": {"train": "missing.jsonl"}}, [], "missing.jsonl"),
     ],
 )
@@ -103,7 +103,7 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, run_cli, body, args,
     path = write_recipe(tmp_path / "r.yaml", body)
     res = run_cli("recipe", "validate", path, *args)
     assert res.code == 2
-    assert message in res.stderr and "r.yaml" in res.stderr
+    assert message in res.stderr and ("r.yaml" in res.stderr) == (not args)  # --set errors name the --set
     assert "Traceback" not in res.stderr
 
 
@@ -140,3 +140,146 @@ def test_version(run_cli) -> None:
 
     res = run_cli("--version")
     assert res.code == 0 and res.stdout.strip() == f"llmos {__version__}"
+
+
+# ---------------------------------------------------------------- errors name where the key came from
+
+
+def test_unknown_key_in_a_parent_names_the_parent(tmp_path: Path) -> None:
+    parent = write_recipe(tmp_path / "parent.yaml", {"train": {"max_step": 20}})
+    child = write_recipe(tmp_path / "child.yaml", {"extends": "parent.yaml", "train": {"lr": 0.1}})
+    with pytest.raises(UserError) as err:
+        load_recipe(child)
+    assert str(err.value) == (
+        f"invalid recipe\n  {parent}: train.max_step: unknown key (did you mean 'max_steps'?)"
+    )
+
+
+def test_a_key_set_in_several_files_is_blamed_on_the_one_that_won(tmp_path: Path) -> None:
+    write_recipe(tmp_path / "grandparent.yaml", {"train": {"batch_size": 4, "lr": 0.1}})
+    parent = write_recipe(
+        tmp_path / "parent.yaml", {"extends": "grandparent.yaml", "train": {"batch_size": "eight"}}
+    )
+    child = write_recipe(tmp_path / "child.yaml", {"extends": "parent.yaml", "train": {"lr": "fast"}})
+    with pytest.raises(UserError) as err:
+        load_recipe(child)
+    lines = str(err.value).splitlines()[1:]
+    assert [line.split(": ")[:2] for line in lines] == [
+        [f"  {parent}", "train.batch_size"],
+        [f"  {child}", "train.lr"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.lrr=1", "--set train.lrr=1: train.lrr: unknown key (did you mean 'lr'?)"),
+        (
+            "train.batch_size=abc",
+            "--set train.batch_size=abc: train.batch_size: Input should be a valid integer, "
+            "unable to parse string as an integer (got 'abc')",
+        ),
+        ("train=5", "--set train=5: train: expected a mapping of train settings, got 5"),
+        ("model.config=5", "--set model.config=5: model.config: expected a mapping, got 5"),
+        (
+            "train.early_stopping.metrc=loss",
+            "--set train.early_stopping.metrc=loss: train.early_stopping.metrc: unknown key "
+            "(did you mean 'metric'?)",
+        ),
+    ],
+)
+def test_set_mistakes_name_the_set(tmp_path: Path, item: str, message: str) -> None:
+    path = write_recipe(tmp_path / "r.yaml", {"train": {"lr": 0.1}})
+    with pytest.raises(UserError) as err:
+        load_recipe(path, [item])
+    assert str(err.value) == f"invalid recipe\n  {message}"
+
+
+def test_a_section_given_as_a_value_in_a_file(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path / "r.yaml", {"data": {"clean": "yes"}})
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value) == (
+        f"invalid recipe\n  {path}: data.clean: expected a mapping of data.clean settings, got 'yes'"
+    )
+
+
+def test_missing_parent_names_the_child_and_the_resolved_path(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    child = write_recipe(tmp_path / "sub" / "child.yaml", {"extends": "../nothere.yaml"})
+    with pytest.raises(UserError) as err:
+        load_recipe(child)
+    assert str(err.value) == f"{child}: extends: file not found: {tmp_path / 'nothere.yaml'}"
+
+
+def test_parent_that_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    child = write_recipe(tmp_path / "child.yaml", {"extends": "base"})
+    with pytest.raises(UserError) as err:
+        load_recipe(child)
+    assert str(err.value) == f"{child}: extends: {tmp_path / 'base'} is a directory, not a recipe file"
+
+
+def test_cli_recipe_that_is_a_directory(run_cli, tmp_path) -> None:
+    write_recipe(tmp_path / "a.yaml", {})
+    res = run_cli("recipe", "validate", tmp_path)
+    assert res.code == 2 and "Traceback" not in res.stderr
+    assert res.stderr == (
+        f"error: {tmp_path} is a directory, not a recipe file\n"
+        f"  hint: give one of its recipes, e.g. {tmp_path / 'a.yaml'}\n"
+    )
+
+
+# ---------------------------------------------------------------- --dry-run checks what the run checks
+
+
+def _no_data_recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "r.yaml", {"run": {"output_dir": str(tmp_path / "run")}})
+
+
+@pytest.mark.parametrize("verb", ["data", "pretrain"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_no_training_data_is_refused_by_dry_run_and_run_alike(run_cli, tmp_path, verb, dry_run) -> None:
+    path = _no_data_recipe(tmp_path)
+    res = run_cli(verb, path, *(["--dry-run"] if dry_run else []))
+    assert (res.code, res.stderr) == (2, f"error: {path}: data.train: no training data given\n")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_finetune_without_a_base_model_is_refused_by_dry_run_and_run_alike(
+    run_cli, tiny_recipe, tmp_path, dry_run
+) -> None:
+    res = run_cli("finetune", tiny_recipe, *(["--dry-run"] if dry_run else []))
+    message = "model.name_or_path: finetune needs a base model (a directory or hub id)"
+    assert (res.code, res.stderr) == (2, f"error: {tiny_recipe}: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_dry_run_checks_the_format_fits_the_task(run_cli, tiny_recipe) -> None:
+    sets = [
+        "--set",
+        "task=classification",
+        "--set",
+        "data.format=instruction",
+        "--set",
+        "model.name_or_path=m",
+    ]
+    res = run_cli("finetune", tiny_recipe, *sets, "--dry-run")
+    message = "data.format: 'instruction' does not fit task 'classification' (use classification)"
+    assert (res.code, res.stderr) == (2, f"error: {message}\n")
+
+
+def test_pretrain_dry_run_refuses_a_task_it_cannot_train(run_cli, tiny_recipe) -> None:
+    res = run_cli("pretrain", tiny_recipe, "--set", "task=seq2seq", "--dry-run")
+    assert res.code == 2 and "task: pretrain trains causal LMs only (got 'seq2seq')" in res.stderr
+
+
+def test_validate_warns_when_there_is_no_training_data(run_cli, tmp_path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    res = run_cli("recipe", "validate", path)
+    assert res.code == 0  # a serve or export recipe needs no data.train
+    assert res.stderr == (
+        f"warning: {path}: no data.train (data, pretrain and finetune need one)\n{path}: ok\n"
+    )

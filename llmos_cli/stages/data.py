@@ -30,6 +30,7 @@ from llmos_cli.core.models import load_tokenizer, resolve_model_dir
 from llmos_cli.core.writable import disk_full_is_clear
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
+from llmos_cli.stages.checks import check_data
 
 TOKENIZE_BATCH = 512  # documents per tokenizer call for in-memory evaluation sets
 DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
@@ -45,11 +46,10 @@ class PreparedData:
 
 
 def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
+    check_data(recipe)
     d = recipe.data
     if d.format != "text":
         return _prepare_task_format(recipe, force)
-    if not d.train:
-        raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
     tokenizer_src = tokenizer_source(recipe)

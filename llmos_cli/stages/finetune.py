@@ -20,14 +20,12 @@ from llmos_cli.core.train import TrainJob, train
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
+from llmos_cli.stages.checks import check_finetune
 from llmos_cli.stages.common import config_hash, device_and_precision, open_run, register_trained, save_final
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
-    if recipe.train.class_weights is not None and recipe.task != "classification":
-        raise UserError(
-            f"train.class_weights: only classification uses class weights (task is '{recipe.task}')"
-        )
+    check_finetune(recipe)  # before the run dir exists: a refused run leaves nothing behind
     ensure_dir(recipe.output_dir, "run.output_dir")  # an unwritable run dir fails now, not after the data
     recipe = recipe.model_copy(deep=True)
     base = resolve_base(recipe.model.name_or_path, recipe.source)

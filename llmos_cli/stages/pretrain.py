@@ -12,15 +12,14 @@ from llmos_cli.core.objectives import CAUSAL_LM
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
 from llmos_cli.core.writable import ensure_dir
-from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages import data as data_stage
+from llmos_cli.stages.checks import check_pretrain
 from llmos_cli.stages.common import config_hash, device_and_precision, open_run, register_trained, save_final
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
-    if recipe.task != "causal-lm":
-        raise UserError(f"task: pretrain trains causal LMs only (got '{recipe.task}'); use `llmos finetune`")
+    check_pretrain(recipe)  # before the run dir exists: a refused run leaves nothing behind
     ensure_dir(recipe.output_dir, "run.output_dir")  # an unwritable run dir fails now, not after the data
     world = init_distributed()  # joins torchrun's process group; one process otherwise
     with world.main_first():  # rank 0 prepares the data, the others reuse it

@@ -46,6 +46,15 @@ ROLES = {"system", "user", "assistant", "tool"}
 Encoded = dict[str, Any] | str  # the columns of one example, or the reason it was dropped
 
 
+def check_format_fits_task(recipe: Recipe) -> None:
+    allowed = TASK_FORMATS[recipe.task]
+    if recipe.data.format not in allowed:
+        raise UserError(
+            f"data.format: '{recipe.data.format}' does not fit task '{recipe.task}' "
+            f"(use {' or '.join(allowed)})"
+        )
+
+
 def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """Read, split and encode `data.train`/`data.validation` for the recipe's task and format.
 
@@ -55,11 +64,7 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     from datasets import Dataset, DatasetDict
 
     d = recipe.data
-    allowed = TASK_FORMATS[recipe.task]
-    if d.format not in allowed:
-        raise UserError(
-            f"data.format: '{d.format}' does not fit task '{recipe.task}' (use {' or '.join(allowed)})"
-        )
+    check_format_fits_task(recipe)
     if not d.train:
         raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)

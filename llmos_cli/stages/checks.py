@@ -1,0 +1,34 @@
+"""What each stage checks before it touches anything: its `run` calls these first, and so does
+`--dry-run`, so a plan is refused with the same message as the run would be."""
+
+from __future__ import annotations
+
+from llmos_cli.errors import UserError
+from llmos_cli.recipe import Recipe
+
+
+def check_data(recipe: Recipe) -> None:
+    if not recipe.data.train:
+        raise UserError(f"{recipe.source}: data.train: no training data given")
+
+
+def check_pretrain(recipe: Recipe) -> None:
+    if recipe.task != "causal-lm":
+        raise UserError(f"task: pretrain trains causal LMs only (got '{recipe.task}'); use `llmos finetune`")
+    check_data(recipe)
+
+
+def check_finetune(recipe: Recipe) -> None:
+    if recipe.train.class_weights is not None and recipe.task != "classification":
+        raise UserError(
+            f"train.class_weights: only classification uses class weights (task is '{recipe.task}')"
+        )
+    if not recipe.model.name_or_path:
+        raise UserError(
+            f"{recipe.source}: model.name_or_path: finetune needs a base model (a directory or hub id)"
+        )
+    if recipe.data.format != "text":
+        from llmos_cli.core.data.formats import check_format_fits_task
+
+        check_format_fits_task(recipe)
+    check_data(recipe)
