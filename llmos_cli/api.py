@@ -46,12 +46,11 @@ class LLMOS:
     def load_model(
         self, name_or_path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False
     ) -> Model:
-        """A HF-format dir, a run dir (its final/), or a name registered in the model library."""
+        """A HF-format dir, a run dir (its final/), or a name registered in the model library; a local
+        path wins over a registered name (the same rule as the CLI's MODEL)."""
         from llmos_cli.core.models import resolve_model_dir
-        from llmos_cli.core.registry import registered_path
 
-        ref = str(name_or_path)
-        path = resolve_model_dir(registered_path(ref) or ref)
+        path = resolve_model_dir(name_or_path)
         return Model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
     def recipe(self, path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -56,6 +56,13 @@ app.add_typer(models_app, name="models")
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 SetOpt = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable).")
 DryRunOpt = typer.Option(False, "--dry-run", help="Validate and print the plan; touch nothing.")
+MODEL_HELP = (
+    "HF-format model dir, run dir (its final/), or a name from `llmos models list` (a local path wins)."
+)
+MODEL_OR_RECIPE_HELP = (
+    "HF-format model dir, run dir (its final/), a name from `llmos models list` (a local path wins), "
+    "or a recipe (its trained model)."
+)
 NprocOpt = typer.Option(
     1, "--nproc", min=1, help="Train with N processes on this machine (one per GPU): runs torchrun for you."
 )
@@ -280,7 +287,7 @@ def eval_(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="Model dir or run dir."),
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     prompt: str | None = typer.Option(
         None, "--prompt", "-p", help="Prompt text; the completion goes to stdout."
     ),
@@ -319,7 +326,7 @@ def generate(
 
 @app.command()
 def chat(
-    model: str = typer.Argument(..., help="Model dir or run dir."),
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.7, "--temperature", min=0.0),
@@ -339,7 +346,7 @@ def _model_or_recipe(value: str, sets: list[str]) -> tuple[str, Any]:
         recipe = _load(path, sets)
         return trained_model_path(recipe), recipe
     if sets:
-        raise UserError("--set applies to a recipe; MODEL is a model directory")
+        raise UserError("--set applies to a recipe; MODEL is a model directory or a registered name")
     from llmos_cli.recipe import Recipe
 
     return value, Recipe()
@@ -347,7 +354,7 @@ def _model_or_recipe(value: str, sets: list[str]) -> tuple[str, Any]:
 
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help="Model dir, run dir or recipe."),
+    model: str = typer.Argument(..., help=MODEL_OR_RECIPE_HELP, show_default=False),
     host: str | None = typer.Option(None, "--host", help="Bind address (default serve.host, 127.0.0.1)."),
     port: int | None = typer.Option(
         None, "--port", min=0, max=65535, help="Port (default serve.port, 8000)."
@@ -379,7 +386,7 @@ def serve(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="Model dir, run dir or recipe."),
+    model: str = typer.Argument(..., help=MODEL_OR_RECIPE_HELP, show_default=False),
     formats: list[str] = typer.Option([], "--format", "-f", help="hf, onnx or gguf (repeatable)."),
     out_dir: Path | None = typer.Option(
         None, "--out", help="Output dir (default export.out, else <run>/export)."

@@ -26,17 +26,107 @@ def _minilm_dir() -> Path:
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": _minilm_dir}
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A HF-format model dir, an llmos run dir (its `final/`) or `builtin:NAME` (a model shipped as a
-    Python package). Raises UserError naming the path."""
-    if str(path).startswith("builtin:"):
-        key = str(path).split(":", 1)[1]
-        if key not in BUILTIN_MODELS:
-            raise UserError(f"unknown builtin model '{key}' (known: {', '.join(BUILTIN_MODELS)})")
-        path = BUILTIN_MODELS[key]()
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"model not found: {p}", hint="pass a HF-format model directory or a run directory")
+def resolve_model_dir(
+    ref: str | Path, *, hub: bool = False, key: str | None = None, base_dir: Path | None = None
+) -> Path:
+    """The model directory `ref` names: a HF-format model dir or an llmos run dir (its `final/`).
+
+    The one resolution rule, shared by the CLI, the recipes and the Python API: `builtin:NAME` (a model
+    shipped as a Python package); else a local path, looked for in `base_dir` (a recipe's folder) and
+    then the working directory; else a name (or pulled hub id) registered in the model library
+    (`llmos models list`); else, with `hub=True`, a Hugging Face Hub id (downloaded, online only).
+    A local path wins over a registered name. `key` (e.g. "recipe.yaml: model.name_or_path") prefixes
+    the not-found message, which names every place looked in. Raises UserError."""
+    return _model_dir_at(locate_model(ref, hub=hub, key=key, base_dir=base_dir))
+
+
+def recipe_model_dir(ref: str, source: str | None, key: str = "model.name_or_path") -> Path:
+    """The model a recipe key names (`source` is the recipe file), by the rule of `resolve_model_dir`,
+    the hub included: the recipe's folder, the working directory, a registered name, the Hugging Face Hub."""
+    return _model_dir_at(locate_recipe_model(ref, source, key))
+
+
+def locate_recipe_model(ref: str, source: str | None, key: str = "model.name_or_path") -> Path:
+    """`recipe_model_dir` before the `final/` and config checks (a folder that may hold only a tokenizer)."""
+    folder = Path(source).parent if source and Path(source).is_file() else None
+    return locate_model(ref, hub=True, key=f"{source}: {key}" if source else key, base_dir=folder)
+
+
+def locate_model(
+    ref: str | Path, *, hub: bool = False, key: str | None = None, base_dir: Path | None = None
+) -> Path:
+    """The path `ref` names by the rule of `resolve_model_dir`, before any `final/` or config check."""
+    text = str(ref)
+    if text.startswith("builtin:"):
+        name = text.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"unknown builtin model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
+        return BUILTIN_MODELS[name]()
+    path = Path(text).expanduser()
+    places = [base_dir, Path.cwd()] if base_dir is not None and not path.is_absolute() else [Path.cwd()]
+    for place in places:
+        if (place / path).exists():
+            return place / path if place is base_dir else path
+    from llmos_cli.core.registry import registered_path
+
+    registered = registered_path(text)
+    if registered is not None:
+        return registered
+    hub_failure = ""
+    if hub and looks_like_hub_id(text):
+        downloaded, hub_failure = _from_hub(text)
+        if downloaded is not None:
+            return downloaded
+    looked = (
+        str(path) if path.is_absolute() else " and ".join(dict.fromkeys(str(p.resolve()) for p in places))
+    )
+    where = f"{key}: {text}: not found" if key else f"model not found: {text}"
+    raise UserError(
+        f"{where} (looked in {looked}), not a registered model{hub_failure}",
+        hint="pass a HF-format model directory, a run directory, or a registered name (see `llmos models list`)",
+    )
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """`OWNER/NAME` or `NAME`: not a path that starts like one (`.`, `/`, `~`), at most one slash."""
+    return bool(ref) and not ref.startswith((".", "/", "~")) and ref.count("/") <= 1
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def _from_hub(hub_id: str) -> tuple[Path | None, str]:
+    """The hub model's snapshot (from the cache when offline), or None and why, as a clause for a message."""
+    import os
+
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=HUB_PATTERNS)), ""
+    except HFValidationError:
+        return None, ", nor a valid Hugging Face Hub id"
+    except RepositoryNotFoundError as err:  # also a gated model we may not read
+        return (
+            None,
+            f", and the Hugging Face Hub has no model by that id that we may read ({type(err).__name__})",
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+            return (
+                None,
+                ", and not in the Hugging Face Hub cache (HF_HUB_OFFLINE is set, so the hub was not asked)",
+            )
+        return None, f", and the Hugging Face Hub could not be reached ({type(err).__name__})"
+
+
+def _model_dir_at(p: Path) -> Path:
+    """An existing path as a model directory: a run dir gives its `final/`; it must hold a config."""
     if (p / "final" / "config.json").exists() or (p / "final" / "adapter_config.json").exists():
         p = p / "final"
     if not ((p / "config.json").exists() or (p / "adapter_config.json").exists()):

@@ -371,8 +371,11 @@ def registered_path(ref: str) -> Path | None:
     registry names; None when `ref` is an existing path, is not registered, or the registry is unusable."""
     if Path(ref).expanduser().exists():
         return None
+    registry = Registry()
+    if not registry.db_path.exists():  # nothing registered yet: a lookup does not create the library
+        return None
     try:
-        entry = Registry().find(ref)
+        entry = registry.find(ref)
     except (OSError, sqlite3.Error, UserError):
         return None
     return Path(entry.path) if entry else None

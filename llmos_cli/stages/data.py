@@ -26,7 +26,7 @@ from llmos_cli.core.data.report import DataReport, count_labels, length_summary,
 from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, validation_overlap
 from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
-from llmos_cli.core.models import load_tokenizer, resolve_model_dir
+from llmos_cli.core.models import load_tokenizer, locate_recipe_model, resolve_model_dir
 from llmos_cli.core.writable import disk_full_is_clear
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
@@ -249,21 +249,30 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
 
 
 def tokenizer_source(recipe: Recipe) -> Path | None:
-    """The tokenizer to use, or None when one must be trained."""
+    """The tokenizer to use, or None when one must be trained (no model named, or its folder has none)."""
     m = recipe.model
-    for candidate in (m.tokenizer, m.name_or_path):
-        if candidate and candidate.startswith("builtin:"):
-            candidate = str(resolve_model_dir(candidate))
-        if candidate and Path(candidate).is_dir():
-            p = Path(candidate)
-            p = p / "final" if (p / "final").is_dir() else p
-            if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
-                return p
-            if candidate == m.tokenizer:
-                raise UserError(f"model.tokenizer: {candidate} holds no tokenizer files")
     if m.tokenizer:
-        raise UserError(f"model.tokenizer: not found: {m.tokenizer}")
+        candidate = str(resolve_model_dir(m.tokenizer)) if m.tokenizer.startswith("builtin:") else m.tokenizer
+        if not Path(candidate).is_dir():
+            raise UserError(f"model.tokenizer: not found: {m.tokenizer}")
+        p = _final_or_self(Path(candidate))
+        if not _has_tokenizer(p):
+            raise UserError(f"model.tokenizer: {candidate} holds no tokenizer files")
+        return p
+    if m.name_or_path:
+        # where finetune finds the model: recipe folder, working directory, registered name, hub
+        p = _final_or_self(locate_recipe_model(m.name_or_path, recipe.source))
+        if _has_tokenizer(p):
+            return p
     return None
+
+
+def _final_or_self(p: Path) -> Path:
+    return p / "final" if (p / "final").is_dir() else p
+
+
+def _has_tokenizer(p: Path) -> bool:
+    return (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()
 
 
 def _cached(target: Path, fp: str) -> PreparedData | None:

@@ -13,7 +13,7 @@ from llmos_cli.core.data.read import list_files
 from llmos_cli.core.data.report import DataReport
 from llmos_cli.core.evaluate import dataset_loss, loss_metrics
 from llmos_cli.core.metrics import check_metrics, compute_metrics
-from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
+from llmos_cli.core.models import load_model, load_tokenizer, recipe_model_dir
 from llmos_cli.core.objectives import CAUSAL_LM
 from llmos_cli.core.plots import save_confusion_matrix_png
 from llmos_cli.core.rundir import RunDir, write_atomic
@@ -38,7 +38,7 @@ def eval_task(recipe: Recipe) -> str:
 
 def run(recipe: Recipe) -> dict[str, Any]:
     check_metrics(recipe.eval.metrics)
-    model_path = resolve_model_dir(trained_model_path(recipe))
+    model_path = recipe_model_dir(trained_model_path(recipe), recipe.source)
     task = eval_task(recipe)
     if task not in EVALUATORS:
         raise UserError(f"eval.task: '{task}' evaluation is not available in this build")

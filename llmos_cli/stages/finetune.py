@@ -13,7 +13,7 @@ from llmos_cli.core.batches import causal_lm_collate, classification_collate, se
 from llmos_cli.core.classify import accuracy_and_f1, predict_labels
 from llmos_cli.core.data.formats import prepare_task_dataset
 from llmos_cli.core.distributed import init_distributed
-from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
+from llmos_cli.core.models import load_model, load_tokenizer, recipe_model_dir
 from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
@@ -110,26 +110,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 
 def resolve_base(name: str | None, source: str | None) -> Path:
-    """The base model's directory, absolute: a HF dir, an llmos run dir, `builtin:NAME`, or a hub id."""
+    """The base model's directory, absolute: a HF dir, an llmos run dir, `builtin:NAME`, a registered
+    name or a hub id (see `recipe_model_dir`)."""
     if not name:
-        raise UserError(f"{source}: model.name_or_path: finetune needs a base model (a directory or hub id)")
-    if name.startswith("builtin:"):
-        return resolve_model_dir(name).resolve()
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return resolve_model_dir(path).resolve()
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-        )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise UserError(
-            f"model.name_or_path: '{name}' is not a local directory, and the hub model could not be fetched ({err})",
-            hint="pass a HF-format model directory or run directory, or go online (unset HF_HUB_OFFLINE)",
-        ) from None
+            f"{source}: model.name_or_path: finetune needs a base model (a directory, a registered name or a hub id)"
+        )
+    return recipe_model_dir(name, source).resolve()
 
 
 def task_data(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
