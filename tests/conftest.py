@@ -51,6 +51,14 @@ def _llmos_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path_factory.mktemp("llmos-home")))
 
 
+@pytest.fixture(autouse=True)
+def _plain_console():
+    """`--json` / `--quiet` set the process-wide output mode: every test starts from the default."""
+    from llmos_cli.console import configure
+
+    configure()
+
+
 @dataclass
 class CliResult:
     code: int
