@@ -53,7 +53,11 @@ def test_chat_export_and_serve_take_a_registered_name(
     assert (tmp_path / "exported" / "config.json").exists()
     from llmos_cli.stages import serve
 
-    assert serve.build_app("quickstart", api_key=None) is not None  # what `llmos serve quickstart` loads
+    app = serve.build_app("quickstart", api_key=None)  # what `llmos serve quickstart` loads
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:  # clients ask for the model by the name they served it as
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["quickstart"]
 
 
 def test_eval_and_finetune_take_a_registered_name(quickstart: Path, run_cli, tmp_path: Path) -> None:

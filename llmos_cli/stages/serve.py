@@ -58,6 +58,8 @@ def build_app(
     from llmos_cli.core.server import create_app
 
     model_dir = resolve_model_dir(model)
+    if model_name is None and not Path(model).expanduser().exists():
+        model_name = str(model)  # a registered name (or builtin:NAME) is the name clients know
     name = model_name or (model_dir.parent.name if model_dir.name == "final" else Path(model_dir).name)
     if is_adapter_dir(model_dir):
         backend = Engine(Runner.load(model_dir), max_batch_size=max_batch_size, max_queue=max_queue)
