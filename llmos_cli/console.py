@@ -29,8 +29,8 @@ class Output:
 
     def info(self, message: str) -> None:
         """A status line for people (stderr); silent with --quiet."""
-        if not self.quiet:
-            self.err.print(message, markup=self.interactive, highlight=False)
+        if not self.quiet:  # in a pipe or a CI log: one line per message, never wrapped at 80 columns
+            self.err.print(message, markup=self.interactive, highlight=False, soft_wrap=not self.interactive)
 
     def warn(self, message: str) -> None:
         self.err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)  # one line

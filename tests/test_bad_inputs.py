@@ -301,3 +301,11 @@ def test_bad_requests(server, path, body, headers, status, param):  # noqa: F811
     if param:
         assert error["param"].startswith(param) and param in error["message"], error
     assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
+
+
+def test_status_lines_are_not_wrapped_in_a_pipe(capsys):
+    from llmos_cli.console import out
+
+    long = "train: " + "word " * 40
+    out.info(long)
+    assert capsys.readouterr().err == long + "\n"
