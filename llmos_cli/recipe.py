@@ -392,9 +392,41 @@ def apply_override(raw: dict[str, Any], item: str, origins: dict[Any, Any] | Non
         origins[parts[-1]] = _origin_tree(value, origin) if isinstance(value, dict) else origin
 
 
+# pydantic tags each member of a union (`str | list[str]`) with its type; one line says them all.
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _union_errors_merged(errors: list[Any]) -> list[Any]:
+    """Errors for the members of one union field become one error: 'expected a string or a list of strings'."""
+    merged: dict[tuple[Any, ...], Any] = {}
+    for e in errors:
+        loc, tag = tuple(e["loc"]), e["loc"][-1] if e["loc"] else None
+        if not (isinstance(tag, str) and (tag in _TYPE_WORDS or "[" in tag)):
+            merged[loc] = e
+            continue
+        word = _type_word(tag)
+        if loc[:-1] in merged:
+            merged[loc[:-1]]["msg"] += f" or {word}"
+        else:
+            merged[loc[:-1]] = {**e, "loc": loc[:-1], "type": "union", "msg": f"expected {word}"}
+    return list(merged.values())
+
+
+def _type_word(tag: str) -> str:
+    """pydantic's union tag in words: `list[float]` -> 'a list of numbers', `literal['a']` -> 'a'."""
+    if tag.startswith("list[") and tag[5:-1] in _TYPE_WORDS:
+        return (
+            "a list of "
+            + {"str": "strings", "int": "integers", "float": "numbers", "bool": "booleans"}[tag[5:-1]]
+        )
+    if tag.startswith("literal["):
+        return tag[len("literal[") : -1].replace(",", " or")
+    return _TYPE_WORDS.get(tag, tag)
+
+
 def _describe_validation_error(err: ValidationError, source: str, origins: dict[Any, Any]) -> str:
     lines = []
-    for e in err.errors():
+    for e in _union_errors_merged(err.errors()):
         loc = ".".join(str(p) for p in e["loc"])
         where = _origin_of(origins, e["loc"]) or source
         got = e.get("input")

@@ -181,6 +181,11 @@ def test_a_key_set_in_several_files_is_blamed_on_the_one_that_won(tmp_path: Path
         ),
         ("train=5", "--set train=5: train: expected a mapping of train settings, got 5"),
         ("model.config=5", "--set model.config=5: model.config: expected a mapping, got 5"),
+        ("data.train=5", "--set data.train=5: data.train: expected a string or a list of strings (got 5)"),
+        (
+            "train.class_weights=5",
+            "--set train.class_weights=5: train.class_weights: expected 'balanced' or a list of numbers (got 5)",
+        ),
         (
             "train.early_stopping.metrc=loss",
             "--set train.early_stopping.metrc=loss: train.early_stopping.metrc: unknown key "
