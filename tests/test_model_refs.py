@@ -173,3 +173,19 @@ def test_hub_ids_still_download(tiny_model: Path, monkeypatch) -> None:
 def test_registered_name_found_by_its_pulled_hub_id(tiny_model: Path) -> None:
     Registry().add(tiny_model, name="tiny", source="hf://org/tiny")
     assert finetune.resolve_base("org/tiny", None) == tiny_model.resolve()
+
+
+def test_a_pipeline_fingerprints_the_files_of_a_registered_base(quickstart: Path, tmp_path: Path) -> None:
+    """`llmos run` reruns finetune when its base changes, also when the base is named by registration."""
+    from llmos_cli.recipe import load_recipe
+    from llmos_cli.stages.pipeline import STAGES
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "import os"}) + "\n")
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "ft.yaml",
+            {"model": {"name_or_path": "quickstart"}, "data": {"train": str(tmp_path / "train.jsonl")}},
+        )
+    )
+    inputs = STAGES["finetune"].inputs(recipe, ["finetune"])
+    assert quickstart.resolve() in [p.resolve() for p in inputs]

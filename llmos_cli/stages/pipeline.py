@@ -33,6 +33,7 @@ from llmos_cli.core.lockfile import (
     read_lock,
     verify_inputs,
 )
+from llmos_cli.core.models import locate_model
 from llmos_cli.core.rundir import RunDir, write_atomic
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe, load_recipe, validate_recipe
@@ -98,8 +99,16 @@ def _data_files(recipe: Recipe) -> list[Path]:
     return [f for spec in specs for f in list_files(spec, d.include)]
 
 
-def _local(path: str | None) -> list[Path]:
-    return [Path(path)] if path and Path(path).exists() else []
+def _local(recipe: Recipe, ref: str | None) -> list[Path]:
+    """The local folder a model or tokenizer reference names (a path, by the recipe's lookup rule, or a
+    registered name), whose files a fingerprint covers; a hub id, or nothing found, adds none."""
+    if not ref:
+        return []
+    folder = Path(recipe.source).parent if recipe.source and Path(recipe.source).is_file() else None
+    try:
+        return [locate_model(ref, base_dir=folder)]
+    except UserError:
+        return []
 
 
 def _model_if_not_trained_here(recipe: Recipe, stages: list[str]) -> list[Path]:
@@ -107,7 +116,7 @@ def _model_if_not_trained_here(recipe: Recipe, stages: list[str]) -> list[Path]:
     if any(s in stages for s in TRAINING):
         return []
     final = recipe.output_dir / "final"
-    return [final] if final.is_dir() else _local(recipe.model.name_or_path)
+    return [final] if final.is_dir() else _local(recipe, recipe.model.name_or_path)
 
 
 STAGES: dict[str, Stage] = {
@@ -117,7 +126,7 @@ STAGES: dict[str, Stage] = {
             "data",
             ("task", "run.seed", "data", "model.tokenizer", "model.name_or_path"),
             (),
-            lambda r, _: _data_files(r) + _local(r.model.tokenizer) + _local(r.model.name_or_path),
+            lambda r, _: _data_files(r) + _local(r, r.model.tokenizer) + _local(r, r.model.name_or_path),
             lambda r: r.data_output / "report.json",
             _run_data,
         ),
@@ -133,7 +142,7 @@ STAGES: dict[str, Stage] = {
             "finetune",
             ("task", "run", "model", "data", "finetune", "train"),
             ("data",),
-            lambda r, _: _data_files(r) + _local(r.model.name_or_path),
+            lambda r, _: _data_files(r) + _local(r, r.model.name_or_path),
             lambda r: r.output_dir / "final",
             _run_finetune,
         ),
