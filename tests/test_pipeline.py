@@ -142,3 +142,10 @@ def test_pipeline_section_is_validated(pipeline_recipe: Path) -> None:
 def test_quickstart_pipeline_recipe_is_valid() -> None:
     recipe = load_recipe(ROOT / "recipes" / "pipeline-quickstart.yaml")
     assert recipe.pipeline.stages == ["data", "pretrain", "eval"] and recipe.run.name == "quickstart"
+
+
+def test_the_plan_refuses_what_the_run_would(pipeline_recipe: Path) -> None:
+    with pytest.raises(UserError, match="finetune needs a base model"):
+        pipeline.plan(pipeline_recipe, ["pipeline.stages=[data, finetune]"])
+    with pytest.raises(UserError, match="data.train: no training data given"):
+        pipeline.plan(pipeline_recipe, ["data.train=null"])

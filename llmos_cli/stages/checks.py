@@ -32,3 +32,6 @@ def check_finetune(recipe: Recipe) -> None:
 
         check_format_fits_task(recipe)
     check_data(recipe)
+
+
+STAGE_CHECKS = {"data": check_data, "pretrain": check_pretrain, "finetune": check_finetune}

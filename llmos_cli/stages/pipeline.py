@@ -249,7 +249,12 @@ def run(recipe_path: Path, overrides: list[str], *, force: bool = False) -> dict
 
 def plan(recipe_path: Path, overrides: list[str], *, force: bool = False) -> list[dict[str, Any]]:
     """What `run` would do, stage by stage (run or skip, and why); writes nothing."""
+    from llmos_cli.stages.checks import STAGE_CHECKS
+
     recipe = load_recipe(recipe_path, overrides)
+    for name in _stages(recipe):  # what the run would refuse, the plan refuses with the same message
+        if name in STAGE_CHECKS:
+            STAGE_CHECKS[name](recipe)
     state = PipelineState.load(recipe.output_dir)
     return [
         {"stage": d.stage.name, "action": "run" if d.why else "skip", "reason": d.why or "unchanged"}
