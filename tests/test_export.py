@@ -42,13 +42,15 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def save_tiny_llama(path: Path, **overrides) -> Path:
-    """A tiny llama (hidden 64, 2 layers, GQA) with a locally trained byte-level BPE tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_tiny_llama(path: Path, arch: str = "llama", **overrides) -> Path:
+    """A tiny llama (or another `arch` of its layout: hidden 64, 2 layers, GQA) with a locally trained
+    byte-level BPE tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        arch,
         **{
             "vocab_size": len(tokenizer) + 4,
             "hidden_size": 64,
@@ -62,9 +64,9 @@ def save_tiny_llama(path: Path, **overrides) -> Path:
             "pad_token_id": tokenizer.pad_token_id,
             "tie_word_embeddings": False,
             **overrides,
-        }
+        },
     )
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger weights than the 0.02 init give logits big enough to tell apart
         for p in model.parameters():
             if p.ndim == 2:
@@ -312,6 +314,19 @@ def test_gguf_tied_embeddings_and_llama3_rope_scaling(tmp_path):
     assert summary["exports"][0]["max_abs_diff"] <= 1e-4
     names = {t.name for t in GGUFReader(tmp_path / "g" / "llama3-f32.gguf").tensors}
     assert "rope_freqs.weight" in names and "output.weight" not in names
+
+
+def test_gguf_of_a_mistral_matches_it_and_sliding_windows_are_refused(tmp_path):
+    from gguf import GGUFReader
+
+    mistral = save_tiny_llama(tmp_path / "mistral", arch="mistral", sliding_window=None)
+    summary = export_stage.run(str(mistral), ["gguf"], tmp_path / "g", gguf_dtype="f32")
+    assert summary["exports"][0]["max_abs_diff"] <= 1e-4  # verified against transformers' Mistral
+    reader = GGUFReader(tmp_path / "g" / "mistral-f32.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    windowed = save_tiny_llama(tmp_path / "windowed", arch="mistral", sliding_window=16)
+    with pytest.raises(UserError, match="sliding-window attention \\(16 of 128 positions\\)"):
+        export_stage.run(str(windowed), ["gguf"], tmp_path / "w")
 
 
 def test_gguf_of_adapter_is_merged(adapter_dir, tmp_path):

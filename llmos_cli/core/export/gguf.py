@@ -1,4 +1,4 @@
-"""Write a llama-architecture causal LM and its byte-level BPE tokenizer as one GGUF file.
+"""Write a llama-architecture causal LM (llama, or mistral without a sliding window) and its byte-level BPE tokenizer as one GGUF file.
 
 Follows llama.cpp's convert_hf_to_gguf.py for llama: its tensor names (via gguf.TensorNameMap), Q/K rows
 permuted for llama.cpp's interleaved RoPE, norms and other 1-D tensors kept in f32, Llama-3 RoPE
@@ -26,13 +26,26 @@ LLAMA3_SPLIT = (
 )
 
 
+# Model types with llama's tensors and math, which llama.cpp loads as its "llama" architecture
+# (as its convert_hf_to_gguf.py does for Mistral).
+LLAMA_LAYOUT = ("llama", "mistral")
+
+
 def check_gguf_supported(config: Any) -> None:
     """Raise UserError unless this config is a llama causal LM this writer handles."""
     model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
+    if model_type not in LLAMA_LAYOUT:
         raise UserError(
-            f"GGUF export supports llama-architecture models; this model is '{model_type}'",
+            f"GGUF export supports llama-architecture models ({', '.join(LLAMA_LAYOUT)}); this model is "
+            f"'{model_type}'",
             hint="export it as --format hf or onnx, or convert it with llama.cpp's convert_hf_to_gguf.py",
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise UserError(
+            f"GGUF export: sliding-window attention ({window} of {config.max_position_embeddings} positions) "
+            "is not supported; llama.cpp's llama architecture attends to the whole context",
+            hint="export it as --format hf, or train with model.config.sliding_window: null",
         )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError("GGUF export: llama models with attention_bias or mlp_bias are not supported")
