@@ -1,4 +1,5 @@
-"""Write a llama-architecture causal LM (llama, or mistral without a sliding window) and its byte-level BPE tokenizer as one GGUF file.
+"""Write a llama-architecture causal LM (llama, or mistral without a sliding window) and its
+byte-level BPE tokenizer as one GGUF file.
 
 Follows llama.cpp's convert_hf_to_gguf.py for llama: its tensor names (via gguf.TensorNameMap), Q/K rows
 permuted for llama.cpp's interleaved RoPE, norms and other 1-D tensors kept in f32, Llama-3 RoPE
