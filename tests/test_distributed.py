@@ -238,12 +238,18 @@ def test_the_launcher_repeats_what_only_other_ranks_said(tmp_path: Path, capsys)
         0: SimpleNamespace(local_rank=0, exitcode=-15, timestamp=9),  # stopped by the agent
         1: SimpleNamespace(local_rank=1, exitcode=2, timestamp=8),
         2: SimpleNamespace(local_rank=2, exitcode=2, timestamp=7),
-        3: SimpleNamespace(local_rank=3, exitcode=139, timestamp=6),
+        3: SimpleNamespace(local_rank=3, exitcode=-11, timestamp=6),  # a segfault: no message
+        4: SimpleNamespace(local_rank=4, exitcode=-15, timestamp=9),  # stopped by the agent
     }
-    assert _report(failures, tmp_path) == 139  # the first failure's code
+    code, message, crashed = _report(failures, tmp_path)
+    assert (code, message, crashed) == (128 + 11, None, True)  # the first failure's code
     err = capsys.readouterr().err
-    assert "bad recipe" not in err and "rank 2: error: disk full" in err
-    assert "rank 3 failed (exit code 139)" in err and err.rstrip().endswith("Segmentation fault")
+    assert "bad recipe" not in err and "rank 2: error: disk full" in err and "rank 4" not in err
+    assert "rank 3 failed (killed by SIGSEGV)" in err and err.rstrip().endswith("Segmentation fault")
+
+    (tmp_path / "error-rank-0.txt").unlink()  # rank 0 said nothing: the first failure's words go to --json
+    code, message, _ = _report({0: failures[0], 2: failures[2]}, tmp_path)
+    assert (code, message) == (2, "disk full")
 
 
 def test_nproc_under_torchrun_is_refused(workspace: Path, run_cli, monkeypatch) -> None:
