@@ -91,6 +91,7 @@ def test_a_finished_run_reports_its_result_and_refuses_other_settings(
     again = json.loads(res.stdout)
     assert again["steps"] == 10 and again["train_loss"] == pytest.approx(first["train_loss"], abs=1e-6)
     assert again["validation"]["loss"] == pytest.approx(first["validation"]["loss"], abs=1e-6)
+    assert again["validation"].keys() == first["validation"].keys()
 
     res = run_cli("pretrain", tiny_recipe, "--set", "train.max_steps=10", "--set", "train.lr=0.001")
     said = " ".join(res.stderr.split())

@@ -235,10 +235,15 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def agree_on_stop(stop: StopRequest, world: World) -> None:
-    """A signal may reach the ranks a step apart; all stop at the step where any of them saw it."""
-    if world.size > 1:
-        stop.signum = world.max(stop.signum or 0) or None
+def agree_on_stop(stop: StopRequest, world: World) -> bool:
+    """Whether every rank stops after this step: a signal may reach the ranks a step apart, and all
+    stop at the step where any of them saw it. A signal arriving during the vote counts next step."""
+    if world.size == 1:
+        return stop.requested
+    agreed = world.max(stop.signum or 0)
+    if agreed and stop.signum is None:
+        stop.signum = agreed  # another rank's signal: stop here too, under its name
+    return bool(agreed)
 
 
 # ---------------------------------------------------------------- data
@@ -383,12 +388,14 @@ def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[st
 def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters as full CPU tensors, tied ones once. FSDP shards are gathered (a
     collective: call on every rank) and only rank 0 gets them; the other ranks get an empty dict."""
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if is_sharded(model):
-        full = full_state_dict(model)
-        return {n: full[n].contiguous() for n in trainable} if full else {}
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().contiguous().cpu() for n in trainable}
+    keep = current_world().is_main
+    weights = {}
+    for name, p in model.named_parameters():  # in the same order on every rank: one gather each
+        if p.requires_grad:
+            full = _gather(p.data, keep) if is_sharded(model) else (p.detach().cpu() if keep else None)
+            if keep:
+                weights[name] = full.contiguous()
+    return weights
 
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

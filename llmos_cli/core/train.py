@@ -225,8 +225,7 @@ def train(job: TrainJob) -> TrainResult:
             state["step"] += 1
             state["micro_batches"] += cfg.grad_accum
             step = state["step"]
-            distributed.agree_on_stop(stop, world)
-            stopping = stop.requested  # as every rank agreed; a signal from now on counts next step
+            stopping = distributed.agree_on_stop(stop, world)  # the same on every rank
             logging = step % cfg.log_every == 0 or step == steps
             evaluating = job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps)
             if logging or evaluating:
@@ -300,7 +299,8 @@ def train(job: TrainJob) -> TrainResult:
                     exit_code=128 + stop.signum,
                 )
 
-    if watch and cfg.keep_best and watch.best_step not in (None, state["step"]) and best_file.exists():
+    best_saved = world.broadcast(best_file.exists())  # under FSDP loading is a collective: agree first
+    if watch and cfg.keep_best and watch.best_step not in (None, state["step"]) and best_saved:
         load_trained_weights(model, best_file)
         out.info(
             f"train: keeping the best weights ({watch.metric} {watch.best:.6g} at step {watch.best_step})"
@@ -367,7 +367,9 @@ def _last_logged(run: RunDir) -> tuple[float | None, dict[str, float] | None]:
     train_rows = [r for r in rows if "split" not in r]
     val_rows = [r for r in rows if r.get("split") == "validation"]
     loss = train_rows[-1]["loss"] if train_rows else None
-    validation = {k: v for k, v in val_rows[-1].items() if k not in ("step", "split")} if val_rows else None
+    validation = (
+        {k: v for k, v in val_rows[-1].items() if k not in ("step", "split", "time")} if val_rows else None
+    )
     return loss, validation
 
 
