@@ -397,19 +397,29 @@ _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "boo
 
 
 def _union_errors_merged(errors: list[Any]) -> list[Any]:
-    """Errors for the members of one union field become one error: 'expected a string or a list of strings'."""
+    """Errors for the members of one union field become one: 'expected a string or a list of strings';
+    where a member got further (a list with a bad element), only its deeper errors are kept."""
+    groups: dict[tuple[Any, ...], list[tuple[str, Any]]] = {}
     merged: dict[tuple[Any, ...], Any] = {}
     for e in errors:
-        loc, tag = tuple(e["loc"]), e["loc"][-1] if e["loc"] else None
-        if not (isinstance(tag, str) and (tag in _TYPE_WORDS or "[" in tag)):
+        loc = tuple(e["loc"])
+        at = next((i for i, part in enumerate(loc) if _is_type_tag(part)), None)
+        if at is None:
             merged[loc] = e
-            continue
-        word = _type_word(tag)
-        if loc[:-1] in merged:
-            merged[loc[:-1]]["msg"] += f" or {word}"
         else:
-            merged[loc[:-1]] = {**e, "loc": loc[:-1], "type": "union", "msg": f"expected {word}"}
+            groups.setdefault(loc[:at], []).append((loc[at], {**e, "loc": loc[:at] + loc[at + 1 :]}))
+    for prefix, members in groups.items():
+        deeper = [e for _, e in members if len(e["loc"]) > len(prefix)]
+        if deeper:
+            merged.update((tuple(e["loc"]), e) for e in deeper)
+        else:
+            words = " or ".join(_type_word(tag) for tag, _ in members)
+            merged[prefix] = {**members[0][1], "type": "union", "msg": f"expected {words}"}
     return list(merged.values())
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _TYPE_WORDS or "[" in part)
 
 
 def _type_word(tag: str) -> str:

@@ -183,6 +183,10 @@ def test_a_key_set_in_several_files_is_blamed_on_the_one_that_won(tmp_path: Path
         ("model.config=5", "--set model.config=5: model.config: expected a mapping, got 5"),
         ("data.train=5", "--set data.train=5: data.train: expected a string or a list of strings (got 5)"),
         (
+            "data.train=[a, 3]",
+            "--set data.train=[a, 3]: data.train.1: Input should be a valid string (got 3)",
+        ),
+        (
             "train.class_weights=5",
             "--set train.class_weights=5: train.class_weights: expected 'balanced' or a list of numbers (got 5)",
         ),
