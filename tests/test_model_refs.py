@@ -189,3 +189,19 @@ def test_a_pipeline_fingerprints_the_files_of_a_registered_base(quickstart: Path
     )
     inputs = STAGES["finetune"].inputs(recipe, ["finetune"])
     assert quickstart.resolve() in [p.resolve() for p in inputs]
+
+
+def test_model_tokenizer_follows_the_same_rule_without_the_hub(quickstart: Path, tmp_path: Path) -> None:
+    from llmos_cli.recipe import load_recipe
+    from llmos_cli.stages.data import tokenizer_source
+
+    def recipe_with(tokenizer: str):
+        return load_recipe(write_recipe(tmp_path / "r.yaml", {"model": {"tokenizer": tokenizer}}))
+
+    assert tokenizer_source(recipe_with("quickstart")) == quickstart  # a registered name
+    (tmp_path / "tok").symlink_to(quickstart)
+    assert tokenizer_source(recipe_with("tok")).resolve() == quickstart.resolve()  # beside the recipe
+    with pytest.raises(
+        UserError, match=r"r\.yaml: model\.tokenizer: someone/tok: not found .*not a registered"
+    ):
+        tokenizer_source(recipe_with("someone/tok"))

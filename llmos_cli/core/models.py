@@ -46,10 +46,22 @@ def recipe_model_dir(ref: str, source: str | None, key: str = "model.name_or_pat
     return _model_dir_at(locate_recipe_model(ref, source, key))
 
 
-def locate_recipe_model(ref: str, source: str | None, key: str = "model.name_or_path") -> Path:
+def locate_recipe_model(
+    ref: str, source: str | None, key: str = "model.name_or_path", *, hub: bool = True
+) -> Path:
     """`recipe_model_dir` before the `final/` and config checks (a folder that may hold only a tokenizer)."""
     folder = Path(source).parent if source and Path(source).is_file() else None
-    return locate_model(ref, hub=True, key=f"{source}: {key}" if source else key, base_dir=folder)
+    return locate_model(ref, hub=hub, key=f"{source}: {key}" if source else key, base_dir=folder)
+
+
+def recipe_tokenizer_dir(ref: str, source: str | None) -> Path:
+    """The folder `model.tokenizer` names, by the model rule without the hub (`builtin:`, the recipe's
+    folder, the working directory, a registered name); a run directory gives its `final/`."""
+    p = locate_recipe_model(ref, source, "model.tokenizer", hub=False)
+    p = p / "final" if (p / "final").is_dir() else p
+    if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+        raise UserError(f"{source}: model.tokenizer: {p} holds no tokenizer files")
+    return p
 
 
 def locate_model(

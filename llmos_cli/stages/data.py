@@ -26,7 +26,7 @@ from llmos_cli.core.data.report import DataReport, count_labels, length_summary,
 from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, validation_overlap
 from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
-from llmos_cli.core.models import load_tokenizer, locate_recipe_model, resolve_model_dir
+from llmos_cli.core.models import load_tokenizer, locate_recipe_model, recipe_tokenizer_dir
 from llmos_cli.core.writable import disk_full_is_clear
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
@@ -252,13 +252,7 @@ def tokenizer_source(recipe: Recipe) -> Path | None:
     """The tokenizer to use, or None when one must be trained (no model named, or its folder has none)."""
     m = recipe.model
     if m.tokenizer:
-        candidate = str(resolve_model_dir(m.tokenizer)) if m.tokenizer.startswith("builtin:") else m.tokenizer
-        if not Path(candidate).is_dir():
-            raise UserError(f"model.tokenizer: not found: {m.tokenizer}")
-        p = _final_or_self(Path(candidate))
-        if not _has_tokenizer(p):
-            raise UserError(f"model.tokenizer: {candidate} holds no tokenizer files")
-        return p
+        return recipe_tokenizer_dir(m.tokenizer, recipe.source)
     if m.name_or_path:
         # where finetune finds the model: recipe folder, working directory, registered name, hub
         p = _final_or_self(locate_recipe_model(m.name_or_path, recipe.source))

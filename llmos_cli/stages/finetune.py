@@ -13,7 +13,7 @@ from llmos_cli.core.batches import causal_lm_collate, classification_collate, se
 from llmos_cli.core.classify import accuracy_and_f1, predict_labels
 from llmos_cli.core.data.formats import prepare_task_dataset
 from llmos_cli.core.distributed import init_distributed
-from llmos_cli.core.models import load_model, load_tokenizer, recipe_model_dir
+from llmos_cli.core.models import load_model, load_tokenizer, recipe_model_dir, recipe_tokenizer_dir
 from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
@@ -30,6 +30,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     recipe = recipe.model_copy(deep=True)
     base = resolve_base(recipe.model.name_or_path, recipe.source)
     recipe.model.name_or_path = str(base)  # so the data stage and adapter_config.json name it exactly
+    if recipe.model.tokenizer:
+        recipe.model.tokenizer = str(recipe_tokenizer_dir(recipe.model.tokenizer, recipe.source))
     load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
     tokenizer = load_tokenizer(recipe.model.tokenizer or base, recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
