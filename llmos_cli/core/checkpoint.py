@@ -81,8 +81,8 @@ def save_checkpoint(
             )
             (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
             (tmp / COMPLETE).write_text(json.dumps({"step": step}))
-            _fsync_tree(tmp)
             match_umask(tmp)
+            _fsync_tree(tmp)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)

@@ -226,12 +226,12 @@ def train(job: TrainJob) -> TrainResult:
             state["micro_batches"] += cfg.grad_accum
             step = state["step"]
             stopping = distributed.agree_on_stop(stop, world)  # the same on every rank
-            logging = step % cfg.log_every == 0 or step == steps
+            log_step = step % cfg.log_every == 0 or step == steps
             evaluating = job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps)
-            if logging or evaluating:
+            if log_step or evaluating:
                 _check_gradients(job, nonfinite)
 
-            if logging:
+            if log_step:
                 window_loss, window_tokens = world.sum(window_loss), world.sum(window_tokens)
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / max(window_targets, 1)
@@ -274,7 +274,7 @@ def train(job: TrainJob) -> TrainResult:
 
             early_stop = bool(watch and watch.should_stop)
             if step % cfg.save_every == 0 or step == steps or stopping or early_stop:
-                if not (logging or evaluating):
+                if not (log_step or evaluating):
                     _check_gradients(job, nonfinite)
                 saved = distributed.save_checkpoint(
                     world,

@@ -50,7 +50,8 @@ def disk_full_is_clear(path: Path) -> Iterator[None]:
 
 
 def current_umask() -> int:
-    """This process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    """This process's umask, read without changing it where Linux shows it (/proc/self/status);
+    elsewhere it is set and restored, which briefly races with other threads creating files."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):

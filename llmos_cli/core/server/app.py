@@ -58,7 +58,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
-        content_type = request.headers.get("content-type", "")
+        content_type = request.headers.get("content-type", "").lower()
         if first.get("loc") == ("body",) and content_type and "json" not in content_type:
             message = f"the body must be JSON, sent with Content-Type: application/json (not {content_type})"
             return ApiError(400, message, code="invalid_body").response()
