@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmos_cli.console import out
-from llmos_cli.core import distributed
+from llmos_cli.core import distributed, full_state
 from llmos_cli.core.batches import Collate, ResumableBatchSampler, to_device
 from llmos_cli.core.checkpoint import check_compatible, latest_checkpoint
 from llmos_cli.core.evaluate import dataset_loss, loss_metrics
@@ -147,7 +147,7 @@ def train(job: TrainJob) -> TrainResult:
     last_loss, validation = None, None
     resumed_from = world.broadcast(_resume_point(job))
     if resumed_from is not None:
-        saved = distributed.load_checkpoint(resumed_from, model, optimizer, scheduler)
+        saved = full_state.load_checkpoint(resumed_from, model, optimizer, scheduler)
         check_compatible(saved.get("compat", {}), job.compat, resumed_from)
         state.update({k: saved[k] for k in state})
         if watch:
@@ -276,7 +276,7 @@ def train(job: TrainJob) -> TrainResult:
             if step % cfg.save_every == 0 or step == steps or stopping or early_stop:
                 if not (log_step or evaluating):
                     _check_gradients(job, nonfinite)
-                saved = distributed.save_checkpoint(
+                saved = full_state.save_checkpoint(
                     world,
                     run.checkpoints,
                     step,

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmos_cli.core import distributed
+from llmos_cli.core import distributed, full_state
 from llmos_cli.core.distributed import World
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import TrainSection
@@ -68,7 +68,7 @@ def save_trained_weights(model: Any, path: Path, world: World) -> None:
     """
     from safetensors.torch import save_file
 
-    tensors = distributed.trained_weights(model)
+    tensors = full_state.trained_weights(model)
     if world.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -82,6 +82,6 @@ def load_trained_weights(model: Any, path: Path) -> None:
     from safetensors.torch import load_file
 
     device = "cpu" if distributed.is_sharded(model) else str(next(model.parameters()).device)
-    _, unexpected = distributed.load_full_state(model, load_file(str(path), device=device))
+    _, unexpected = full_state.load_full_state(model, load_file(str(path), device=device))
     if unexpected:
         raise UserError(f"{path} does not match this model: unexpected {unexpected[:3]}")

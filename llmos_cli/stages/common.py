@@ -11,7 +11,8 @@ import torch
 
 from llmos_cli.console import out
 from llmos_cli.core.allocator import retain_freed_memory
-from llmos_cli.core.distributed import current_world, full_state_dict
+from llmos_cli.core.distributed import current_world
+from llmos_cli.core.full_state import full_state_dict
 from llmos_cli.core.rundir import RunDir
 from llmos_cli.core.runtime import Precision, cpu_has_fast_bf16, pick_device, pick_precision
 from llmos_cli.recipe import Recipe
