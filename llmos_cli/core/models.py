@@ -57,11 +57,17 @@ def locate_recipe_model(
 def recipe_tokenizer_dir(ref: str, source: str | None) -> Path:
     """The folder `model.tokenizer` names, by the model rule without the hub (`builtin:`, the recipe's
     folder, the working directory, a registered name); a run directory gives its `final/`."""
-    p = locate_recipe_model(ref, source, "model.tokenizer", hub=False)
-    p = p / "final" if (p / "final").is_dir() else p
-    if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
-        raise UserError(f"{source}: model.tokenizer: {p} holds no tokenizer files")
+    located = locate_recipe_model(ref, source, "model.tokenizer", hub=False)
+    p = tokenizer_folder(located)
+    if p is None:
+        raise UserError(f"{source}: model.tokenizer: {located} holds no tokenizer files")
     return p
+
+
+def tokenizer_folder(p: Path) -> Path | None:
+    """Where the tokenizer of folder `p` is (a run directory: its `final/`), or None if it has none."""
+    p = p / "final" if (p / "final").is_dir() else p
+    return p if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists() else None
 
 
 def locate_model(

@@ -26,7 +26,7 @@ from llmos_cli.core.data.report import DataReport, count_labels, length_summary,
 from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, validation_overlap
 from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
-from llmos_cli.core.models import load_tokenizer, locate_recipe_model, recipe_tokenizer_dir
+from llmos_cli.core.models import load_tokenizer, locate_recipe_model, recipe_tokenizer_dir, tokenizer_folder
 from llmos_cli.core.writable import disk_full_is_clear
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
@@ -255,18 +255,8 @@ def tokenizer_source(recipe: Recipe) -> Path | None:
         return recipe_tokenizer_dir(m.tokenizer, recipe.source)
     if m.name_or_path:
         # where finetune finds the model: recipe folder, working directory, registered name, hub
-        p = _final_or_self(locate_recipe_model(m.name_or_path, recipe.source))
-        if _has_tokenizer(p):
-            return p
+        return tokenizer_folder(locate_recipe_model(m.name_or_path, recipe.source))
     return None
-
-
-def _final_or_self(p: Path) -> Path:
-    return p / "final" if (p / "final").is_dir() else p
-
-
-def _has_tokenizer(p: Path) -> bool:
-    return (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()
 
 
 def _cached(target: Path, fp: str) -> PreparedData | None:
