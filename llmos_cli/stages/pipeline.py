@@ -33,7 +33,7 @@ from llmos_cli.core.lockfile import (
     read_lock,
     verify_inputs,
 )
-from llmos_cli.core.models import locate_model
+from llmos_cli.core.models import locate_recipe_model
 from llmos_cli.core.rundir import RunDir, write_atomic
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe, load_recipe, validate_recipe
@@ -104,9 +104,8 @@ def _local(recipe: Recipe, ref: str | None) -> list[Path]:
     registered name), whose files a fingerprint covers; a hub id, or nothing found, adds none."""
     if not ref:
         return []
-    folder = Path(recipe.source).parent if recipe.source and Path(recipe.source).is_file() else None
     try:
-        return [locate_model(ref, base_dir=folder)]
+        return [locate_recipe_model(ref, recipe.source, hub=False)]
     except UserError:
         return []
 
