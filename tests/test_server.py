@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import socket
@@ -182,6 +183,16 @@ def test_oversized_body_is_413(server):
         json={"model": "tiny", "prompt": "x" * 10_000},
     )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks(body: bytes):  # no Content-Length: the guard reads the body itself, capped
+        yield from (body[i : i + 1000] for i in range(0, len(body), 1000))
+
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"model": "tiny", "prompt": "x" * 10_000}).encode()
+    r = httpx.post(server[0] + "/v1/completions", headers=auth, content=chunks(big))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    small = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+    assert httpx.post(server[0] + "/v1/completions", headers=auth, content=chunks(small)).status_code == 200
 
 
 def test_disconnect_frees_the_slot(server, runner, monkeypatch):

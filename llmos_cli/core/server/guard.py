@@ -40,9 +40,14 @@ class Guard:
                     "invalid_api_key",
                 )
                 return
-            headers = dict(scope["headers"])
-            length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            length = dict(scope["headers"]).get(b"content-length")
+            too_large = length is not None and (not length.isdigit() or int(length) > self.max_body_bytes)
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):  # no length: read, capped
+                body = await self._read_capped(receive)
+                too_large = body is None
+                if body is not None:
+                    receive = _replay(body, receive)
+            if too_large:
                 await self._reject(
                     send_recording,
                     413,
@@ -51,18 +56,6 @@ class Guard:
                     "request_too_large",
                 )
                 return
-            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_capped(receive)
-                if body is None:
-                    await self._reject(
-                        send_recording,
-                        413,
-                        f"request body is over {self.max_body_bytes} bytes",
-                        "invalid_request_error",
-                        "request_too_large",
-                    )
-                    return
-                receive = _replay(body, receive)
             await self.app(scope, receive, send_recording)
         finally:
             self.metrics.record(path if path in KNOWN_PATHS else "other", status, time.monotonic() - start)
