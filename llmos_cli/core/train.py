@@ -228,7 +228,8 @@ def train(job: TrainJob) -> TrainResult:
             stopping = distributed.agree_on_stop(stop, world)  # the same on every rank
             log_step = step % cfg.log_every == 0 or step == steps
             evaluating = job.val_rows is not None and (step % cfg.eval_every == 0 or step == steps)
-            if log_step or evaluating:
+            saving = step % cfg.save_every == 0 or step == steps or stopping
+            if log_step or evaluating or saving:  # before anything reads or keeps the weights
                 _check_gradients(job, nonfinite)
 
             if log_step:
@@ -273,9 +274,7 @@ def train(job: TrainJob) -> TrainResult:
                     )
 
             early_stop = bool(watch and watch.should_stop)
-            if step % cfg.save_every == 0 or step == steps or stopping or early_stop:
-                if not (log_step or evaluating):
-                    _check_gradients(job, nonfinite)
+            if saving or early_stop:  # an early stop follows an evaluation, checked above
                 saved = full_state.save_checkpoint(
                     world,
                     run.checkpoints,
