@@ -1,4 +1,5 @@
-"""`llmos eval`: score a model on evaluation data; writes eval.json (and predictions.jsonl where there are predictions) and a table."""
+"""`llmos eval`: score a model on evaluation data; writes eval.json, predictions.jsonl (where there
+are predictions) and a table."""
 
 from __future__ import annotations
 
