@@ -251,6 +251,11 @@ def test_the_launcher_repeats_what_only_other_ranks_said(tmp_path: Path, capsys)
     code, message, _ = _report({0: failures[0], 2: failures[2]}, tmp_path)
     assert (code, message) == (2, "disk full")
 
+    # The agent stopped rank 0 within the same second as rank 2 failed: rank 2's exit is the cause.
+    same_second = {0: SimpleNamespace(local_rank=0, exitcode=-15, timestamp=7), 2: failures[2]}
+    code, message, _ = _report(same_second, tmp_path)
+    assert (code, message) == (2, "disk full")
+
 
 def test_nproc_under_torchrun_is_refused(workspace: Path, run_cli, monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -70,8 +70,12 @@ def _report(failures: dict[int, Any], logs: Path) -> tuple[int, str | None, bool
     of one that crashed. Returns the exit code (the first failure's), the first failure's message
     when rank 0 left none, and whether a crash log is kept for the user to read."""
     said = {int(p.stem.rsplit("-", 1)[1]): p.read_text() for p in logs.glob("error-rank-*.txt")}
-    # The first failure by time (whole seconds), then by rank: the cause; later ones are its echoes.
-    first_rank = min(failures, key=lambda r: (failures[r].timestamp, r))
+    # The cause is the first failure by time (whole seconds), then by rank, among those the agent did not
+    # stop itself: ranks it ended with SIGTERM after another failed are echoes, even within the same second.
+    first_rank = min(
+        failures,
+        key=lambda r: (-failures[r].exitcode == signal.SIGTERM, failures[r].timestamp, r),
+    )
     shown, crashed = {said.get(0)}, False
     for rank, failure in sorted(failures.items()):
         if rank == 0:
