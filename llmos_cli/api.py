@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from llmos_cli.core.models import ModelInfo
 from llmos_cli.recipe import Recipe, apply_override, load_recipe, validate_recipe
 
 LANGUAGES = {
@@ -44,14 +45,19 @@ class LLMOS:
             os.environ["LLMOS_HOME"] = str(home)
 
     def load_model(
-        self, name_or_path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False
+        self,
+        name_or_path: str | Path,
+        *,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        device: str = "auto",
     ) -> Model:
         """A HF-format dir, a run dir (its final/), or a name registered in the model library; a local
-        path wins over a registered name (the same rule as the CLI's MODEL)."""
-        from llmos_cli.core.models import resolve_model_dir
-
-        path = resolve_model_dir(name_or_path)
-        return Model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        path wins over a registered name (the same rule as the CLI's MODEL). `device` follows the CLI's
+        `--device` rule (auto: CUDA, then MPS, then CPU)."""
+        return Model(
+            name_or_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device=device
+        )
 
     def recipe(self, path: str | Path, overrides: list[str] | None = None) -> Recipe:
         return load_recipe(path, overrides)
@@ -98,10 +104,22 @@ class LLMOS:
 
 
 class Model:
-    """A model on disk; the weights load on first use."""
+    """A model on disk, described once (its kind, tokenizer, base); the weights load on first use."""
 
-    def __init__(self, path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
-        self.path = Path(path)
+    def __init__(
+        self,
+        path: str | Path | ModelInfo,
+        *,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        device: str = "auto",
+    ):
+        from llmos_cli.core.models import describe_model
+        from llmos_cli.core.runtime import pick_device
+
+        self.info = path if isinstance(path, ModelInfo) else describe_model(path)
+        self.path = self.info.path
+        self.device = pick_device(device, key="device")
         self._load_kwargs = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
 
     def __repr__(self) -> str:
@@ -109,28 +127,28 @@ class Model:
 
     @cached_property
     def model(self) -> Any:
-        from llmos_cli.core.models import load_model
+        from llmos_cli.core.runtime import inference_dtype
 
-        return load_model(self.path, **self._load_kwargs)
+        return self.info.load(device=self.device, dtype=inference_dtype(self.device), **self._load_kwargs)
 
     @cached_property
     def tokenizer(self) -> Any:
-        from llmos_cli.core.models import load_tokenizer
-
-        return load_tokenizer(self.path, trust_remote_code=self._load_kwargs["trust_remote_code"])
+        return self.info.load_tokenizer(self._load_kwargs["trust_remote_code"])
 
     @property
     def kind(self) -> str:
-        """encoder, causal or seq2seq."""
-        from llmos_cli.core.zeroshot import model_kind
-
-        return model_kind(self.model)
+        """causal, seq2seq, encoder or classifier."""
+        return self.info.kind
 
     @cached_property
     def _runner(self) -> Any:
-        from llmos_cli.core.infer import Runner
+        from llmos_cli.core.infer import RUNNERS
 
-        return Runner(self.model, self.tokenizer)
+        if not self.info.generates:
+            raise ValueError(
+                f"{self.path} is {self.kind} model; generation needs a causal LM or a seq2seq model"
+            )
+        return RUNNERS[self.kind](self.model, self.tokenizer)
 
     def generate(
         self,
@@ -157,12 +175,8 @@ class Model:
             seed=seed,
             stop=tuple(stop or ()),
         )
-        if self.kind == "seq2seq":
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            done = [self._seq2seq_generate(t, max_new_tokens) for t in texts]
-        else:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            done = [c.text for c in self._runner.generate(prompts, params, batch_size=batch_size)]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        done = [c.text for c in self._runner.generate(prompts, params, batch_size=batch_size)]
         return done[0] if isinstance(prompt, str) else done
 
     def scores(
@@ -170,7 +184,7 @@ class Model:
     ) -> dict[str, float]:
         """Label -> score: the fine-tuned head's probabilities, or zero-shot scores when `labels` are given."""
         if labels is None:
-            if not type(self.model).__name__.endswith("ForSequenceClassification"):
+            if self.kind != "classifier":
                 raise ValueError("this model has no classification head: pass labels=[...] for zero-shot")
             from llmos_cli.core.infer import EncoderRunner
 
@@ -192,7 +206,7 @@ class Model:
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Mean-pooled, L2-normalised sentence embeddings."""
-        from llmos_cli.core.zeroshot import embed
+        from llmos_cli.core.infer import embed
 
         return embed(self.model, self.tokenizer, texts).tolist()
 
@@ -206,15 +220,7 @@ class Model:
             )
         src = LANGUAGES.get(source_language, source_language)
         tgt = LANGUAGES.get(target_language, target_language)
-        return self._seq2seq_generate(f"translate {src} to {tgt}: {text}", max_new_tokens)
-
-    def _seq2seq_generate(self, text: str, max_new_tokens: int) -> str:
-        import torch
-
-        enc = self.tokenizer(text, return_tensors="pt", truncation=True)
-        with torch.inference_mode():
-            ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.tokenizer.decode(ids[0], skip_special_tokens=True)
+        return self.generate(f"translate {src} to {tgt}: {text}", max_new_tokens=max_new_tokens)
 
     def finetune(
         self,
@@ -254,7 +260,7 @@ class Model:
         }
         recipe = _with_overrides(raw, overrides or [])
         summary = finetune.run(recipe)
-        return Model(Path(summary["final"]), **self._load_kwargs)
+        return Model(Path(summary["final"]), device=str(self.device), **self._load_kwargs)
 
     def evaluate(
         self,
@@ -276,6 +282,7 @@ class Model:
             "eval": {
                 "data": str(Path(data).resolve()),
                 "task": task,
+                "device": str(self.device),
                 **({"metrics": metrics} if metrics else {}),
             },
         }

@@ -63,6 +63,9 @@ MODEL_OR_RECIPE_HELP = (
     "HF-format model dir, run dir (its final/), a name from `llmos models list` (a local path wins), "
     "or a recipe (its trained model)."
 )
+DeviceOpt = typer.Option(
+    None, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", show_default=False
+)
 NprocOpt = typer.Option(
     1, "--nproc", min=1, help="Train with N processes on this machine (one per GPU): runs torchrun for you."
 )
@@ -263,6 +266,7 @@ def eval_(
     compare: tuple[Path, Path] | None = typer.Option(
         None, "--compare", help="RUN_A RUN_B: two evals side by side."
     ),
+    device: str | None = DeviceOpt,
 ) -> None:
     """Evaluate a model: loss, perplexity and task metrics; writes <output_dir>/eval.json."""
     from llmos_cli.stages import evaluate as stage
@@ -271,7 +275,7 @@ def eval_(
         return out.emit(stage.compare(*compare))
     if recipe is None:
         raise UserError("eval: give a RECIPE (or --compare RUN_A RUN_B)")
-    r = _load(recipe, set_)
+    r = _load(recipe, [*set_, *([f"eval.device={device}"] if device else [])])
     if dry_run:
         return _plan(
             r,
@@ -303,23 +307,29 @@ def generate(
     seed: int | None = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence (repeatable)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help=DeviceOpt.help),
 ) -> None:
     """One completion to stdout, or a batch from --input prompts.jsonl to --output (default stdout)."""
+    from llmos_cli.core.infer import SamplingParams
     from llmos_cli.stages import generate as stage
 
-    completions = stage.run(
-        model,
-        prompt=prompt,
-        input_path=input_path,
-        output_path=output_path,
+    params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
-        stop=stop,
+        stop=tuple(stop),
+    )
+    completions = stage.run(
+        model,
+        params,
+        prompt=prompt,
+        input_path=input_path,
+        output_path=output_path,
         batch_size=batch_size,
+        device=device,
     )
     out.emit({"completions": completions})
 
@@ -328,13 +338,20 @@ def generate(
 def chat(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    max_new_tokens: int | None = typer.Option(
+        None,
+        "--max-new-tokens",
+        min=1,
+        help="Reply length; default 256, or the room the model's context leaves.",
+        show_default=False,
+    ),
     temperature: float = typer.Option(0.7, "--temperature", min=0.0),
+    device: str = typer.Option("auto", "--device", help=DeviceOpt.help),
 ) -> None:
     """Interactive chat in the terminal, using the model's chat template."""
     from llmos_cli.stages import chat as stage
 
-    stage.run(model, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    stage.run(model, system=system, max_new_tokens=max_new_tokens, temperature=temperature, device=device)
 
 
 def _model_or_recipe(value: str, sets: list[str]) -> tuple[str, Any]:
@@ -365,6 +382,7 @@ def serve(
     max_queue: int | None = typer.Option(None, "--max-queue", min=1, help="Waiting requests before 503."),
     api_key_env: str | None = typer.Option(None, "--api-key-env", help="Variable holding the API key."),
     model_name: str | None = typer.Option(None, "--model-name", help="Name shown in /v1/models."),
+    device: str | None = DeviceOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions and /v1/chat/completions (generative models),
@@ -381,6 +399,8 @@ def serve(
         max_batch_size=max_batch_size or s.max_batch_size,
         max_queue=max_queue or s.max_queue,
         model_name=model_name,
+        device=device or s.device,
+        precision=s.precision,
     )
 
 

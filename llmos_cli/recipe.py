@@ -169,6 +169,9 @@ class TrainSection(Section):
         return self
 
 
+InferencePrecision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
 class GenerationSection(Section):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
@@ -183,6 +186,10 @@ class EvalSection(Section):
     batch_size: int = Field(8, ge=1)
     max_examples: int | None = Field(None, ge=1)
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    precision: InferencePrecision = Field(
+        "auto", description="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU"
+    )
 
 
 class ServeSection(Section):
@@ -191,6 +198,10 @@ class ServeSection(Section):
     api_key_env: str = "LLMOS_API_KEY"
     max_batch_size: int = Field(16, ge=1)
     max_queue: int = Field(256, ge=1)
+    device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    precision: InferencePrecision = Field(
+        "auto", description="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU"
+    )
 
 
 class ExportSection(Section):

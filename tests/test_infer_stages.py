@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_generate_one_prompt_prints_the_completion(model_dir, capsys):
-    [text] = generate.run(str(model_dir), prompt="the quick", max_new_tokens=8)
+    [text] = generate.run(str(model_dir), SamplingParams(max_new_tokens=8), prompt="the quick")
     assert capsys.readouterr().out == text + "\n"
     assert text == Runner.load(model_dir).generate(["the quick"], SamplingParams(max_new_tokens=8))[0].text
 
@@ -31,7 +31,9 @@ def test_generate_batch_jsonl(model_dir, tmp_path):
     rows = [{"prompt": f"prompt {i} " * (i + 1), "id": i} for i in range(5)]
     rows.append({"messages": [{"role": "user", "content": "hello"}], "id": 5})
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    texts = generate.run(str(model_dir), input_path=src, output_path=dst, max_new_tokens=6, batch_size=2)
+    texts = generate.run(
+        str(model_dir), SamplingParams(max_new_tokens=6), input_path=src, output_path=dst, batch_size=2
+    )
     out = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [o["id"] for o in out] == list(range(6))
     assert [o["completion"] for o in out] == texts
@@ -50,23 +52,23 @@ def test_generate_names_the_bad_line(model_dir, tmp_path, line, match):
     src = tmp_path / "prompts.jsonl"
     src.write_text('{"prompt": "ok"}\n' + line + "\n")
     with pytest.raises(UserError, match=match):
-        generate.run(str(model_dir), input_path=src, output_path=tmp_path / "o.jsonl")
+        generate.run(str(model_dir), SamplingParams(), input_path=src, output_path=tmp_path / "o.jsonl")
 
 
 def test_generate_rejects_prompts_over_the_context_window(model_dir, tmp_path):
     src = tmp_path / "prompts.jsonl"
     src.write_text('{"prompt": "ok"}\n' + json.dumps({"prompt": "x y " * 300}) + "\n")
     with pytest.raises(UserError, match="prompts.jsonl:2: the prompt is .* context window of 512"):
-        generate.run(str(model_dir), input_path=src, output_path=tmp_path / "o.jsonl")
+        generate.run(str(model_dir), SamplingParams(), input_path=src, output_path=tmp_path / "o.jsonl")
     with pytest.raises(UserError, match="--prompt: .* context window"):
-        generate.run(str(model_dir), prompt="hi", max_new_tokens=600)
+        generate.run(str(model_dir), SamplingParams(max_new_tokens=600), prompt="hi")
 
 
 def test_generate_rejects_bad_flags(model_dir):
     with pytest.raises(UserError, match="exactly one"):
-        generate.run(str(model_dir))
+        generate.run(str(model_dir), SamplingParams())
     with pytest.raises(UserError, match="--temperature"):
-        generate.run(str(model_dir), prompt="x", temperature=-1)
+        generate.run(str(model_dir), SamplingParams(temperature=-1), prompt="x")
 
 
 def test_chat_streams_replies_with_the_template(model_dir, monkeypatch, capsys):
@@ -85,3 +87,17 @@ def test_serve_refuses_a_public_address_without_a_key(model_dir, monkeypatch):
     monkeypatch.delenv("LLMOS_TEST_KEY", raising=False)
     with pytest.raises(UserError, match="without an API key"):
         serve.run(str(model_dir), host="0.0.0.0", port=0, api_key_env="LLMOS_TEST_KEY")
+
+
+def test_chat_default_reply_length_fits_a_small_context_and_says_so_once(tmp_path, monkeypatch, capsys):
+    small = build_tiny_llama(tmp_path / "small")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    turns = iter(["hello", "again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    chat.run(str(small), temperature=0)  # the default 256 tokens would not fit a 64-token context
+    err = capsys.readouterr().err
+    assert err.count("replies are capped at the room the 64-token context leaves") == 1
+    with pytest.raises(UserError, match="--max-new-tokens 256 it does not fit"):
+        turns = iter(["hello"])
+        chat.run(str(small), max_new_tokens=256)  # an explicit length is kept, and refused

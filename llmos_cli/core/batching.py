@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmos_cli.core.infer import Completion, DecodeBatch, GenSequence, Runner, SamplingParams
+from llmos_cli.core.infer import Completion, DecodeBatch, GenSequence, Runner, SamplingParams, Seq2SeqBatch
 
 
 class QueueFull(Exception):
@@ -135,7 +135,7 @@ class Engine:
     # ---- engine thread ----
 
     def _run(self) -> None:
-        batch = DecodeBatch(self.runner.model, self.runner.pad_id)
+        batch = self.runner.new_batch()
         while True:
             admit = self._next_admissions(batch)
             if admit is None:
@@ -159,7 +159,7 @@ class Engine:
             if finished:
                 self._finish(finished)
 
-    def _next_admissions(self, batch: DecodeBatch) -> list[Request] | None:
+    def _next_admissions(self, batch: DecodeBatch | Seq2SeqBatch) -> list[Request] | None:
         """Apply cancellations and pick queued requests for free slots; None when the engine should exit."""
         with self._cv:
             while not batch.seqs and not self._queue and not self._stopping:

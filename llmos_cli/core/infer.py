@@ -13,9 +13,12 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from llmos_cli.core.models import ModelInfo
 
 FinishReason = str  # "stop" (eos or a stop sequence), "length", "cancelled", "error"
 
@@ -139,7 +142,7 @@ def pick_tokens(logits: torch.Tensor, seqs: Sequence[GenSequence]) -> list[int]:
             continue
         row = logits[i]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.prompt_ids + seq.output_ids, dtype=torch.long)
+            seen = torch.tensor(seq.prompt_ids + seq.output_ids, dtype=torch.long, device=row.device)
             score = row.gather(0, seen)
             score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
             row = row.scatter(0, seen, score)
@@ -155,7 +158,8 @@ def pick_tokens(logits: torch.Tensor, seqs: Sequence[GenSequence]) -> list[int]:
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
             row = row.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
-        chosen[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+        # The generator is a CPU one (per-sequence seeds are device-independent): sample on the host.
+        chosen[i] = int(torch.multinomial(row.softmax(-1).cpu(), 1, generator=seq.generator))
     return chosen
 
 
@@ -173,11 +177,12 @@ class DecodeBatch:
 
     def __init__(self, model: Any, pad_id: int):
         self.model, self.pad_id = model, pad_id
+        self.device = model_device(model)
         self.seqs: list[GenSequence] = []
         self.cache: Any = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.positions = torch.zeros(0, dtype=torch.long)
-        self.last = torch.zeros(0, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -190,8 +195,12 @@ class DecodeBatch:
         if not new:
             return
         length = max(len(s.prompt_ids) for s in new)
-        ids = torch.tensor([[self.pad_id] * (length - len(s.prompt_ids)) + s.prompt_ids for s in new])
-        mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in new])
+        ids = torch.tensor(
+            [[self.pad_id] * (length - len(s.prompt_ids)) + s.prompt_ids for s in new], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in new], device=self.device
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
@@ -231,7 +240,7 @@ class DecodeBatch:
             self.cache, self.mask = None, self.mask[:0, :0]
             self.positions, self.last = self.positions[:0], self.last[:0]
             return done
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]
         start = int(self.mask.any(dim=0).long().argmax())  # columns left of this are padding in every row
         self.mask = self.mask[:, start:]
@@ -245,7 +254,7 @@ class DecodeBatch:
         if self.cache is None:
             self.cache, self.mask, self.positions = cache, mask, positions
             self.seqs = []
-            self.last = torch.zeros(0, dtype=torch.long)
+            self.last = torch.zeros(0, dtype=torch.long, device=self.device)
         else:
             length = max(self.mask.shape[1], mask.shape[1])
             for old, add in zip(self.cache.layers, cache.layers, strict=True):
@@ -255,13 +264,13 @@ class DecodeBatch:
             self.positions = torch.cat([self.positions, positions])
         self.seqs = self.seqs + new
         tokens = pick_tokens(logits, new)
-        self.last = torch.cat([self.last, torch.tensor(tokens)])
+        self.last = torch.cat([self.last, torch.tensor(tokens, device=self.device)])
         for seq, tok in zip(new, tokens, strict=True):
             seq.accept(tok)
 
     def _accept(self, seqs: list[GenSequence], logits: torch.Tensor) -> None:
         tokens = pick_tokens(logits, seqs)
-        self.last = torch.tensor(tokens)
+        self.last = torch.tensor(tokens, device=self.device)
         for seq, tok in zip(seqs, tokens, strict=True):
             seq.accept(tok)
 
@@ -310,37 +319,26 @@ def stop_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> fr
 
 
 class Runner:
-    """A loaded causal LM and its tokenizer, ready to generate."""
+    """A loaded causal LM and its tokenizer, ready to generate with continuous batching."""
 
     def __init__(self, model: Any, tokenizer: Any):
+        from llmos_cli.core.models import context_window
+
         self.model, self.tokenizer = model, tokenizer
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.eos_ids = stop_token_ids(eos, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
-        text_config = model.config.get_text_config()
-        window = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
-        sliding = getattr(text_config, "sliding_window", None)
-        if isinstance(sliding, int) and sliding > 1:
-            # DecodeBatch re-pads caches by hand; a sliding-window layer that started dropping keys would misalign.
-            window = min(window or sliding - 1, sliding - 1)
-        self.context_window = window
+        self.context_window = context_window(model.config)
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> Runner:
-        from transformers import AutoConfig
+    def load(cls, ref: str | Path, **kwargs: Any) -> Runner:
+        """The generation runner for the model `ref` names (a seq2seq model gets a `Seq2SeqRunner`)."""
+        return _load_as(cls, ref, kwargs)
 
-        from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
-        from llmos_cli.errors import UserError
-
-        model_dir = resolve_model_dir(path)
-        if (model_dir / "config.json").exists() and getattr(
-            AutoConfig.from_pretrained(str(model_dir)), "is_encoder_decoder", False
-        ):
-            raise UserError(
-                f"{model_dir} is an encoder-decoder (seq2seq) model; this runner generates with decoders"
-            )
-        return cls(load_model(model_dir, "causal-lm", **kwargs), load_tokenizer(model_dir))
+    def new_batch(self) -> DecodeBatch:
+        """An empty running batch for this model (the serving engine keeps one)."""
+        return DecodeBatch(self.model, self.pad_id)
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -372,7 +370,7 @@ class Runner:
         seqs = [self.sequence(p if isinstance(p, list) else self.encode(p), params) for p in prompts]
         index = {id(s): i for i, s in enumerate(seqs)}
         pending = list(reversed(seqs))
-        batch = DecodeBatch(self.model, self.pad_id)
+        batch = self.new_batch()
         while pending or batch.seqs:
             free = batch_size - len(batch)
             if free > 0 and pending:
@@ -391,7 +389,7 @@ class Runner:
         seq = self.sequence(
             prompt if isinstance(prompt, list) else self.encode(prompt), params, pieces.append
         )
-        batch = DecodeBatch(self.model, self.pad_id)
+        batch = self.new_batch()
         batch.add([seq])
         while True:
             yield from pieces
@@ -401,23 +399,149 @@ class Runner:
             batch.step()
 
 
+class Seq2SeqBatch:
+    """Encoder-decoder sequences decoded together: a group's prompts are encoded once, then decoded a
+    token per step with the decoder's KV cache (finished rows leave it at once).
+
+    Sequences added while a group runs wait and start together when it is done, so the serving engine
+    and `Runner.generate` drive it exactly like `DecodeBatch`."""
+
+    def __init__(self, model: Any, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = model_device(model)
+        start = model.generation_config.decoder_start_token_id
+        self.start_id = start if start is not None else model.config.decoder_start_token_id
+        self.group: list[GenSequence] = []
+        self.waiting: list[GenSequence] = []
+        self.encoded: Any = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.cache: Any = None
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    @property
+    def seqs(self) -> list[GenSequence]:
+        return self.group + self.waiting
+
+    def __len__(self) -> int:
+        return len(self.group) + len(self.waiting)
+
+    def add(self, new: Sequence[GenSequence]) -> None:
+        """Start `new` now when no group is running (encode, first token), else queue it for the next group."""
+        self.waiting += list(new)
+        if not self.group:
+            self._start()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decoder step for the running group (or start the waiting one)."""
+        if not self.group:
+            self._start()
+            return
+        out = self.model(
+            encoder_outputs=self.encoded,
+            attention_mask=self.mask,
+            decoder_input_ids=self.last[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
+        self._accept(out.logits[:, -1])
+
+    def drop_finished(self) -> list[GenSequence]:
+        done = [s for s in self.seqs if s.finished]
+        if not done:
+            return []
+        self.waiting = [s for s in self.waiting if not s.finished]
+        keep = [i for i, s in enumerate(self.group) if not s.finished]
+        if len(keep) < len(self.group):
+            self.group = [self.group[i] for i in keep]
+            if keep:
+                index = torch.tensor(keep, device=self.device)
+                self.encoded.last_hidden_state = self.encoded.last_hidden_state[index]
+                self.mask, self.last = self.mask[index], self.last[index]
+                self.cache.batch_select_indices(index)
+            else:
+                self.encoded = self.cache = None
+        return done
+
+    @torch.inference_mode()
+    def _start(self) -> None:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        self.group, self.waiting = self.waiting, []
+        if not self.group:
+            return
+        length = max(len(s.prompt_ids) for s in self.group)
+        ids = torch.tensor(
+            [s.prompt_ids + [self.pad_id] * (length - len(s.prompt_ids)) for s in self.group],
+            device=self.device,
+        )
+        self.mask = torch.tensor(
+            [[1] * len(s.prompt_ids) + [0] * (length - len(s.prompt_ids)) for s in self.group],
+            device=self.device,
+        )
+        self.encoded = self.model.get_encoder()(input_ids=ids, attention_mask=self.mask)
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self.last = torch.full((len(self.group),), self.start_id, dtype=torch.long, device=self.device)
+        self.step()
+
+    def _accept(self, logits: torch.Tensor) -> None:
+        tokens = pick_tokens(logits, self.group)
+        self.last = torch.tensor(tokens, device=self.device)
+        for seq, tok in zip(self.group, tokens, strict=True):
+            seq.accept(tok)
+
+
+class Seq2SeqRunner(Runner):
+    """A loaded encoder-decoder (T5, BART, ...): the prompt is the encoder's input, the completion what the
+    decoder writes; sampling, stop sequences and streaming are the decoder runner's."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        super().__init__(model, tokenizer)
+        self.context_window = None  # the prompt feeds the encoder; max_new_tokens bounds the decoder
+
+    def new_batch(self) -> Seq2SeqBatch:
+        return Seq2SeqBatch(self.model, self.pad_id)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        raise ValueError("an encoder-decoder (seq2seq) model takes plain prompts, not chat messages")
+
+
+def embed(model: Any, tokenizer: Any, texts: list[str], *, max_length: int | None = None) -> torch.Tensor:
+    """Sentence embeddings: the backbone's last hidden states, mean-pooled over the attention mask and
+    L2-normalised (as sentence-transformers does for all-MiniLM-L6-v2); one row per text."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = batch.to(model_device(model))
+    with torch.inference_mode():
+        hidden = inner.base_model(**batch).last_hidden_state  # e.g. BertModel under a classifier
+    return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The average of the token embeddings, padding excluded."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 class EncoderRunner:
     """An encoder (embeddings) or sequence classifier (labels and scores) and its tokenizer."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 512):
+        from llmos_cli.core.models import model_kind
+
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
-        self.is_classifier = type(model).__name__.endswith("ForSequenceClassification")
+        self.is_classifier = model_kind(model) == "classifier"
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> EncoderRunner:
-        from llmos_cli.core.models import load_model, load_tokenizer, resolve_model_dir
-
-        return cls(load_model(path, **kwargs), load_tokenizer(resolve_model_dir(path)))
+    def load(cls, ref: str | Path, **kwargs: Any) -> EncoderRunner:
+        """The encoder runner for the encoder or classifier `ref` names."""
+        return _load_as(cls, ref, kwargs)
 
     def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
+        enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
+        return enc.to(model_device(self.model))
 
     def count_tokens(self, texts: list[str]) -> int:
         return sum(
@@ -425,19 +549,9 @@ class EncoderRunner:
             for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         )
 
-    @torch.inference_mode()
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Mean-pooled, L2-normalised last hidden states."""
-        enc = self._batch(texts)
-        out = self.model(**enc, output_hidden_states=True)
-        hidden = (
-            out.last_hidden_state
-            if getattr(out, "last_hidden_state", None) is not None
-            else out.hidden_states[-1]
-        )
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()
+        return embed(self.model, self.tokenizer, texts, max_length=self.max_length).tolist()
 
     @torch.inference_mode()
     def classify(self, texts: list[str]) -> list[dict[str, float]]:
@@ -445,3 +559,58 @@ class EncoderRunner:
         probs = self.model(**self._batch(texts)).logits.float().softmax(-1)
         labels = self.model.config.id2label
         return [{str(labels.get(j, j)): float(p) for j, p in enumerate(row)} for row in probs.tolist()]
+
+
+RUNNERS: dict[str, type] = {
+    "causal": Runner,
+    "seq2seq": Seq2SeqRunner,
+    "encoder": EncoderRunner,
+    "classifier": EncoderRunner,
+}
+
+
+def load_runner(
+    info: ModelInfo,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Runner | EncoderRunner:
+    """The runner for a model's kind (decoder, seq2seq, encoder or classifier), loaded on `device`."""
+    model = info.load(
+        device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
+    return RUNNERS[info.kind](model, info.load_tokenizer(trust_remote_code))
+
+
+def open_runner(
+    info: ModelInfo,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    keys: tuple[str, str] = ("--device", "--precision"),
+    **load_kwargs: Any,
+) -> Runner | EncoderRunner:
+    """`load_runner` by the one device rule: `device` (auto: CUDA, then MPS, then CPU) and the inference
+    dtype (auto: bf16 on GPUs that have it, else fp16; fp32 on CPU). `keys` name the setting in errors."""
+    from llmos_cli.core.runtime import inference_dtype, pick_device
+
+    where = pick_device(device, keys[0])
+    return load_runner(info, device=where, dtype=inference_dtype(where, precision, keys[1]), **load_kwargs)
+
+
+def _load_as(cls: type, ref: str | Path, kwargs: dict[str, Any]) -> Any:
+    from llmos_cli.core.models import describe_model
+    from llmos_cli.errors import UserError
+
+    info = describe_model(ref)
+    if not issubclass(RUNNERS[info.kind], cls):
+        what = "generates text" if cls is Runner else "embeds or classifies text"
+        raise UserError(f"{info.path} is a {info.kind} model; this runner {what}")
+    return load_runner(info, **kwargs)
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model's weights are (the CPU for one without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

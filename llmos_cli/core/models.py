@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmos_cli.errors import UserError
 
@@ -205,64 +206,183 @@ def _tokenizer_class(path: Path) -> str | None:
         return None  # AutoTokenizer decides, and names what is wrong
 
 
-def model_class_for(config: Any, task: str | None = None) -> Any:
-    """Pick the Auto class for a config and task (causal-lm, classification, seq2seq, or encoder)."""
-    import transformers as tf
-
-    if task == "classification":
-        return tf.AutoModelForSequenceClassification
-    if task == "seq2seq" or getattr(config, "is_encoder_decoder", False):
-        return tf.AutoModelForSeq2SeqLM
-    if task == "causal-lm":
-        return tf.AutoModelForCausalLM
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return tf.AutoModelForSequenceClassification
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return tf.AutoModelForCausalLM
-    if any(a.endswith("ForConditionalGeneration") for a in archs):
-        return tf.AutoModelForSeq2SeqLM
-    return tf.AutoModel
+ModelKind = Literal["causal", "seq2seq", "encoder", "classifier"]
+KIND_OF_TASK: dict[str, ModelKind] = {
+    "causal-lm": "causal",
+    "seq2seq": "seq2seq",
+    "classification": "classifier",
+}
+TASK_OF_KIND = {kind: task for task, kind in KIND_OF_TASK.items()}
+PEFT_KINDS: dict[str, ModelKind] = {"CAUSAL_LM": "causal", "SEQ_CLS": "classifier", "SEQ_2_SEQ_LM": "seq2seq"}
+AUTO_CLASSES = {
+    "causal": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "classifier": "AutoModelForSequenceClassification",
+    "encoder": "AutoModel",
+}
 
 
-def load_model(
-    path: str | Path,
-    task: str | None = None,
-    *,
-    dtype: Any = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """Load a model from a HF dir or run dir; a LoRA adapter dir is loaded on its base (not merged)."""
-    import torch
+def kind_of(config: Any, class_names: list[str] | None = None) -> ModelKind:
+    """The one rule for what a model is: from its config, and the class names it was saved (or loaded) as."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    names = class_names if class_names is not None else list(getattr(config, "architectures", None) or [])
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        return "classifier"
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return "causal"
+    if any(n.endswith("ForConditionalGeneration") for n in names):
+        return "seq2seq"
+    return "encoder"
+
+
+def model_kind(model: Any) -> ModelKind:
+    """The kind of a loaded model (a PEFT wrapper is looked through), by the rule of `kind_of`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return kind_of(model.config, [type(inner).__name__])
+
+
+def context_window(config: Any) -> int | None:
+    """Positions a decoder can attend to (prompt plus generated tokens), if its config says."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
+    sliding = getattr(text_config, "sliding_window", None)
+    if isinstance(sliding, int) and sliding > 1:
+        # The decode batch re-pads caches by hand; a sliding-window layer that dropped keys would misalign.
+        window = min(window or sliding - 1, sliding - 1)
+    return window
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model reference resolved once: where it is, what it is, and where its tokenizer lives.
+
+    Every stage, the server, export, the pipeline and the Python API take one of these (from
+    `describe_model` or `describe_recipe_model`); nothing else inspects a config to decide the kind."""
+
+    path: Path  # the model directory (a run's final/, or a LoRA adapter's folder)
+    kind: ModelKind
+    config: Any  # the transformers config (the base's, for an adapter)
+    tokenizer_dir: Path | None  # None: the model ships no tokenizer
+    name: str  # what users call it: the registered name, or the run's / folder's name
+    base: ModelInfo | None = None  # the base model of a LoRA adapter
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
+
+    @property
+    def generates(self) -> bool:
+        return self.kind in ("causal", "seq2seq")
+
+    @property
+    def task(self) -> str | None:
+        """The recipe task that trains this kind (None for a bare encoder)."""
+        return TASK_OF_KIND.get(self.kind)
+
+    @property
+    def context_window(self) -> int | None:
+        return None if self.kind == "seq2seq" else context_window(self.config)
+
+    def load(
+        self,
+        task: str | None = None,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """The model in eval mode, on `device` in `dtype` (fp32 by default); `task` picks another head
+        (e.g. a classifier from an encoder); a LoRA adapter is loaded on its base (not merged)."""
+        import torch
+        import transformers
+
+        check_weights(self.path, allow_pickle)
+        if self.base is not None:
+            from peft import PeftModel
+
+            base = self.base.load(
+                task or self.task,
+                dtype=dtype,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
+            model = PeftModel.from_pretrained(base, str(self.path))
+        else:
+            kind = KIND_OF_TASK.get(task or "", self.kind)
+            if kind == "causal" and self.kind == "seq2seq":
+                kind = "seq2seq"  # an encoder-decoder's LM head is its seq2seq head
+            auto_class = getattr(transformers, AUTO_CLASSES[kind])
+            model = auto_class.from_pretrained(
+                str(self.path),
+                dtype=dtype or torch.float32,
+                use_safetensors=not allow_pickle,
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    def load_tokenizer(self, trust_remote_code: bool = False) -> Any:
+        if self.tokenizer_dir is None:
+            raise UserError(f"{self.path} has no tokenizer (nor does its base model)")
+        return load_tokenizer(self.tokenizer_dir, trust_remote_code)
+
+
+def describe_model(
+    ref: str | Path, *, hub: bool = False, key: str | None = None, base_dir: Path | None = None
+) -> ModelInfo:
+    """Resolve `ref` by the rule of `resolve_model_dir` and describe the model it names."""
+    return _describe(resolve_model_dir(ref, hub=hub, key=key, base_dir=base_dir), str(ref), base_dir)
+
+
+def describe_recipe_model(ref: str, source: str | None, key: str = "model.name_or_path") -> ModelInfo:
+    """The model a recipe key names (`source` is the recipe file), the hub included."""
+    folder = Path(source).parent if source and Path(source).is_file() else None
+    return _describe(recipe_model_dir(ref, source, key), ref, folder)
+
+
+def _describe(model_dir: Path, ref: str, base_dir: Path | None) -> ModelInfo:
     from transformers import AutoConfig
 
-    model_dir = resolve_model_dir(path)
-    check_weights(model_dir, allow_pickle)
+    name = _display_name(model_dir, ref, base_dir)
     if is_adapter_dir(model_dir):
-        from peft import PeftModel
+        base = describe_model(adapter_base(model_dir))
+        peft_task = _read_json(model_dir / "adapter_config.json").get("task_type")
+        kind = PEFT_KINDS.get(peft_task, base.kind)
+        tokenizer_dir = tokenizer_folder(model_dir) or base.tokenizer_dir
+        return ModelInfo(model_dir, kind, base.config, tokenizer_dir, name, base)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{model_dir}/config.json: cannot read the model config: {err}") from err
+    return ModelInfo(model_dir, kind_of(config), config, tokenizer_folder(model_dir), name)
 
-        base = load_model(
-            adapter_base(model_dir),
-            task,
-            dtype=dtype,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
-        return PeftModel.from_pretrained(base, str(model_dir))
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    cls = model_class_for(config, task)
-    model = cls.from_pretrained(
-        str(model_dir),
-        dtype=dtype or torch.float32,
-        use_safetensors=not allow_pickle,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
-    model.eval()
-    return model
+
+def _display_name(model_dir: Path, ref: str, base_dir: Path | None) -> str:
+    """A registered name (or builtin:NAME) as given; a path as its run's or folder's name."""
+    given = Path(ref).expanduser()
+    is_path = given.exists() or (base_dir is not None and (base_dir / given).exists())
+    if not is_path:
+        return ref
+    return model_dir.parent.name if model_dir.name == "final" else model_dir.name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_model(path: str | Path | ModelInfo, task: str | None = None, **kwargs: Any) -> Any:
+    """Load a model from a HF dir, run dir or adapter dir (see `ModelInfo.load`)."""
+    info = path if isinstance(path, ModelInfo) else describe_model(path)
+    return info.load(task, **kwargs)
 
 
 def build_model(arch: str, config: dict[str, Any], vocab_size: int, special_ids: dict[str, int]) -> Any:

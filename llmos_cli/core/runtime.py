@@ -19,7 +19,9 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    """The one device rule, for training and inference alike: `auto` is CUDA, then MPS, then the CPU;
+    a named device that this machine lacks is a UserError naming `key` (the recipe key or CLI flag)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,11 +30,38 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"train.device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: cuda requested but no CUDA device is available")
+    except RuntimeError:
+        raise UserError(
+            f"{key}: '{name}' is not a device (expected auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{key}: {name} requested but this machine has no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{key}: {name} requested but this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key}: mps requested but MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{key}: '{name}' is not supported (expected auto, cpu, cuda, cuda:N or mps)")
     return device
+
+
+def inference_dtype(device: torch.device, precision: str = "auto", key: str = "precision") -> torch.dtype:
+    """The dtype inference loads weights in: `auto` is bf16 on GPUs that support it, else fp16 on a GPU,
+    and fp32 on the CPU; `fp32`, `bf16` and `fp16` are explicit choices (fp16 needs a GPU)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError(f"{key}: fp16 needs a GPU; use fp32 or bf16 on CPU")
+    try:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    except KeyError:
+        raise UserError(
+            f"{key}: '{precision}' is not a precision (expected auto, fp32, bf16 or fp16)"
+        ) from None
 
 
 @dataclass(frozen=True)

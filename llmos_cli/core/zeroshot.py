@@ -16,22 +16,14 @@ from typing import Any
 
 import torch
 
+from llmos_cli.core.infer import embed, model_device
+from llmos_cli.core.models import model_kind
+
+__all__ = ["embed", "model_kind", "zero_shot_scores"]
+
 ENCODER_TEMPLATE = "{label}"
 CAUSAL_TEMPLATE = "{text}\nAnswer: {label}"
 SEQ2SEQ_TEMPLATE = "{label}"
-
-
-def model_kind(model: Any) -> str:
-    """'seq2seq', 'causal' or 'encoder', from the loaded model's class (a PEFT wrapper is looked through)."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if type(_unwrap(model)).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal"
-    return "encoder"
-
-
-def _unwrap(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @torch.no_grad()
@@ -56,22 +48,6 @@ def zero_shot_scores(
     else:
         scores = _seq2seq_scores(model, tokenizer, text, labels, template or SEQ2SEQ_TEMPLATE)
     return sorted(zip(labels, scores, strict=True), key=lambda pair: -pair[1])
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The average of the token embeddings, padding excluded."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-@torch.no_grad()
-def embed(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """Sentence embeddings, mean-pooled and L2-normalised (one row per text)."""
-    device = next(model.parameters()).device
-    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-    backbone = _unwrap(model).base_model  # e.g. BertModel under BertForSequenceClassification
-    hidden = backbone(**batch).last_hidden_state
-    return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
 
 
 def _encoder_scores(model: Any, tokenizer: Any, text: str, labels: list[str], template: str) -> list[float]:
@@ -100,7 +76,7 @@ def _continuation_logprobs(
     model: Any, tokenizer: Any, sequences: list[list[int]], spans: list[tuple[int, int]]
 ) -> list[float]:
     """Mean log-prob of tokens [start, end) of each sequence, each predicted from those before it."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     width = max(len(s) for s in sequences)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -121,7 +97,7 @@ def _continuation_logprobs(
 
 
 def _seq2seq_scores(model: Any, tokenizer: Any, text: str, labels: list[str], template: str) -> list[float]:
-    device = next(model.parameters()).device
+    device = model_device(model)
     source = tokenizer([text] * len(labels), padding=True, truncation=True, return_tensors="pt").to(device)
     targets = tokenizer(
         text_target=[template.format(label=label, text=text) for label in labels],

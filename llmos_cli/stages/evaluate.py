@@ -5,25 +5,32 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmos_cli.console import out
+from llmos_cli.core.allocator import retain_freed_memory
 from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.data.read import list_files
 from llmos_cli.core.data.report import DataReport
 from llmos_cli.core.evaluate import dataset_loss, loss_metrics
 from llmos_cli.core.metrics import check_metrics, compute_metrics
-from llmos_cli.core.models import load_model, load_tokenizer, recipe_model_dir
+from llmos_cli.core.models import ModelInfo, describe_recipe_model
 from llmos_cli.core.objectives import CAUSAL_LM
 from llmos_cli.core.plots import save_confusion_matrix_png
 from llmos_cli.core.rundir import RunDir, write_atomic
+from llmos_cli.core.runtime import Precision, inference_dtype, pick_device
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages import data as data_stage
-from llmos_cli.stages.common import device_and_precision, trained_model_path
+from llmos_cli.stages.common import trained_model_path
+
+if TYPE_CHECKING:
+    import torch
 
 LOSS_METRICS = {"loss", "perplexity"}
+WEIGHTS_DTYPE = Precision("weights", None)  # no autocast: the weights are loaded in the inference dtype
 
 
 def eval_task(recipe: Recipe) -> str:
@@ -37,13 +44,46 @@ def eval_task(recipe: Recipe) -> str:
     return "perplexity"
 
 
+@dataclass(frozen=True)
+class EvalTarget:
+    """The model under evaluation, described once, and where (and in which dtype) it runs."""
+
+    info: ModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    allow_pickle: bool
+    trust_remote_code: bool
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> EvalTarget:
+        info = describe_recipe_model(trained_model_path(recipe), recipe.source)
+        device = pick_device(recipe.eval.device, "eval.device")
+        if device.type == "cpu":
+            retain_freed_memory()
+        dtype = inference_dtype(device, recipe.eval.precision, "eval.precision")
+        return cls(info, device, dtype, recipe.model.allow_pickle, recipe.model.trust_remote_code)
+
+    def load(self, task: str | None = None) -> Any:
+        return self.info.load(
+            task,
+            device=self.device,
+            dtype=self.dtype,
+            allow_pickle=self.allow_pickle,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    def tokenizer(self) -> Any:
+        return self.info.load_tokenizer(self.trust_remote_code)
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     check_metrics(recipe.eval.metrics)
-    model_path = recipe_model_dir(trained_model_path(recipe), recipe.source)
     task = eval_task(recipe)
     if task not in EVALUATORS:
         raise UserError(f"eval.task: '{task}' evaluation is not available in this build")
-    metrics, details = EVALUATORS[task](recipe, model_path)
+    target = EvalTarget.of(recipe)
+    model_path = target.info.path
+    metrics, details = EVALUATORS[task](recipe, target)
     predictions = details.pop("predictions", None)
     result = {"metrics": metrics, "model": str(model_path), "task": task, **details}
     run_dir = RunDir(recipe.output_dir)
@@ -94,39 +134,36 @@ def _scalar(value: Any) -> bool:
 # ---------------------------------------------------------------- evaluators
 
 
-def _perplexity(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _perplexity(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
     """Exact token-weighted loss and perplexity of a causal LM."""
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    model = _load(recipe, model_path, "causal-lm")
+    tokenizer = target.tokenizer()
+    model = target.load("causal-lm")
     rows, data_name = _lm_rows(recipe, tokenizer)
     if len(rows) == 0:
         raise UserError(f"eval: no evaluation data in {data_name}")
-    device, precision = device_and_precision(recipe)
-    model.to(device)
     loss_sum, count = dataset_loss(
         model,
         rows,
         CAUSAL_LM,
         causal_lm_collate(tokenizer.pad_token_id or 0),
         batch_size=recipe.eval.batch_size,
-        device=device,
-        precision=precision,
+        device=target.device,
+        precision=WEIGHTS_DTYPE,
     )
     metrics = {k: v for k, v in loss_metrics(loss_sum, count).items() if k in recipe.eval.metrics}
     return metrics, {"data": data_name, "n_examples": len(rows), "n_tokens": count}
 
 
-def _multiple_choice(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _multiple_choice(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
     """lm-evaluation-harness style log-likelihood scoring of JSONL {question, choices, answer}."""
     from llmos_cli.core.choice import load_choice_items, score_choices
 
     if not recipe.eval.data:
         raise UserError(f"{recipe.source}: eval.data: multiple_choice needs a JSONL file of items")
     items = load_choice_items(recipe.eval.data)[: recipe.eval.max_examples]
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    model = _load(recipe, model_path, "causal-lm")
-    device, _ = device_and_precision(recipe)
-    scored = score_choices(model.to(device), tokenizer, items, batch_size=recipe.eval.batch_size)
+    tokenizer = target.tokenizer()
+    model = target.load("causal-lm")
+    scored = score_choices(model, tokenizer, items, batch_size=recipe.eval.batch_size)
     return scored["metrics"], {
         "data": recipe.eval.data,
         "n_examples": len(items),
@@ -134,15 +171,15 @@ def _multiple_choice(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], 
     }
 
 
-def _classification(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _classification(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
     """Predictions from the model's classification head; accuracy, F1, confusion matrix (+ PNG)."""
     from llmos_cli.core.data.formats import label_key
     from llmos_cli.core.data.read import field_text
     from llmos_cli.core.infer import EncoderRunner
 
     d = recipe.data
-    model = _load(recipe, model_path, "classification")
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    model = target.load("classification")
+    tokenizer = target.tokenizer()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     rows, data_name = _example_rows(recipe)
     texts = [field_text(r, d.text_field) for r in rows]
@@ -178,32 +215,37 @@ def _classification(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], d
     return metrics, details
 
 
-def _generation(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _generation(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
     """Prompt -> generate -> score (exact_match, bleu, chrf, rouge) for causal LMs and seq2seq models."""
-    from llmos_cli.core.infer import Runner, SamplingParams
+    from llmos_cli.core.infer import RUNNERS, SamplingParams
 
     names = [m for m in recipe.eval.metrics if m not in LOSS_METRICS]
     rows, data_name = _example_rows(recipe)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = target.tokenizer()
     g = recipe.eval.generation
     prompts, references = _prompts_and_references(recipe, rows, tokenizer)
-    model = _load(recipe, model_path, None)
-    if getattr(model.config, "is_encoder_decoder", False):
-        predictions = _seq2seq_generate(model, tokenizer, prompts, recipe)
-    else:
-        params = SamplingParams(
-            max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            seed=recipe.run.seed,
+    if not target.info.generates:
+        raise UserError(
+            f"eval: generation metrics need a causal LM or a seq2seq model; {target.info.path} is {target.info.kind}"
         )
-        runner = Runner(model, tokenizer)
-        with out.progress("generate", total=len(prompts)) as bar:
-            done = runner.generate(
-                prompts, params, batch_size=recipe.eval.batch_size, on_done=lambda i, c: bar.update(1)
-            )
-        predictions = [c.text.strip() for c in done]
+    runner = RUNNERS[target.info.kind](target.load(), tokenizer)
+    inputs = prompts
+    if target.info.kind == "seq2seq":  # the encoder sees at most data.max_seq_len tokens, as in training
+        inputs = [
+            tokenizer(p, truncation=True, max_length=recipe.data.max_seq_len)["input_ids"] for p in prompts
+        ]
+    params = SamplingParams(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        seed=recipe.run.seed,
+    )
+    with out.progress("generate", total=len(prompts)) as bar:
+        done = runner.generate(
+            inputs, params, batch_size=recipe.eval.batch_size, on_done=lambda i, c: bar.update(1)
+        )
+    predictions = [c.text.strip() for c in done]
     metrics = compute_metrics(names, predictions, references)
     details = {"data": data_name, "n_examples": len(rows), "generation": g.model_dump()}
     details["predictions"] = [
@@ -272,37 +314,6 @@ def _prompts_and_references(recipe: Recipe, rows: list[Any], tokenizer: Any) -> 
     raise UserError(
         f"eval: generation metrics need prompts and references: data.format instruction, chat or pairs "
         f"(got '{d.format}')"
-    )
-
-
-def _seq2seq_generate(model: Any, tokenizer: Any, prompts: list[str], recipe: Recipe) -> list[str]:
-    import torch
-
-    g, done = recipe.eval.generation, []
-    with out.progress("generate", total=len(prompts)) as bar, torch.inference_mode():
-        for start in range(0, len(prompts), recipe.eval.batch_size):
-            batch = prompts[start : start + recipe.eval.batch_size]
-            enc = tokenizer(
-                batch, return_tensors="pt", padding=True, truncation=True, max_length=recipe.data.max_seq_len
-            )
-            sample = g.temperature > 0
-            ids = model.generate(
-                **enc,
-                max_new_tokens=g.max_new_tokens,
-                do_sample=sample,
-                **({"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if sample else {}),
-            )
-            done += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-            bar.update(len(batch))
-    return done
-
-
-def _load(recipe: Recipe, model_path: Path, task: str) -> Any:
-    return load_model(
-        model_path,
-        task,
-        allow_pickle=recipe.model.allow_pickle,
-        trust_remote_code=recipe.model.trust_remote_code,
     )
 
 

@@ -8,50 +8,37 @@ from pathlib import Path
 from typing import Any
 
 from llmos_cli.console import out
-from llmos_cli.core.infer import Runner, SamplingParams
+from llmos_cli.core.infer import Runner, SamplingParams, open_runner
+from llmos_cli.core.models import describe_model
 from llmos_cli.core.rundir import write_atomic
 from llmos_cli.errors import UserError
 
 
 def run(
     model: str,
+    params: SamplingParams,
     *,
     prompt: str | None = None,
     input_path: Path | None = None,
     output_path: Path | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
     batch_size: int = 16,
+    device: str = "auto",
 ) -> list[str]:
     """Complete `prompt` (printed as it is generated) or every line of `input_path` (written to `output_path`)."""
     if (prompt is None) == (input_path is None):
         raise UserError("pass exactly one of --prompt TEXT or --input prompts.jsonl")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=tuple(stop or ()),
-    )
     try:
         params.check()
     except ValueError as err:
         raise UserError(f"--{str(err).replace('_', '-')}") from err
     rows = read_prompts(input_path) if input_path is not None else None
-    runner = Runner.load(model)
+    runner = generation_runner(model, device)
 
     if rows is None:
         ids, pieces = runner.encode(prompt), []
-        check_fits(runner, ids, max_new_tokens, where="--prompt")
+        check_fits(runner, ids, params.max_new_tokens, where="--prompt")
         echo = not out.json_mode  # with --json, the CLI prints the completion inside its JSON result
         for piece in runner.stream(ids, params):
             pieces.append(piece)
@@ -64,8 +51,11 @@ def run(
 
     prompts = []
     for n, row in rows:
-        ids = runner.encode_chat(row["messages"]) if "messages" in row else runner.encode(row["prompt"])
-        check_fits(runner, ids, max_new_tokens, where=f"{input_path}:{n}")
+        try:
+            ids = runner.encode_chat(row["messages"]) if "messages" in row else runner.encode(row["prompt"])
+        except ValueError as err:  # no chat template, or a seq2seq model given messages
+            raise UserError(f"{input_path}:{n}: {err}") from err
+        check_fits(runner, ids, params.max_new_tokens, where=f"{input_path}:{n}")
         prompts.append(ids)
     with out.progress("generating", total=len(prompts)) as bar:
         results = runner.generate(prompts, params, batch_size=batch_size, on_done=lambda i, c: bar.update(1))
@@ -79,6 +69,18 @@ def run(
         write_atomic(output_path, "\n".join(lines) + "\n")
         out.info(f"wrote {len(lines)} completions to {output_path}")
     return [c.text for c in results]
+
+
+def generation_runner(model: str, device: str) -> Runner:
+    """The model's decoder or seq2seq runner on `device`; an encoder or classifier is refused."""
+    info = describe_model(model)
+    if not info.generates:
+        raise UserError(
+            f"{model}: {info.path} is {'a classifier' if info.kind == 'classifier' else 'an encoder'}; "
+            "generation needs a causal LM or an encoder-decoder (seq2seq) model",
+            hint="`llmos serve` gives encoders /v1/embeddings and classifiers /v1/classify",
+        )
+    return open_runner(info, device=device)
 
 
 def check_fits(runner: Runner, ids: list[int], max_new_tokens: int, *, where: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from llmos_cli.console import out
 from llmos_cli.errors import UserError
@@ -20,6 +19,8 @@ def run(
     max_batch_size: int = 16,
     max_queue: int = 256,
     model_name: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> None:
     """Serve `model` on host:port until SIGTERM/Ctrl-C; in-flight requests get time to finish."""
     import uvicorn
@@ -33,7 +34,13 @@ def run(
     if max_batch_size < 1 or max_queue < 1:
         raise UserError("serve.max_batch_size and serve.max_queue must be at least 1")
     app = build_app(
-        model, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue, model_name=model_name
+        model,
+        api_key=api_key,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        model_name=model_name,
+        device=device,
+        precision=precision,
     )
     out.info(f"serving {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.Server(
@@ -48,28 +55,21 @@ def build_app(
     max_batch_size: int = 16,
     max_queue: int = 256,
     model_name: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
 ):  # noqa: ANN201 - FastAPI, imported lazily
-    """Load `model` and wrap it: a causal LM gets the generation engine, an encoder or classifier its endpoints."""
-    from transformers import AutoConfig
-
+    """Load `model` on `device` and wrap it: a causal LM or seq2seq model gets the generation engine, an
+    encoder or classifier its endpoints."""
     from llmos_cli.core.batching import Engine
-    from llmos_cli.core.infer import EncoderRunner, Runner
-    from llmos_cli.core.models import is_adapter_dir, resolve_model_dir
+    from llmos_cli.core.infer import Runner, open_runner
+    from llmos_cli.core.models import describe_model
     from llmos_cli.core.server import create_app
 
-    model_dir = resolve_model_dir(model)
-    if model_name is None and not Path(model).expanduser().exists():
-        model_name = str(model)  # a registered name (or builtin:NAME) is the name clients know
-    name = model_name or (model_dir.parent.name if model_dir.name == "final" else Path(model_dir).name)
-    if is_adapter_dir(model_dir):
-        backend = Engine(Runner.load(model_dir), max_batch_size=max_batch_size, max_queue=max_queue)
-        return create_app(backend, model_name=name, api_key=api_key)
-    config = AutoConfig.from_pretrained(str(model_dir))
-    if getattr(config, "is_encoder_decoder", False):
-        raise UserError(f"{model_dir}: serving encoder-decoder (seq2seq) models is not supported")
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        backend = Engine(Runner.load(model_dir), max_batch_size=max_batch_size, max_queue=max_queue)
-    else:
-        backend = EncoderRunner.load(model_dir)
-    return create_app(backend, model_name=name, api_key=api_key)
+    info = describe_model(model)
+    runner = open_runner(info, device=device, precision=precision, keys=("serve.device", "serve.precision"))
+    backend = (
+        Engine(runner, max_batch_size=max_batch_size, max_queue=max_queue)
+        if isinstance(runner, Runner)
+        else runner
+    )
+    return create_app(backend, model_name=model_name or info.name, api_key=api_key)
