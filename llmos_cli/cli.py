@@ -547,11 +547,28 @@ def _relaunch(nproc: int, verb: str, recipe: Path, sets: list[str]) -> None:
 
 
 @recipe_app.command("validate")
-def recipe_validate(recipe: Path = RecipeArg, set_: list[str] = SetOpt) -> None:
-    """Check a recipe: keys, types, files; exit 2 with the problem named (any stage's recipe, so a
-    missing data.train is a warning)."""
+def recipe_validate(
+    recipe: Path = RecipeArg,
+    set_: list[str] = SetOpt,
+    stages: list[str] = typer.Option(
+        [],
+        "--stage",
+        help="Also run the checks this stage's run starts with (data, pretrain, finetune; repeatable); "
+        "default: the recipe's pipeline.stages.",
+    ),
+) -> None:
+    """Check a recipe: keys, types, rules between keys, files; exit 2 with the problem named. With
+    --stage (or pipeline.stages), also what that stage refuses, so validate refuses what a run would."""
+    from llmos_cli.stages.checks import STAGE_CHECKS
+
     r = _load(recipe, set_)
     _check_inputs(r)
+    unknown = [s for s in stages if s not in STAGE_CHECKS]
+    if unknown:
+        raise UserError(f"--stage: unknown stage '{unknown[0]}' (known: {', '.join(STAGE_CHECKS)})")
+    for name in stages or r.pipeline.stages:
+        if name in STAGE_CHECKS:
+            STAGE_CHECKS[name](r)
     if not r.data.train:  # validate is stage-agnostic: serve, export and eval recipes need no data.train
         out.warn(f"{recipe}: no data.train (data, pretrain and finetune need one)")
     out.info(f"{recipe}: ok")

@@ -13,6 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmos_cli.errors import UserError
 
 Task = Literal["causal-lm", "classification", "seq2seq"]
+# What each task trains on: plain text (causal-lm only) or one of the task formats.
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "causal-lm": ("instruction", "chat"),
+    "classification": ("classification",),
+    "seq2seq": ("pairs",),
+}
+# The validation metrics each task's training loop reports (what early stopping can watch).
+VALIDATION_METRICS: dict[str, tuple[str, ...]] = {
+    "causal-lm": ("loss", "perplexity"),
+    "seq2seq": ("loss", "perplexity"),
+    "classification": ("loss", "accuracy", "f1"),
+}
 BUILTIN_SOURCES = {"python-stdlib": lambda: sysconfig.get_paths()["stdlib"]}
 
 
@@ -242,6 +254,12 @@ class Recipe(Section):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     source: str | None = Field(None, exclude=True, description="the recipe file this came from")
 
+    @model_validator(mode="after")
+    def _cross_key_rules(self) -> Recipe:
+        for rule in CROSS_KEY_RULES:
+            rule(self)
+        return self
+
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
@@ -252,6 +270,56 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------- rules that span several keys
+
+
+class RuleError(ValueError):
+    """A recipe rule that spans several keys broken; `key` is the key the message is about."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def _format_fits_task(r: Recipe) -> None:
+    """A task format fits one task; plain text (the default) is checked by the stages that read it."""
+    fmt, allowed = r.data.format, TASK_FORMATS[r.task]
+    if fmt != "text" and fmt not in allowed:
+        raise RuleError("data.format", f"'{fmt}' does not fit task '{r.task}' (use {' or '.join(allowed)})")
+
+
+def _class_weights_need_classification(r: Recipe) -> None:
+    if r.train.class_weights is not None and r.task != "classification":
+        raise RuleError("train.class_weights", f"only classification uses class weights (task is '{r.task}')")
+
+
+def _qlora_needs_lora(r: Recipe) -> None:
+    if r.finetune.qlora and r.finetune.method != "lora":
+        raise RuleError(
+            "finetune.qlora", "needs finetune.method=lora (a 4-bit model cannot be trained in full)"
+        )
+
+
+def _watched_metric_exists(r: Recipe) -> None:
+    es, available = r.train.early_stopping, VALIDATION_METRICS[r.task]
+    if es is not None and es.metric not in available:
+        raise RuleError(
+            "train.early_stopping.metric",
+            f"'{es.metric}' is not a validation metric of task {r.task} (available: {', '.join(available)})",
+        )
+    if (es is not None or r.train.keep_best) and not r.data.validation and r.data.validation_split == 0:
+        key = "train.early_stopping" if es is not None else "train.keep_best"
+        raise RuleError(key, "needs validation data: set data.validation, or data.validation_split above 0")
+
+
+CROSS_KEY_RULES = (
+    _format_fits_task,
+    _class_weights_need_classification,
+    _qlora_needs_lora,
+    _watched_metric_exists,
+)
 
 
 # ---------------------------------------------------------------- loading
@@ -457,9 +525,13 @@ def _describe_validation_error(err: ValidationError, source: str, origins: dict[
             lines.append(f"{where}: {loc}: expected a mapping of {loc} settings, got {got!r}")
         elif e["type"] == "dict_type":
             lines.append(f"{where}: {loc}: expected a mapping, got {got!r}")
+        elif isinstance(rule := e.get("ctx", {}).get("error"), RuleError):
+            lines.append(str(rule))  # names its key; the stage that would refuse it says the same
         else:
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"{where}: {loc}: {e['msg']}{shown}")
+    if len(lines) == 1 and isinstance(err.errors()[0].get("ctx", {}).get("error"), RuleError):
+        return lines[0]
     return "invalid recipe\n  " + "\n  ".join(lines)
 
 

@@ -58,10 +58,6 @@ def quantized_load_kwargs(cfg: FinetuneSection) -> dict[str, Any]:
     """Extra `from_pretrained` arguments that load the base in 4-bit NF4 for QLoRA (else none)."""
     if not cfg.qlora:
         return {}
-    if cfg.method != "lora":
-        raise UserError(
-            "finetune.qlora: needs finetune.method=lora (a 4-bit model cannot be trained in full)"
-        )
     check_qlora_available()
     from transformers import BitsAndBytesConfig
 

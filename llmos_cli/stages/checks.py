@@ -1,5 +1,7 @@
 """What each stage checks before it touches anything: its `run` calls these first, and so does
-`--dry-run`, so a plan is refused with the same message as the run would be."""
+`--dry-run`, so a plan is refused with the same message as the run would be. Rules between recipe
+keys alone live in the recipe schema (recipe.py), which every load applies; these are the rules that
+depend on the stage."""
 
 from __future__ import annotations
 
@@ -19,18 +21,12 @@ def check_pretrain(recipe: Recipe) -> None:
 
 
 def check_finetune(recipe: Recipe) -> None:
-    if recipe.train.class_weights is not None and recipe.task != "classification":
-        raise UserError(
-            f"train.class_weights: only classification uses class weights (task is '{recipe.task}')"
-        )
     if not recipe.model.name_or_path:
         raise UserError(
             f"{recipe.source}: model.name_or_path: finetune needs a base model (a directory or hub id)"
         )
-    if recipe.data.format != "text":
-        from llmos_cli.core.data.formats import check_format_fits_task
-
-        check_format_fits_task(recipe)
+    if recipe.data.format == "text" and recipe.task != "causal-lm":
+        raise UserError(f"data.format: text data fits task causal-lm, not '{recipe.task}'")
     check_data(recipe)
 
 

@@ -125,8 +125,6 @@ def task_data(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """Encoded train/validation splits; plain text goes through `llmos data` (tokenize and pack, cached)."""
     if recipe.data.format != "text":
         return prepare_task_dataset(recipe, tokenizer)
-    if recipe.task != "causal-lm":
-        raise UserError(f"data.format: text data fits task causal-lm, not '{recipe.task}'")
     from datasets import load_from_disk
 
     from llmos_cli.stages import data as data_stage

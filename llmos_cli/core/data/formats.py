@@ -21,11 +21,6 @@ from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
 
-TASK_FORMATS = {
-    "causal-lm": ("instruction", "chat"),
-    "classification": ("classification",),
-    "seq2seq": ("pairs",),
-}
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
@@ -46,15 +41,6 @@ ROLES = {"system", "user", "assistant", "tool"}
 Encoded = dict[str, Any] | str  # the columns of one example, or the reason it was dropped
 
 
-def check_format_fits_task(recipe: Recipe) -> None:
-    allowed = TASK_FORMATS[recipe.task]
-    if recipe.data.format not in allowed:
-        raise UserError(
-            f"data.format: '{recipe.data.format}' does not fit task '{recipe.task}' "
-            f"(use {' or '.join(allowed)})"
-        )
-
-
 def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """Read, split and encode `data.train`/`data.validation` for the recipe's task and format.
 
@@ -64,7 +50,6 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     from datasets import Dataset, DatasetDict
 
     d = recipe.data
-    check_format_fits_task(recipe)
     if not d.train:
         raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)
