@@ -38,7 +38,13 @@ def recipe_for(tmp_path: Path, base: Path, rows: list[dict], **sections) -> obje
     body = {
         "run": {"name": "ft", "output_dir": str(tmp_path / "run"), "seed": 0},
         "model": {"name_or_path": str(base)},
-        "data": {"train": str(data), "validation_split": 0.1, "max_seq_len": 64, **sections.pop("data", {})},
+        "data": {
+            "train": str(data),
+            "validation_split": 0.1,
+            "max_seq_len": 64,
+            "output": str(tmp_path / "data"),
+            **sections.pop("data", {}),
+        },
         "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-2, "log_every": 5, **sections.pop("train", {})},
         **sections,
     }
@@ -300,3 +306,63 @@ def test_trackers_that_are_not_installed_are_a_clear_error(tmp_path: Path) -> No
         pytest.skip("mlflow is installed here")
     with pytest.raises(UserError, match="train.log_to: mlflow is not installed"):
         Trackers(["mlflow"], RunDir(tmp_path), {})
+
+
+def test_a_second_finetune_on_unchanged_inputs_encodes_nothing(tmp_path: Path, bases, monkeypatch) -> None:
+    from llmos_cli.core.data import formats
+
+    encoded: list[int] = []
+    real = formats._encode_all
+    monkeypatch.setattr(
+        formats, "_encode_all", lambda rows, enc: (encoded.append(len(rows)), real(rows, enc))[1]
+    )
+    rows = chat_rows(40)
+
+    def tune(**data) -> dict:
+        recipe = recipe_for(
+            tmp_path,
+            bases["llama"],
+            rows,
+            data={"format": "chat", **data},
+            train={"max_steps": 2, "resume": "never"},
+        )
+        encoded.clear()
+        return finetune.run(recipe)
+
+    first = tune()
+    assert encoded, "the first run encodes its data"
+    again = tune()
+    assert encoded == [] and again["data"]["fingerprint"] == first["data"]["fingerprint"]
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    changed = tune(chat_template=template)
+    assert encoded and changed["data"]["fingerprint"] != first["data"]["fingerprint"]
+    # the prepared tokenizer carries the template the data was encoded with, into final/
+    saved = json.loads((tmp_path / "run" / "final" / "tokenizer_config.json").read_text())
+    assert (
+        saved.get("chat_template") == template
+        or (tmp_path / "run" / "final" / "chat_template.jinja").read_text() == template
+    )
+    rows = chat_rows(41)  # a changed input file
+    assert tune(chat_template=template) and encoded
+    tuned = tune(chat_template=template)
+    assert not encoded
+    tok = tmp_path / "tok"  # a changed tokenizer (same vocabulary, another normalizer)
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (bases["llama"] / name).exists():
+            shutil.copy(bases["llama"] / name, tok / name)
+    spec = json.loads((tok / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (tok / "tokenizer.json").write_text(json.dumps(spec))
+    other = tune(chat_template=template)  # the same tokenizer again: cached
+    assert not encoded and other["data"]["fingerprint"] == tuned["data"]["fingerprint"]
+    recipe = recipe_for(
+        tmp_path,
+        bases["llama"],
+        rows,
+        model={"name_or_path": str(bases["llama"]), "tokenizer": str(tok)},
+        data={"format": "chat", "chat_template": template},
+        train={"max_steps": 2, "resume": "never"},
+    )
+    encoded.clear()
+    assert finetune.run(recipe)["data"]["fingerprint"] != tuned["data"]["fingerprint"] and encoded

@@ -216,7 +216,7 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     """instruction, chat, classification, pairs: encoded per example with the model's tokenizer."""
     from datasets import DatasetDict
 
-    from llmos_cli.core.data.formats import prepare_task_dataset
+    from llmos_cli.core.data.formats import prepare_task_dataset, task_fingerprint
 
     src = tokenizer_source(recipe)
     if src is None:
@@ -225,12 +225,13 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
             hint="set model.name_or_path (or model.tokenizer) to the model you will fine-tune",
         )
     tokenizer = load_tokenizer(src, trust_remote_code=recipe.model.trust_remote_code)
-    splits, info = prepare_task_dataset(recipe, tokenizer)
     target = recipe.data_output
-    cached = _cached(target, info["fingerprint"])
+    fp = task_fingerprint(recipe, tokenizer, src)  # before reading or encoding: a hit costs no encode
+    cached = _cached(target, fp)
     if cached and not force:
-        out.info(f"data: reusing {target} (fingerprint {info['fingerprint'][:12]} matches)")
+        out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
         return cached
+    splits, info = prepare_task_dataset(recipe, tokenizer, src)
     staged = staging_dir(target, "data.output")
     try:
         with disk_full_is_clear(target):

@@ -11,7 +11,6 @@ from llmos_cli.console import out
 from llmos_cli.core.adapters import apply_lora, parameter_counts, quantized_load_kwargs
 from llmos_cli.core.batches import causal_lm_collate, classification_collate, seq2seq_collate
 from llmos_cli.core.classify import accuracy_and_f1, predict_labels
-from llmos_cli.core.data.formats import prepare_task_dataset
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import load_model, load_tokenizer, recipe_model_dir, recipe_tokenizer_dir
 from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
@@ -33,14 +32,17 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if recipe.model.tokenizer:
         recipe.model.tokenizer = str(recipe_tokenizer_dir(recipe.model.tokenizer, recipe.source))
     load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
-    tokenizer = load_tokenizer(recipe.model.tokenizer or base, recipe.model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     set_seed(recipe.run.seed)
 
     world = init_distributed()  # joins torchrun's process group; one process otherwise
     with world.main_first():  # rank 0 prepares the data, the others reuse it
-        splits, info = task_data(recipe, tokenizer)
+        splits, info, encoded_with = task_data(recipe)
+    text = recipe.data.format == "text"  # packed text keeps the model's own tokenizer files
+    tokenizer = load_tokenizer(
+        (recipe.model.tokenizer or base) if text else encoded_with, recipe.model.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = load_base(recipe, base, info, load_kwargs)
     if recipe.finetune.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -121,16 +123,21 @@ def resolve_base(name: str | None, source: str | None) -> Path:
     return recipe_model_dir(name, source).resolve()
 
 
-def task_data(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
-    """Encoded train/validation splits; plain text goes through `llmos data` (tokenize and pack, cached)."""
-    if recipe.data.format != "text":
-        return prepare_task_dataset(recipe, tokenizer)
+def task_data(recipe: Recipe) -> tuple[Any, dict[str, Any], Path]:
+    """The train/validation splits `llmos data` prepares for every format (tokenized and packed text,
+    or encoded task examples), cached by a fingerprint known before any encoding; and the tokenizer
+    folder they were encoded with (a chat recipe's template included)."""
     from datasets import load_from_disk
 
     from llmos_cli.stages import data as data_stage
 
     prepared = data_stage.run(recipe)
-    return load_from_disk(str(prepared.path)), {"format": "text", "fingerprint": prepared.fingerprint}
+    info = (
+        {"format": "text", "fingerprint": prepared.fingerprint}
+        if recipe.data.format == "text"
+        else prepared.report
+    )
+    return load_from_disk(str(prepared.path)), info, prepared.tokenizer_dir
 
 
 def load_base(recipe: Recipe, base: Path, info: dict[str, Any], kwargs: dict[str, Any]) -> Any:

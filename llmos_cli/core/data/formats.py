@@ -41,7 +41,25 @@ ROLES = {"system", "user", "assistant", "tool"}
 Encoded = dict[str, Any] | str  # the columns of one example, or the reason it was dropped
 
 
-def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+def task_fingerprint(recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None = None) -> str:
+    """What a prepared task dataset depends on, known before anything is read or encoded: the data
+    settings, task and seed, every input file's contents, and the tokenizer (its files in `tokenizer_dir`,
+    its vocabulary and the chat template it encodes with; a chat recipe's template is applied to it here
+    first, as encoding does)."""
+    d = recipe.data
+    if not d.train:
+        raise UserError(f"{recipe.source}: data.train: no training data given")
+    if d.format == "chat":
+        set_chat_template(tokenizer, d.chat_template)
+    files = list_files(d.train, d.include) + (list_files(d.validation, d.include) if d.validation else [])
+    settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
+    settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer))
+    return fingerprint(settings, files, tokenizer_dir)
+
+
+def prepare_task_dataset(
+    recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Read, split and encode `data.train`/`data.validation` for the recipe's task and format.
 
     Returns a DatasetDict (train, validation) and an info dict: counts, drops, fingerprint, and for
@@ -50,8 +68,7 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     from datasets import Dataset, DatasetDict
 
     d = recipe.data
-    if not d.train:
-        raise UserError(f"{recipe.source}: data.train: no training data given")
+    fp = task_fingerprint(recipe, tokenizer, tokenizer_dir)
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
     train_rows = read_examples(train_files, d)
@@ -63,8 +80,6 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
         raise UserError(f"data.train: {d.train} holds no rows")
 
     info: dict[str, Any] = {"format": d.format, "task": recipe.task}
-    if d.format == "chat":
-        set_chat_template(tokenizer, d.chat_template)
     if d.format == "classification":
         names = label_names(train_rows, d)
         info["label_names"] = names
@@ -84,9 +99,7 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     if d.format == "classification":
         counts = Counter(splits["train"]["label"])
         info["class_counts"] = {n: counts.get(i, 0) for i, n in enumerate(info["label_names"])}
-    settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
-    settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer))
-    info["fingerprint"] = fingerprint(settings, [*train_files, *val_files], None)
+    info["fingerprint"] = fp
     return DatasetDict(splits), info
 
 
