@@ -134,3 +134,37 @@ def test_empty_or_mismatched_inputs_are_refused():
         compute_metrics(["accuracy"], [], [])
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         compute_metrics(["accuracy"], ["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize(
+    ("names", "preds", "refs", "kwargs"),
+    [
+        (["accuracy"], PREDS, REFS, {}),
+        (["precision", "recall", "f1"], PREDS, REFS, {"labels": LABELS}),
+        (["confusion_matrix"], PREDS, REFS, {"labels": LABELS}),
+        (["exact_match"], HYPS, GOLD, {}),
+        (["bleu", "chrf"], HYPS, GOLD, {}),
+        (["rouge"], HYPS, GOLD, {}),
+    ],
+)
+def test_the_packaged_evaluate_modules_give_the_plain_functions_numbers(names, preds, refs, kwargs):
+    from llmos_cli.core.metrics import _SHARED, load_local_metric
+
+    module = _MODULE_OF[names[0]]
+    extra = {"scores": sorted(names)} if module in _SHARED else {}
+    loaded = load_local_metric(module).compute(predictions=preds, references=refs, **kwargs, **extra)
+    assert loaded == compute_metrics(names, preds, refs, labels=kwargs.get("labels"))
+
+
+def test_training_macro_f1_is_the_eval_macro_f1():
+    import torch
+
+    from llmos_cli.core.classify import accuracy_and_f1
+
+    pred, true = [0, 1, 1, 2, 0, 3], [0, 1, 2, 2, 1, 1]
+    names = list(range(5))  # label 4 is in neither: it counts 0, as eval's does
+    expected = compute_metrics(["accuracy", "f1"], pred, true, labels=names)
+    got = accuracy_and_f1(torch.tensor(pred), torch.tensor(true), len(names))
+    assert got == pytest.approx({"accuracy": expected["accuracy"], "f1": expected["f1"]})
+    _, _, f1, _ = precision_recall_fscore_support(true, pred, labels=names, average="macro", zero_division=0)
+    assert got["f1"] == pytest.approx(f1)

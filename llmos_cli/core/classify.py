@@ -37,10 +37,9 @@ def predict_labels(
 
 
 def accuracy_and_f1(pred: torch.Tensor, true: torch.Tensor, n_labels: int) -> dict[str, float]:
-    """Accuracy and macro-F1 (the unweighted mean of per-label F1, labels absent from both count 0)."""
-    f1s = []
-    for c in range(n_labels):
-        tp = int(((pred == c) & (true == c)).sum())
-        denom = int((pred == c).sum()) + int((true == c).sum())
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return {"accuracy": float((pred == true).float().mean()), "f1": sum(f1s) / n_labels}
+    """Accuracy and macro-F1 over label ids 0..n_labels-1 (a label absent from both counts 0), by the
+    same functions `llmos eval` reports."""
+    from llmos_cli.core.metrics.scores import accuracy, classification
+
+    p, t = pred.tolist(), true.tolist()
+    return {**accuracy(p, t), "f1": classification(p, t, labels=range(n_labels), scores=("f1",))["f1"]}

@@ -1,8 +1,9 @@
-"""Task metrics: evaluate modules shipped in this package (offline), with a hub fallback for other names.
+"""Task metrics: plain functions (scores.py) for the names llmos ships, a hub fallback for other names.
 
-Each folder here is a self-contained `evaluate` metric script; `compute_metrics` loads them once per
-process and runs each module once even when several requested names share it (precision, recall and
-f1 come from `classification`; bleu and chrf from `translation`).
+`compute_metrics` calls each function once even when several requested names share it (precision,
+recall and f1 come from `classification`; bleu and chrf from `translation`). Each folder here wraps
+one of them as an `evaluate` metric script, for users who load a metric by name
+(`evaluate.load(".../metrics/classification")`); the numbers are the same functions'.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from llmos_cli.core.metrics.scores import SCORES
 from llmos_cli.errors import UserError
 
 METRICS_DIR = Path(__file__).parent
@@ -62,11 +64,9 @@ def _load_hub_metric(name: str) -> Any:
 
 
 def check_metrics(names: list[str]) -> None:
-    """Load every named metric now, so a bad name fails before a long evaluation rather than after it."""
+    """Load every hub metric named now, so a bad name fails before a long evaluation rather than after it."""
     for name in names:
-        if name in _MODULE_OF:
-            load_local_metric(_MODULE_OF[name])
-        elif name not in LOSS_METRICS:
+        if name not in _MODULE_OF and name not in LOSS_METRICS:
             _load_hub_metric(name)
 
 
@@ -108,9 +108,7 @@ def compute_metrics(
             kwargs["labels"] = list(labels)
         if module in _SHARED:
             kwargs["scores"] = sorted(requested)
-        results.update(
-            load_local_metric(module).compute(predictions=predictions, references=references, **kwargs)
-        )
+        results.update(SCORES[module](list(predictions), list(references), **kwargs))
     for name in hub_names:
         metric = _load_hub_metric(name)
         results.update(

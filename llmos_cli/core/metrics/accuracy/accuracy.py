@@ -3,6 +3,8 @@
 import datasets
 import evaluate
 
+from llmos_cli.core.metrics import scores as plain
+
 _LABEL_FEATURES = [
     datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
     datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
@@ -19,6 +21,4 @@ class Accuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        return {
-            "accuracy": sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
-        }
+        return plain.accuracy(predictions=predictions, references=references)

@@ -2,7 +2,8 @@
 
 import datasets
 import evaluate
-from sklearn.metrics import precision_recall_fscore_support
+
+from llmos_cli.core.metrics import scores as plain
 
 _LABEL_FEATURES = [
     datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
@@ -24,15 +25,6 @@ class Classification(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, labels=None, scores=("precision", "recall", "f1")):
-        labels = list(labels) if labels is not None else sorted(set(references) | set(predictions))
-        p, r, f, _ = precision_recall_fscore_support(
-            references, predictions, labels=labels, average=None, zero_division=0
+        return plain.classification(
+            predictions=predictions, references=references, labels=labels, scores=scores
         )
-        names = [str(label) for label in labels]
-        result = {}
-        for key, values in (("precision", p), ("recall", r), ("f1", f)):
-            if key not in scores:
-                continue
-            result[key] = float(values.mean())
-            result[f"{key}_per_class"] = {n: float(v) for n, v in zip(names, values, strict=True)}
-        return result

@@ -2,7 +2,8 @@
 
 import datasets
 import evaluate
-from sklearn.metrics import confusion_matrix
+
+from llmos_cli.core.metrics import scores as plain
 
 _LABEL_FEATURES = [
     datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
@@ -23,11 +24,4 @@ class ConfusionMatrix(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, labels=None):
-        labels = list(labels) if labels is not None else sorted(set(references) | set(predictions))
-        matrix = confusion_matrix(references, predictions, labels=labels)
-        return {
-            "confusion_matrix": {
-                "labels": [str(x) for x in labels],
-                "matrix": [[int(c) for c in row] for row in matrix],
-            }
-        }
+        return plain.confusion_matrix(predictions=predictions, references=references, labels=labels)

@@ -1,22 +1,9 @@
 """Exact match: the fraction of predictions equal to their reference after optional normalisation."""
 
-import string
-
 import datasets
 import evaluate
 
-_DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize(text, strip=True, lowercase=False, ignore_punctuation=False):
-    """Apply the chosen normalisations; punctuation is ASCII `string.punctuation`."""
-    if ignore_punctuation:
-        text = text.translate(_DROP_PUNCTUATION)
-    if lowercase:
-        text = text.lower()
-    if strip:
-        text = text.strip()
-    return text
+from llmos_cli.core.metrics import scores as plain
 
 
 class ExactMatch(evaluate.Metric):
@@ -34,9 +21,10 @@ class ExactMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, strip=True, lowercase=False, ignore_punctuation=False):
-        hits = sum(
-            normalize(p, strip, lowercase, ignore_punctuation)
-            == normalize(r, strip, lowercase, ignore_punctuation)
-            for p, r in zip(predictions, references, strict=True)
+        return plain.exact_match(
+            predictions=predictions,
+            references=references,
+            strip=strip,
+            lowercase=lowercase,
+            ignore_punctuation=ignore_punctuation,
         )
-        return {"exact_match": hits / len(references)}

@@ -2,9 +2,8 @@
 
 import datasets
 import evaluate
-from rouge_score import rouge_scorer
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+from llmos_cli.core.metrics import scores as plain
 
 
 class Rouge(evaluate.Metric):
@@ -19,10 +18,4 @@ class Rouge(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, use_stemmer=False):
-        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-        totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-        for prediction, reference in zip(predictions, references, strict=True):
-            scores = scorer.score(reference, prediction)
-            for key in ROUGE_TYPES:
-                totals[key] += scores[key].fmeasure
-        return {key: total / len(references) for key, total in totals.items()}
+        return plain.rouge(predictions=predictions, references=references, use_stemmer=use_stemmer)

@@ -2,17 +2,8 @@
 
 import datasets
 import evaluate
-import sacrebleu
 
-SCORES = {"bleu": sacrebleu.corpus_bleu, "chrf": sacrebleu.corpus_chrf}
-
-
-def reference_streams(references):
-    """sacrebleu wants one stream per reference position; every prediction needs the same number of references."""
-    refs = [[r] if isinstance(r, str) else list(r) for r in references]
-    if len({len(r) for r in refs}) > 1:
-        raise ValueError("every prediction needs the same number of references")
-    return [list(stream) for stream in zip(*refs, strict=True)]
+from llmos_cli.core.metrics import scores as plain
 
 
 class Translation(evaluate.Metric):
@@ -43,5 +34,4 @@ class Translation(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, scores=("bleu", "chrf")):
-        streams = reference_streams(references)
-        return {name: float(SCORES[name](predictions, streams).score) for name in scores}
+        return plain.translation(predictions=predictions, references=references, scores=scores)
