@@ -233,7 +233,10 @@ def test_early_stopping_stops_and_final_keeps_the_best_weights(tmp_path: Path, b
 
 def test_base_can_be_a_run_directory_and_must_exist(tmp_path: Path, bases) -> None:
     shutil.copytree(bases["llama"], tmp_path / "run-a" / "final")
-    assert finetune.resolve_base(str(tmp_path / "run-a"), None) == (tmp_path / "run-a" / "final").resolve()
+    assert (
+        finetune.resolve_base(str(tmp_path / "run-a"), None).path.resolve()
+        == (tmp_path / "run-a" / "final").resolve()
+    )
     with pytest.raises(UserError, match="nope: not found .*, not a registered model"):
         finetune.resolve_base(str(tmp_path / "nope"), None)
     with pytest.raises(UserError, match="finetune needs a base model"):

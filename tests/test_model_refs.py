@@ -73,7 +73,7 @@ def test_eval_and_finetune_take_a_registered_name(quickstart: Path, run_cli, tmp
     res = run_cli("--json", "eval", recipe)
     assert res.code == 0, res.stderr
     assert json.loads(res.stdout)["model"] == str(quickstart)
-    assert finetune.resolve_base("quickstart", str(recipe)) == quickstart.resolve()
+    assert finetune.resolve_base("quickstart", str(recipe)).path.resolve() == quickstart.resolve()
 
 
 def test_a_local_path_wins_over_a_registered_name(quickstart: Path, run_cli) -> None:
@@ -164,7 +164,9 @@ def test_hub_ids_still_download(tiny_model: Path, monkeypatch) -> None:
         return str(tiny_model)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    assert finetune.resolve_base("org/tiny", "r.yaml") == tiny_model.resolve() and asked == ["org/tiny"]
+    assert finetune.resolve_base("org/tiny", "r.yaml").path.resolve() == tiny_model.resolve() and asked == [
+        "org/tiny"
+    ]
     with pytest.raises(UserError, match="not a registered model\n"):
         resolve_model_dir("org/tiny")  # a CLI MODEL argument never downloads
     assert asked == ["org/tiny"]
@@ -172,7 +174,7 @@ def test_hub_ids_still_download(tiny_model: Path, monkeypatch) -> None:
 
 def test_registered_name_found_by_its_pulled_hub_id(tiny_model: Path) -> None:
     Registry().add(tiny_model, name="tiny", source="hf://org/tiny")
-    assert finetune.resolve_base("org/tiny", None) == tiny_model.resolve()
+    assert finetune.resolve_base("org/tiny", None).path.resolve() == tiny_model.resolve()
 
 
 def test_a_pipeline_fingerprints_the_files_of_a_registered_base(quickstart: Path, tmp_path: Path) -> None:

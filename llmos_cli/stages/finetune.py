@@ -12,7 +12,7 @@ from llmos_cli.core.adapters import apply_lora, parameter_counts, quantized_load
 from llmos_cli.core.batches import causal_lm_collate, classification_collate, seq2seq_collate
 from llmos_cli.core.classify import accuracy_and_f1, predict_labels
 from llmos_cli.core.distributed import init_distributed
-from llmos_cli.core.models import load_model, load_tokenizer, recipe_model_dir, recipe_tokenizer_dir
+from llmos_cli.core.models import ModelInfo, describe_recipe_model, load_tokenizer
 from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
 from llmos_cli.core.runtime import set_seed
 from llmos_cli.core.train import TrainJob, train
@@ -26,24 +26,20 @@ from llmos_cli.stages.common import config_hash, device_and_precision, open_run,
 def run(recipe: Recipe) -> dict[str, Any]:
     check_finetune(recipe)  # before the run dir exists: a refused run leaves nothing behind
     ensure_dir(recipe.output_dir, "run.output_dir")  # an unwritable run dir fails now, not after the data
-    recipe = recipe.model_copy(deep=True)
-    base = resolve_base(recipe.model.name_or_path, recipe.source)
-    recipe.model.name_or_path = str(base)  # so the data stage and adapter_config.json name it exactly
-    if recipe.model.tokenizer:
-        recipe.model.tokenizer = str(recipe_tokenizer_dir(recipe.model.tokenizer, recipe.source))
+    base_model = resolve_base(recipe.model.name_or_path, recipe.source)  # resolved once, here
+    base = base_model.path.resolve()
     load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
     set_seed(recipe.run.seed)
 
     world = init_distributed()  # joins torchrun's process group; one process otherwise
     with world.main_first():  # rank 0 prepares the data, the others reuse it
         splits, info, encoded_with = task_data(recipe)
-    text = recipe.data.format == "text"  # packed text keeps the model's own tokenizer files
     tokenizer = load_tokenizer(
-        (recipe.model.tokenizer or base) if text else encoded_with, recipe.model.trust_remote_code
-    )
+        encoded_with, recipe.model.trust_remote_code
+    )  # the one the data was encoded with
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_base(recipe, base, info, load_kwargs)
+    model = load_base(recipe, base_model, info, load_kwargs)
     if recipe.finetune.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if recipe.finetune.method == "lora":
@@ -113,14 +109,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return summary
 
 
-def resolve_base(name: str | None, source: str | None) -> Path:
-    """The base model's directory, absolute: a HF dir, an llmos run dir, `builtin:NAME`, a registered
-    name or a hub id (see `recipe_model_dir`)."""
+def resolve_base(name: str | None, source: str | None) -> ModelInfo:
+    """The base model: a HF dir, an llmos run dir, `builtin:NAME`, a registered name or a hub id (see
+    `describe_recipe_model`)."""
     if not name:
         raise UserError(
             f"{source}: model.name_or_path: finetune needs a base model (a directory, a registered name or a hub id)"
         )
-    return recipe_model_dir(name, source).resolve()
+    return describe_recipe_model(name, source)
 
 
 def task_data(recipe: Recipe) -> tuple[Any, dict[str, Any], Path]:
@@ -140,7 +136,7 @@ def task_data(recipe: Recipe) -> tuple[Any, dict[str, Any], Path]:
     return load_from_disk(str(prepared.path)), info, prepared.tokenizer_dir
 
 
-def load_base(recipe: Recipe, base: Path, info: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+def load_base(recipe: Recipe, base: ModelInfo, info: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     """The pretrained model with the task's head; a classifier gets the label map in its config."""
     kwargs = dict(kwargs)
     if recipe.task == "classification":
@@ -151,8 +147,7 @@ def load_base(recipe: Recipe, base: Path, info: dict[str, Any], kwargs: dict[str
             label2id={n: i for i, n in enumerate(names)},
             ignore_mismatched_sizes=True,  # a base that is already a classifier may have other labels
         )
-    model = load_model(
-        base,
+    model = base.load(
         recipe.task,
         allow_pickle=recipe.model.allow_pickle,
         trust_remote_code=recipe.model.trust_remote_code,
