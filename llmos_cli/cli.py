@@ -381,6 +381,7 @@ def serve(
         max_batch_size=max_batch_size or s.max_batch_size,
         max_queue=max_queue or s.max_queue,
         model_name=model_name,
+        limits=s.limits,
     )
 
 

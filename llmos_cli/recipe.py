@@ -185,12 +185,24 @@ class EvalSection(Section):
     generation: GenerationSection = Field(default_factory=GenerationSection)
 
 
+class ServeLimits(Section):
+    """Connection-level limits of `llmos serve`: what one client can hold or send."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    max_header_bytes: int = Field(16 << 10, ge=1024)
+    request_timeout_s: float = Field(30.0, gt=0)
+    keep_alive_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+
 class ServeSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key_env: str = "LLMOS_API_KEY"
     max_batch_size: int = Field(16, ge=1)
     max_queue: int = Field(256, ge=1)
+    limits: ServeLimits = Field(default_factory=ServeLimits)
 
 
 class ExportSection(Section):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from llmos_cli.console import out
 from llmos_cli.errors import UserError
+from llmos_cli.recipe import ServeLimits
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -20,10 +22,13 @@ def run(
     max_batch_size: int = 16,
     max_queue: int = 256,
     model_name: str | None = None,
+    limits: ServeLimits | None = None,
 ) -> None:
-    """Serve `model` on host:port until SIGTERM/Ctrl-C; in-flight requests get time to finish."""
-    import uvicorn
+    """Serve `model` on host:port until SIGTERM/Ctrl-C: in-flight requests get `limits.shutdown_grace_s` to
+    finish, a second signal ends that at once; exit 0 either way."""
+    from llmos_cli.core.server.listen import GracefulServer
 
+    limits = limits or ServeLimits()
     api_key = os.environ.get(api_key_env) or None
     if host not in LOOPBACK and api_key is None:
         raise UserError(
@@ -33,12 +38,47 @@ def run(
     if max_batch_size < 1 or max_queue < 1:
         raise UserError("serve.max_batch_size and serve.max_queue must be at least 1")
     app = build_app(
-        model, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue, model_name=model_name
+        model,
+        api_key=api_key,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        model_name=model_name,
+        limits=limits,
     )
     out.info(f"serving {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
-    uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    engine = app.state.engine
+    GracefulServer(
+        server_config(app, host=host, port=port, limits=limits), on_force=engine.hurry if engine else None
     ).run()
+
+
+def server_config(app: Any, *, host: str, port: int, limits: ServeLimits, log_level: str = "info") -> Any:
+    """The uvicorn.Config for `app` with the connection limits: header size, a deadline for request headers,
+    idle keep-alive, concurrent connections (503 past it) and the shutdown grace period."""
+    import uvicorn
+
+    from llmos_cli.core.server.listen import header_deadline_protocol
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=header_deadline_protocol(limits.request_timeout_s),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_keep_alive=limits.keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        timeout_graceful_shutdown=limits.shutdown_grace_s,
+    )
+
+
+def app_limits(limits: ServeLimits) -> dict[str, Any]:
+    """create_app's keyword arguments for `limits`."""
+    return {
+        "max_body_bytes": limits.max_body_bytes,
+        "body_timeout_s": limits.request_timeout_s,
+        "drain_timeout_s": limits.shutdown_grace_s,
+    }
 
 
 def build_app(
@@ -48,6 +88,7 @@ def build_app(
     max_batch_size: int = 16,
     max_queue: int = 256,
     model_name: str | None = None,
+    limits: ServeLimits | None = None,
 ):  # noqa: ANN201 - FastAPI, imported lazily
     """Load `model` and wrap it: a causal LM gets the generation engine, an encoder or classifier its endpoints."""
     from transformers import AutoConfig
@@ -57,13 +98,14 @@ def build_app(
     from llmos_cli.core.models import is_adapter_dir, resolve_model_dir
     from llmos_cli.core.server import create_app
 
+    app_kwargs = app_limits(limits or ServeLimits())
     model_dir = resolve_model_dir(model)
     if model_name is None and not Path(model).expanduser().exists():
         model_name = str(model)  # a registered name (or builtin:NAME) is the name clients know
     name = model_name or (model_dir.parent.name if model_dir.name == "final" else Path(model_dir).name)
     if is_adapter_dir(model_dir):
         backend = Engine(Runner.load(model_dir), max_batch_size=max_batch_size, max_queue=max_queue)
-        return create_app(backend, model_name=name, api_key=api_key)
+        return create_app(backend, model_name=name, api_key=api_key, **app_kwargs)
     config = AutoConfig.from_pretrained(str(model_dir))
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"{model_dir}: serving encoder-decoder (seq2seq) models is not supported")
@@ -72,4 +114,4 @@ def build_app(
         backend = Engine(Runner.load(model_dir), max_batch_size=max_batch_size, max_queue=max_queue)
     else:
         backend = EncoderRunner.load(model_dir)
-    return create_app(backend, model_name=name, api_key=api_key)
+    return create_app(backend, model_name=name, api_key=api_key, **app_kwargs)

@@ -1,7 +1,8 @@
-"""ASGI middleware in front of the app: API key, body size cap and per-route metrics."""
+"""ASGI middleware in front of the app: API key, body size cap, body read deadline and per-route metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -12,10 +13,20 @@ from llmos_cli.core.server.schema import error_bytes
 
 
 class Guard:
-    """Check the API key (constant time, every route but /health) and the body size (413) before the app runs."""
+    """Before the app runs: check the API key (constant time, every route but /health), then read the body,
+    capped (413) and within `body_timeout_s` (408: a client that never finishes its body holds nothing)."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        metrics: Metrics,
+    ):
         self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,8 +53,18 @@ class Guard:
                 return
             length = dict(scope["headers"]).get(b"content-length")
             too_large = length is not None and (not length.isdigit() or int(length) > self.max_body_bytes)
-            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):  # no length: read, capped
-                body = await self._read_capped(receive)
+            if not too_large and scope["method"] in ("POST", "PUT", "PATCH"):
+                try:
+                    body = await asyncio.wait_for(self._read_capped(receive), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    await self._reject(
+                        send_recording,
+                        408,
+                        f"the request body did not arrive within {self.body_timeout_s:g} s",
+                        "invalid_request_error",
+                        "request_timeout",
+                    )
+                    return
                 too_large = body is None
                 if body is not None:
                     receive = _replay(body, receive)
@@ -69,6 +90,8 @@ class Guard:
         chunks, size = [], 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)  # the app sees a short body, then the disconnect
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
@@ -87,6 +110,7 @@ class Guard:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *([(b"connection", b"close")] if status in (408, 413) else []),
                 ],
             }
         )
