@@ -243,6 +243,7 @@ def _pick(row: torch.Tensor, seq: GenSequence) -> int:
         sorted_logits, order = torch.sort(row, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # and the best token always (a top_p below float32's range would drop it too)
         row = row.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
     return int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
 

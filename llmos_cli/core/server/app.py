@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from llmos_cli.core.batching import Engine
 from llmos_cli.core.infer import EncoderRunner, SamplingParams
@@ -61,6 +62,7 @@ def create_app(
     engine = backend if isinstance(backend, Engine) else None
     encoder = backend if isinstance(backend, EncoderRunner) else None
     window = engine.runner.context_window if engine is not None else None
+    vocab = engine.runner.model.config.get_text_config().vocab_size if engine is not None else None
     metrics = Metrics()
     encoder_lock = asyncio.Lock()
     created = int(time.time())
@@ -82,7 +84,7 @@ def create_app(
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = pin_openapi(FastAPI.openapi(app), model_name, window)
+            app.openapi_schema = pin_openapi(FastAPI.openapi(app), model_name, window, vocab)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -90,6 +92,13 @@ def create_app(
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
         return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(
+        request: Request, err: HTTPException
+    ) -> JSONResponse:  # 404, 405, an unreadable body
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return ApiError(err.status_code, str(err.detail), code=code, headers=err.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -147,7 +156,7 @@ def create_app(
         return engine
 
     def sampling(body: SamplingBody, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-        runner = need_engine().runner
+        need_engine()
         if window is not None and prompt_len >= window:
             raise ApiError(
                 400,
@@ -168,7 +177,6 @@ def create_app(
                 code="context_length_exceeded",
             )
         bias = body.bias()
-        vocab = runner.model.config.get_text_config().vocab_size
         outside = [t for t, _ in bias if t >= vocab]
         if outside:
             raise ApiError(

@@ -19,7 +19,7 @@ MAX_INPUTS = 2048  # texts in one /v1/embeddings or /v1/classify request (OpenAI
 MAX_STOP = 4  # stop sequences (OpenAI's limit)
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300  # entries in logit_bias
-INT64 = (-(1 << 63), (1 << 63) - 1)
+SEED_RANGE = (-(1 << 53) + 1, (1 << 53) - 1)  # integers every JSON parser reads exactly
 
 
 class ApiError(Exception):
@@ -60,7 +60,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]
+TokenId = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,8})$")]
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
@@ -84,7 +84,7 @@ class SamplingBody(BaseModel):
             json_schema_extra={"additionalProperties": False},
         )
     )
-    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -252,8 +252,11 @@ SSE = {
 }
 
 
-def pin_openapi(openapi: dict[str, Any], model_name: str, context_window: int | None) -> dict[str, Any]:
-    """State the served model's name (the only `model` accepted) and the context window (max_tokens' bound)."""
+def pin_openapi(
+    openapi: dict[str, Any], model_name: str, context_window: int | None, vocab_size: int | None
+) -> dict[str, Any]:
+    """State what the served model decides: its name (the only `model` accepted), its context window
+    (max_tokens' bound) and its vocabulary (the token ids logit_bias may name)."""
     for schema in openapi.get("components", {}).get("schemas", {}).values():
         props = schema.get("properties", {})
         if "model" in props and "anyOf" in props["model"]:
@@ -261,4 +264,22 @@ def pin_openapi(openapi: dict[str, Any], model_name: str, context_window: int | 
         for name in ("max_tokens", "max_completion_tokens"):
             if context_window is not None and name in props:
                 props[name]["anyOf"][0]["maximum"] = context_window - 1
+        if vocab_size is not None and "logit_bias" in props:
+            bias = props["logit_bias"]
+            bias["patternProperties"] = {below(vocab_size): next(iter(bias["patternProperties"].values()))}
     return openapi
+
+
+def below(n: int) -> str:
+    """A regular expression matching the decimal numbers 0 .. n-1 (no leading zeros), n >= 1."""
+    top = str(n - 1)
+    alts = ["0"]
+    for length in range(1, len(top)):  # every number with fewer digits than n-1
+        alts.append("[1-9]" + "[0-9]" * (length - 1))
+    for i, digit in enumerate(top):  # numbers of n-1's length: a prefix of it, then a smaller digit
+        low = "1" if i == 0 else "0"
+        if int(digit) > int(low):
+            alts.append(top[:i] + f"[{low}-{int(digit) - 1}]" + "[0-9]" * (len(top) - i - 1))
+    if top != "0":
+        alts.append(top)
+    return "^(" + "|".join(alts) + ")$"
