@@ -53,8 +53,9 @@ def run(
 
 
 def server_config(app: Any, *, host: str, port: int, limits: ServeLimits, log_level: str = "info") -> Any:
-    """The uvicorn.Config for `app` with the connection limits: header size, a deadline for request headers,
-    idle keep-alive, concurrent connections (503 past it) and the shutdown grace period."""
+    """The uvicorn.Config for `app` with the connection limits: header size (also while headers arrive; the
+    Guard caps complete ones), a deadline for request headers, idle keep-alive, concurrent connections (503 past
+    it) and the shutdown grace period."""
     import uvicorn
 
     from llmos_cli.core.server.listen import header_deadline_protocol
@@ -76,6 +77,7 @@ def app_limits(limits: ServeLimits) -> dict[str, Any]:
     """create_app's keyword arguments for `limits`."""
     return {
         "max_body_bytes": limits.max_body_bytes,
+        "max_header_bytes": limits.max_header_bytes,
         "body_timeout_s": limits.request_timeout_s,
         "drain_timeout_s": limits.shutdown_grace_s,
     }

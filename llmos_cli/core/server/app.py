@@ -52,6 +52,7 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
+    max_header_bytes: int = 16 << 10,
     body_timeout_s: float = 30.0,
     default_max_tokens: int = 256,
     retry_after_s: int = 1,
@@ -79,7 +80,12 @@ def create_app(
     app = FastAPI(title="llmos", lifespan=lifespan)
     app.state.engine = engine
     app.add_middleware(
-        Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, metrics=metrics
+        Guard,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        max_header_bytes=max_header_bytes,
+        body_timeout_s=body_timeout_s,
+        metrics=metrics,
     )
 
     def openapi() -> dict[str, Any]:

@@ -13,8 +13,9 @@ from llmos_cli.core.server.schema import error_bytes
 
 
 class Guard:
-    """Before the app runs: check the API key (constant time, every route but /health), then read the body,
-    capped (413) and within `body_timeout_s` (408: a client that never finishes its body holds nothing)."""
+    """Before the app runs: cap the headers (431), check the API key (constant time, every route but /health),
+    then read the body, capped (413) and within `body_timeout_s` (408: a client that never finishes its body
+    holds nothing)."""
 
     def __init__(
         self,
@@ -22,11 +23,12 @@ class Guard:
         *,
         api_key: str | None,
         max_body_bytes: int,
+        max_header_bytes: int,
         body_timeout_s: float,
         metrics: Metrics,
     ):
         self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
-        self.body_timeout_s = body_timeout_s
+        self.max_header_bytes, self.body_timeout_s = max_header_bytes, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,6 +44,15 @@ class Guard:
             await send(message)
 
         try:
+            if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.max_header_bytes:
+                await self._reject(
+                    send_recording,
+                    431,
+                    f"the request headers are over {self.max_header_bytes} bytes",
+                    "invalid_request_error",
+                    "headers_too_large",
+                )
+                return
             if path != "/health" and self.api_key is not None and not self._authorized(scope):
                 await self._reject(
                     send_recording,
@@ -110,7 +121,7 @@ class Guard:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
-                    *([(b"connection", b"close")] if status in (408, 413) else []),
+                    *([(b"connection", b"close")] if status in (408, 413, 431) else []),
                 ],
             }
         )
