@@ -143,7 +143,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     port = free_port()
     proc = start_server(tmp_path, port)
     try:
-        body = {"prompt": "the quick", "max_tokens": 200, "temperature": 0, "stream": True}
+        body = {"prompt": "the quick", "max_tokens": 120, "temperature": 0, "stream": True}
         lines, refused_while_streaming = [], False
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -164,6 +164,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         proc.kill()
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path):
     port = free_port()
     proc = start_server(tmp_path, port)
