@@ -139,8 +139,8 @@ def test_extreme_parameters_still_sample_a_token(runner, params):
     """The sampler clamps every scale itself, whatever a caller skipping check() hands it."""
     vocab = runner.model.config.vocab_size
     logits = torch.randn(2, vocab) * 30
-    logits[1, :5] = 3e38  # near float32's limit
     seqs = [one_sequence(runner, seed=0, **params) for _ in range(2)]
+    logits[1, seqs[1].prompt_ids] = 3e38  # near float32's limit, and penalised
     tokens = pick_tokens(logits, seqs)
     assert all(0 <= t < vocab for t in tokens)
     assert [s.error for s in seqs] == [None, None]
@@ -179,7 +179,11 @@ def test_penalties_and_logit_bias_follow_openai(runner):
     logits = torch.zeros(1, vocab)
     logits[0, :3] = torch.tensor([5.0, 4.5, 4.1])
     seq = one_sequence(runner, frequency_penalty=0.3, presence_penalty=0.2)
-    seq.output_ids = [0, 0, 1]  # token 0: 5 - 2 * 0.3 - 0.2 = 4.2, token 1: 4.5 - 0.3 - 0.2 = 4.0, token 2: 4.1
+    seq.output_ids = [
+        0,
+        0,
+        1,
+    ]  # token 0: 5 - 2 * 0.3 - 0.2 = 4.2, token 1: 4.5 - 0.3 - 0.2 = 4.0, token 2: 4.1
     assert pick_tokens(logits, [seq]) == [0]
     seq.output_ids = [0, 0, 0, 1]  # token 0: 5 - 3 * 0.3 - 0.2 = 3.9
     assert pick_tokens(logits, [seq]) == [2]

@@ -212,11 +212,13 @@ def pick_tokens(logits: torch.Tensor, seqs: Sequence[GenSequence]) -> list[int]:
 
 
 def _pick(row: torch.Tensor, seq: GenSequence) -> int:
-    """One row's token. Every scale is clamped into its range, and the row is checked before it is sampled."""
+    """One row's token, computed on the host in float64 (any finite fp32 logit stays finite under the clamped
+    scales, and the CPU generator makes seeds device-independent); the row is checked again before sampling."""
     p = seq.params
+    row = row.detach().to("cpu", torch.float64)
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long)
-        bias = torch.tensor([b for _, b in p.logit_bias]).clamp(*LOGIT_BIAS_RANGE)
+        bias = torch.tensor([b for _, b in p.logit_bias], dtype=torch.float64).clamp(*LOGIT_BIAS_RANGE)
         row = row.index_add(0, ids, bias)
     if p.repetition_penalty != 1.0:
         penalty = min(max(p.repetition_penalty, REPETITION_PENALTY_RANGE[0]), REPETITION_PENALTY_RANGE[1])
@@ -225,11 +227,11 @@ def _pick(row: torch.Tensor, seq: GenSequence) -> int:
         score = torch.where(score < 0, score * penalty, score / penalty)
         row = row.scatter(0, seen, score)
     if (p.frequency_penalty or p.presence_penalty) and seq.output_ids:
-        counts = torch.bincount(torch.tensor(seq.output_ids), minlength=row.numel()).float()
+        counts = torch.bincount(torch.tensor(seq.output_ids), minlength=row.numel()).double()
         row = (
             row
             - counts * min(max(p.frequency_penalty, PENALTY_RANGE[0]), PENALTY_RANGE[1])
-            - (counts > 0).float() * min(max(p.presence_penalty, PENALTY_RANGE[0]), PENALTY_RANGE[1])
+            - (counts > 0).double() * min(max(p.presence_penalty, PENALTY_RANGE[0]), PENALTY_RANGE[1])
         )
     if bool(_unusable(row)):
         raise SequenceError("the logits are not finite after the penalties and logit bias")
