@@ -21,8 +21,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from llmos_cli.core.infer import Completion, DecodeBatch, GenSequence, PrefillError, Runner, SamplingParams
 
 PROBE_BACKOFF_S = (0.0, 0.1, 0.5)  # waits before each attempt to run the model after a failure
@@ -173,7 +171,7 @@ class Engine:
         """The engine thread: the decode loop, started again on a fresh batch whenever it raises."""
         while True:
             try:
-                self._loop(DecodeBatch(self.runner.model, self.runner.pad_id))
+                self._loop(self._new_batch())
                 return
             except ModelDown as err:
                 self._fail_all(err.__cause__ or err)
@@ -220,14 +218,16 @@ class Engine:
             if self.on_first_token is not None:
                 self.on_first_token(now - r.submitted_at)
 
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.runner.model, self.runner.pad_id)
+
     def _model_runs(self) -> bool:
-        """Whether the model still runs a one-token forward pass (a few tries, backing off)."""
-        ids = torch.tensor([[self.runner.pad_id]])
+        """Whether the model still generates a token for a one-token prompt (a few tries, backing off)."""
         for wait in PROBE_BACKOFF_S:
             time.sleep(wait)
+            probe = self.runner.sequence([self.runner.pad_id], SamplingParams(max_new_tokens=1))
             try:
-                with torch.inference_mode():
-                    self.runner.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                self._new_batch().add([probe])
                 return True
             except Exception:  # noqa: BLE001, S112 - a failed probe is the answer
                 continue
