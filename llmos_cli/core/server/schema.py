@@ -51,12 +51,19 @@ def error_bytes(status: int, message: str, type: str, code: str) -> bytes:
 # ---- requests
 
 
-class ContentPart(BaseModel):
+class Body(BaseModel):
+    """A request body: strict types (what the schema says is all that is accepted: no "1.5" for a number, no 0
+    for a boolean); unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class ContentPart(Body):
     type: Literal["text"]
     text: str
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
@@ -64,8 +71,7 @@ TokenId = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,8})$")]
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
-class SamplingBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class SamplingBody(Body):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -107,7 +113,7 @@ class CompletionBody(SamplingBody):
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart]
 
@@ -121,8 +127,7 @@ class ChatBody(SamplingBody):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-class EncodeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EncodeBody(Body):
     model: str | None = None
     input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
     encoding_format: Literal["float", "base64"] = "float"
