@@ -43,12 +43,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(engine: Engine, **limits) -> Iterator[str]:
-    """uvicorn on 127.0.0.1 in a background thread, serving `engine` with `llmos serve`'s settings and
+def serve_in_thread(backend: Engine | EncoderRunner, **limits) -> Iterator[str]:
+    """uvicorn on 127.0.0.1 in a background thread, serving `backend` with `llmos serve`'s settings and
     `limits` (serve.limits keys; a 4 KiB body cap unless given); yields the base URL."""
     port = free_port()
     lim = ServeLimits(**{"max_body_bytes": 4096, **limits})
-    app = create_app(engine, model_name="tiny", api_key=KEY, **app_limits(lim))
+    app = create_app(backend, model_name="tiny", api_key=KEY, **app_limits(lim))
     srv = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, limits=lim, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

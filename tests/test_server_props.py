@@ -33,17 +33,17 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-# (route, method, generation mode): what this server's schema lists. schemathesis' own pytest loader
+# (route, method, generation mode): what each server's schema lists. schemathesis' own pytest loader
 # (from a fixture) does not run under this pytest, so each operation's strategy runs through hypothesis here.
+COMMON = [("/v1/models", "GET", "positive"), ("/health", "GET", "positive"), ("/metrics", "GET", "positive")]
 OPERATIONS = [
     ("/v1/completions", "POST", "positive"),
     ("/v1/completions", "POST", "negative"),
     ("/v1/chat/completions", "POST", "positive"),
     ("/v1/chat/completions", "POST", "negative"),
-    ("/v1/models", "GET", "positive"),
-    ("/health", "GET", "positive"),
-    ("/metrics", "GET", "positive"),
+    *COMMON,
 ]
+CLASSIFIER_OPERATIONS = [("/v1/classify", "POST", "positive"), ("/v1/classify", "POST", "negative"), *COMMON]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,27 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api_schema(served):
-    return schemathesis.openapi.from_dict(httpx.get(served[0] + "/openapi.json", headers=AUTH).json())
+    return schema_of(served[0])
+
+
+def schema_of(url: str):
+    return schemathesis.openapi.from_dict(httpx.get(url + "/openapi.json", headers=AUTH).json())
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A tiny BERT sequence classifier (minilm's tokenizer) on loopback uvicorn; yields its URL."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from llmos_cli.core.infer import EncoderRunner
+    from tests.test_server import minilm_dir
+
+    path = tmp_path_factory.mktemp("clf")
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    with serve_in_thread(EncoderRunner.load(path), max_body_bytes=1 << 16) as url:
+        yield url
 
 
 def valid_requests_are_served(response, case) -> None:
@@ -68,8 +88,8 @@ def valid_requests_are_served(response, case) -> None:
     assert code in ALLOWED_400, f"a valid request got {response.status_code}: {response.text[:300]}"
 
 
-def check_generated_requests(api_schema, url: str, examples: int) -> None:
-    for path, method, mode in OPERATIONS:
+def check_generated_requests(api_schema, url: str, examples: int, operations=OPERATIONS) -> None:
+    for path, method, mode in operations:
         operation = api_schema[path][method]
 
         @settings(
@@ -88,15 +108,24 @@ def check_generated_requests(api_schema, url: str, examples: int) -> None:
         send()
 
 
-def assert_healthy(url: str, engine: Engine) -> None:
+def assert_healthy(url: str, engine: Engine | None = None) -> None:
     assert httpx.get(url + "/health").json() == {"status": "ok"}
-    assert engine.stats.restarts == 0
+    assert engine is None or engine.stats.restarts == 0
     assert 'status="5' not in httpx.get(url + "/metrics", headers=AUTH).text
 
 
-def test_the_schema_lists_the_served_routes(api_schema):
-    listed = {(op.ok().path, op.ok().method.upper()) for op in api_schema.get_all_operations()}
-    assert listed == {(p, m) for p, m, _ in OPERATIONS}
+def listed(schema) -> set[tuple[str, str]]:
+    return {(op.ok().path, op.ok().method.upper()) for op in schema.get_all_operations()}
+
+
+def test_the_schema_lists_the_served_routes(api_schema, classifier):
+    assert listed(api_schema) == {(p, m) for p, m, _ in OPERATIONS}
+    assert listed(schema_of(classifier)) == {(p, m) for p, m, _ in CLASSIFIER_OPERATIONS}
+
+
+def test_generated_classify_requests(classifier):
+    check_generated_requests(schema_of(classifier), classifier, examples=25, operations=CLASSIFIER_OPERATIONS)
+    assert_healthy(classifier)
 
 
 def test_generated_requests(api_schema, served):
@@ -105,6 +134,10 @@ def test_generated_requests(api_schema, served):
 
 
 @pytest.mark.slow
-def test_many_generated_requests(api_schema, served):
+def test_many_generated_requests(api_schema, served, classifier):
     check_generated_requests(api_schema, served[0], examples=300)
     assert_healthy(*served)
+    check_generated_requests(
+        schema_of(classifier), classifier, examples=300, operations=CLASSIFIER_OPERATIONS
+    )
+    assert_healthy(classifier)

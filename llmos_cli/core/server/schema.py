@@ -10,7 +10,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from llmos_cli.core.infer import LOGIT_BIAS_RANGE, PENALTY_RANGE, REPETITION_PENALTY_RANGE
 
@@ -51,6 +51,22 @@ def error_bytes(status: int, message: str, type: str, code: str) -> bytes:
 # ---- requests
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 4.0 as an integer: so does the server."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _integer(**bounds: int) -> Any:
+    """An integer type with `bounds` (ge, le) that also takes integral floats."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+TokenCount = _integer(ge=1)
+Seed = _integer(ge=SEED_RANGE[0], le=SEED_RANGE[1])
+TopK = _integer(ge=0, le=1 << 20)
+One = _integer(ge=1, le=1)
+
+
 class Body(BaseModel):
     """A request body: strict types (what the schema says is all that is accepted: no "1.5" for a number, no 0
     for a boolean); unknown fields are ignored."""
@@ -73,10 +89,10 @@ StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 class SamplingBody(Body):
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: TokenCount | None = None
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, le=1 << 20, description="0 disables the filter")
+    top_k: TopK = Field(default=0, description="0 disables the filter")
     repetition_penalty: float = Field(
         default=1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
     )
@@ -90,11 +106,11 @@ class SamplingBody(Body):
             json_schema_extra={"additionalProperties": False},
         )
     )
-    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    seed: Seed | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: One = 1
     # Accepted for compatibility only at their neutral values; anything else is a 400, not silently ignored.
     logprobs: Literal[False, 0] | None = None
     top_logprobs: Literal[0] | None = None
@@ -124,7 +140,7 @@ class ChatMessage(Body):
 
 class ChatBody(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: TokenCount | None = None
 
 
 class EncodeBody(Body):
