@@ -191,8 +191,9 @@ def _unusable(logits: torch.Tensor) -> torch.Tensor:
 
 
 def pick_tokens(logits: torch.Tensor, seqs: Sequence[GenSequence]) -> list[int]:
-    """Next token per row (fp32): logit bias and penalties, then greedy or temperature/top-k/top-p sampling
-    (HF semantics). A row that cannot be sampled fails its own sequence (`seq.fail`) and gets token 0."""
+    """Next token per row: logit bias and penalties, then greedy or temperature/top-k/top-p sampling (HF
+    semantics). Rows are checked in fp32 first; one that cannot be sampled fails its own sequence
+    (`seq.fail`) and gets token 0."""
     logits = logits.float()
     bad = _unusable(logits).tolist()
     chosen = logits.argmax(dim=-1).tolist()
@@ -462,7 +463,8 @@ class Runner:
     def sequence(
         self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[str], None] | None = None
     ) -> GenSequence:
-        """A sequence to generate; an empty prompt starts from BOS (else the pad token), as HF generate does."""
+        """A sequence to generate; an empty prompt starts from BOS (else the pad token): nothing to prefill
+        would fail the whole batch."""
         bos = self.tokenizer.bos_token_id
         ids = list(prompt_ids) or [bos if bos is not None else self.pad_id]
         return GenSequence(ids, params, self.tokenizer, self.eos_ids, on_delta)
