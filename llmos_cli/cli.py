@@ -401,6 +401,7 @@ def serve(
         model_name=model_name,
         device=device or s.device,
         precision=s.precision,
+        limits=s.limits,
     )
 
 

@@ -204,6 +204,17 @@ class EvalSection(Section):
     )
 
 
+class ServeLimits(Section):
+    """Connection-level limits of `llmos serve`: what one client can hold or send."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    max_header_bytes: int = Field(16 << 10, ge=1024)
+    request_timeout_s: float = Field(30.0, gt=0)
+    keep_alive_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+
 class ServeSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -214,6 +225,7 @@ class ServeSection(Section):
     precision: InferencePrecision = Field(
         "auto", description="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU"
     )
+    limits: ServeLimits = Field(default_factory=ServeLimits)
 
 
 class ExportSection(Section):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.infer import Runner, SamplingParams
+from llmos_cli.core.infer import GenSequence, Runner, SamplingParams, pick_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -117,3 +117,93 @@ def test_eos_ends_a_sequence(runner):
 def test_bad_sampling_params_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs).check()
+
+
+# ---- numerically safe sampling, one sequence's failure, per-row seeds
+
+
+def one_sequence(runner: Runner, **params) -> GenSequence:
+    return runner.sequence(runner.encode("the quick"), SamplingParams(**params))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1.0, "repetition_penalty": 5e-324},  # the reproduction from issue 17
+        {"temperature": 1.0, "repetition_penalty": 1e300},
+        {"temperature": 1e-300, "top_p": 5e-324},
+        {"temperature": 2.0, "frequency_penalty": 2.0, "presence_penalty": -2.0, "logit_bias": ((3, 100.0),)},
+    ],
+)
+def test_extreme_parameters_still_sample_a_token(runner, params):
+    """The sampler clamps every scale itself, whatever a caller skipping check() hands it."""
+    vocab = runner.model.config.vocab_size
+    logits = torch.randn(2, vocab) * 30
+    seqs = [one_sequence(runner, seed=0, **params) for _ in range(2)]
+    logits[1, seqs[1].prompt_ids] = 3e38  # near float32's limit, and penalised
+    tokens = pick_tokens(logits, seqs)
+    assert all(0 <= t < vocab for t in tokens)
+    assert [s.error for s in seqs] == [None, None]
+
+
+def test_non_finite_logits_fail_only_their_row(runner):
+    logits = torch.randn(3, runner.model.config.vocab_size)
+    logits[1, 7] = float("nan")
+    seqs = [one_sequence(runner) for _ in range(3)]
+    tokens = pick_tokens(logits, seqs)
+    assert [s.finish_reason for s in seqs] == [None, "error", None]
+    assert "non-finite" in str(seqs[1].error)
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
+
+
+def test_a_failing_row_in_a_batch_leaves_the_others_alone(runner, hf_greedy, monkeypatch):
+    forward, calls = runner.model.forward, []
+
+    def nan_once(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs["input_ids"].shape[1] == 1:  # decode steps; the third one poisons row 1
+            calls.append(1)
+            if len(calls) == 3:
+                out.logits[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(runner.model, "forward", nan_once)
+    results = runner.generate(PROMPTS[:3], SamplingParams(max_new_tokens=24), batch_size=3)
+    assert [c.finish_reason for c in results] == ["length", "error", "length"]
+    assert len(results[1].token_ids) == 3
+    assert [results[0].token_ids, results[2].token_ids] == [hf_greedy[0], hf_greedy[2]]
+
+
+def test_penalties_and_logit_bias_follow_openai(runner):
+    vocab = runner.model.config.vocab_size
+    logits = torch.zeros(1, vocab)
+    logits[0, :3] = torch.tensor([5.0, 4.5, 4.1])
+    seq = one_sequence(runner, frequency_penalty=0.3, presence_penalty=0.2)
+    seq.output_ids = [
+        0,
+        0,
+        1,
+    ]  # token 0: 5 - 2 * 0.3 - 0.2 = 4.2, token 1: 4.5 - 0.3 - 0.2 = 4.0, token 2: 4.1
+    assert pick_tokens(logits, [seq]) == [0]
+    seq.output_ids = [0, 0, 0, 1]  # token 0: 5 - 3 * 0.3 - 0.2 = 3.9
+    assert pick_tokens(logits, [seq]) == [2]
+    biased = one_sequence(runner, logit_bias=((9, 6.0),))
+    assert pick_tokens(logits, [biased]) == [9]
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((9, 101.0),)).check()
+
+
+def test_each_row_gets_its_own_seed(runner):
+    """Issue 18: one seed for several prompts gave identical completions for identical prompts."""
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3)
+    first = runner.generate(["the quick", "the quick"], params)
+    assert first[0].token_ids != first[1].token_ids
+    again = runner.generate(["a", "the quick"], params)
+    assert again[1].token_ids == first[1].token_ids  # the same seed and row reproduce
+    alone = runner.generate(["the quick"], SamplingParams(max_new_tokens=16, temperature=1.0, seed=4))[0]
+    assert alone.token_ids == first[1].token_ids  # row i samples as seed + i
+
+
+def test_an_empty_prompt_starts_from_the_pad_token(runner):
+    c = runner.generate([""], SamplingParams(max_new_tokens=4))[0]
+    assert c.prompt_tokens == 1 and len(c.token_ids) == 4

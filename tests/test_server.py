@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -22,6 +23,8 @@ from bench.tiny_model import build_tiny_llama
 from llmos_cli.core.batching import Engine, QueueFull
 from llmos_cli.core.infer import EncoderRunner, Runner, SamplingParams
 from llmos_cli.core.server import create_app
+from llmos_cli.recipe import ServeLimits
+from llmos_cli.stages.serve import app_limits, server_config
 from tests.conftest import wait_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,11 +43,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(engine: Engine) -> Iterator[str]:
-    """uvicorn on 127.0.0.1 in a background thread, serving `engine`; yields the base URL."""
+def serve_in_thread(backend: Engine | EncoderRunner, **limits) -> Iterator[str]:
+    """uvicorn on 127.0.0.1 in a background thread, serving `backend` with `llmos serve`'s settings and
+    `limits` (serve.limits keys; a 4 KiB body cap unless given); yields the base URL."""
     port = free_port()
-    app = create_app(engine, model_name="tiny", api_key=KEY, max_body_bytes=4096)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    lim = ServeLimits(**{"max_body_bytes": 4096, **limits})
+    app = create_app(backend, model_name="tiny", api_key=KEY, **app_limits(lim))
+    srv = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, limits=lim, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, alive=thread.is_alive, what="uvicorn did not start", timeout=30)
@@ -132,16 +137,71 @@ def test_auth_failure(server):
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 2}, "n"),
         ({"model": "gpt-4"}, "model"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -2.1}, "presence_penalty"),
+        ({"repetition_penalty": 5e-324}, "repetition_penalty"),
+        ({"repetition_penalty": 11}, "repetition_penalty"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": 1 << 60}, "seed"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": "x" * 300}, "stop"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"the": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"prompt": []}, "prompt"),
         ({"logprobs": 3}, "logprobs"),
     ],
 )
 def test_bad_parameters(client, kwargs, param):
-    args = {"model": "tiny", "prompt": "hi", "max_tokens": 4, **kwargs}
+    args = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+    extra = {k: v for k, v in kwargs.items() if k in ("top_k", "repetition_penalty")}
+    args.update({k: v for k, v in kwargs.items() if k not in extra})
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(**args)
+        client.completions.create(**args, extra_body=extra)
     assert err.value.status_code == 400
-    assert err.value.body["param"] == param
+    assert err.value.body["param"].split(".")[0] == param and param in err.value.body["message"]
+
+
+def test_a_tiny_repetition_penalty_is_refused_and_the_server_keeps_serving(server, client):
+    """The reproduction from issue 17: one request with repetition_penalty 5e-324 used to stop the server."""
+    r = httpx.post(
+        server[0] + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": "tiny",
+            "prompt": "hi",
+            "max_tokens": 4,
+            "temperature": 1,
+            "repetition_penalty": 5e-324,
+        },
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty"
+    ok = client.completions.create(model="tiny", prompt="hi", max_tokens=4, temperature=1)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
+
+
+def test_penalties_and_logit_bias_over_http(client, runner):
+    forced = runner.encode(" fox")[-1]
+    r = client.completions.create(
+        model="tiny", prompt="the quick", max_tokens=5, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert runner.encode(r.choices[0].text) == [forced] * 5
+    params = SamplingParams(max_new_tokens=12, frequency_penalty=2.0, presence_penalty=1.0)
+    expected = runner.generate(["the quick"], params)[0]
+    r = client.completions.create(
+        model="tiny",
+        prompt="the quick",
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=1.0,
+    )
+    assert r.choices[0].text == expected.text
+    assert (
+        expected.token_ids != runner.generate(["the quick"], SamplingParams(max_new_tokens=12))[0].token_ids
+    )
 
 
 def test_over_long_prompt(client):
@@ -263,15 +323,16 @@ def test_full_queue_is_503_with_retry_after(runner, monkeypatch):
     assert len(done) == 2 and all(c.finish_reason == "length" for c in done)
 
 
-def test_model_crash_fails_requests_and_health(runner, monkeypatch):
+def test_a_model_that_cannot_run_fails_requests_and_health(runner, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(runner.model, "forward", broken)
     with TestClient(create_app(Engine(runner), model_name="tiny")) as http:
         r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
-        assert http.get("/health").status_code == 503
+        assert r.status_code == 503 and "boom" in r.json()["error"]["message"] and r.headers["Retry-After"]
+        health = http.get("/health")
+        assert health.status_code == 503 and "boom" in health.json()["detail"]
         assert http.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
 
 
@@ -309,6 +370,17 @@ def test_embeddings_from_an_encoder():
         sims = vecs @ vecs.T
         assert sims[0, 1] > sims[0, 2]
         assert http.post("/v1/completions", json={"prompt": "hi"}).status_code == 400
+        packed = http.post("/v1/embeddings", json={"input": "a cat sits", "encoding_format": "base64"}).json()
+        floats = http.post("/v1/embeddings", json={"input": "a cat sits"}).json()["data"][0]["embedding"]
+        raw = base64.b64decode(packed["data"][0]["embedding"])
+        assert torch.frombuffer(bytearray(raw), dtype=torch.float32).tolist() == torch.tensor(floats).tolist()
+        # the schema lists what this server serves, and every request it allows is served
+        assert {p for p in http.get("/openapi.json").json()["paths"] if p.startswith("/v1/")} == {
+            "/v1/models",
+            "/v1/embeddings",
+        }
+        assert http.post("/v1/embeddings", json={"input": ["", "x"]}).status_code == 200
+        assert http.post("/v1/embeddings", json={"input": []}).json()["error"]["param"].startswith("input")
 
 
 def test_classify(tmp_path):
@@ -332,51 +404,8 @@ def test_classify(tmp_path):
             assert set(row["scores"]) == {"negative", "positive"}
             assert abs(sum(row["scores"].values()) - 1) < 1e-5 and row["score"] == max(row["scores"].values())
         assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 400
-
-
-@pytest.mark.slow
-def test_sigterm_lets_in_flight_requests_finish(runner, tmp_path):
-    import signal
-    import subprocess
-    import sys
-
-    model = build_tiny_llama(tmp_path / "model")
-    port = free_port()
-    code = (
-        f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
-        f"api_key_env='LLMOS_TEST_NO_KEY')"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=pathlib.Path(__file__).parent.parent,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(
-            healthy, alive=lambda: proc.poll() is None, what="server did not start", timeout=60, interval=0.2
-        )
-        body = {"prompt": "the quick", "max_tokens": 300, "temperature": 0, "stream": True}
-        lines = []
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line and not lines:
-                    proc.send_signal(signal.SIGTERM)
-                if line:
-                    lines.append(line)
-        assert lines[-1] == "data: [DONE]"
-        assert '"finish_reason": "length"' in lines[-2]
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-    finally:
-        proc.kill()
+        paths = http.get("/openapi.json").json()["paths"]
+        assert {p for p in paths if p.startswith("/v1/")} == {"/v1/models", "/v1/classify"}
 
 
 def test_a_long_request_does_not_hold_a_short_one_back(runner):

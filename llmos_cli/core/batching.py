@@ -3,10 +3,17 @@
 Requests join the running `DecodeBatch` between decode steps and leave it as soon as they finish or are
 cancelled, so a long request does not hold short ones back. Results are delivered through callbacks called on the
 engine thread; the server forwards them to its event loop.
+
+Failures stay as small as they can: a sequence whose logits, sampling or text fail finishes alone with its
+`SequenceError`; prompts the model fails on fail alone when the model still runs; and when the decode loop itself
+raises, the requests in flight get `EngineRestarted` and the loop starts again on a fresh batch. The engine gives up
+(`error` set, `healthy` false) only when the model cannot run a one-token forward pass any more.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
 import time
 import uuid
@@ -14,7 +21,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmos_cli.core.infer import Completion, DecodeBatch, GenSequence, Runner, SamplingParams, Seq2SeqBatch
+from llmos_cli.core.infer import (
+    Completion,
+    DecodeBatch,
+    GenSequence,
+    PrefillError,
+    Runner,
+    SamplingParams,
+    Seq2SeqBatch,
+)
+
+PROBE_BACKOFF_S = (0.0, 0.1, 0.5)  # waits before each attempt to run the model after a failure
 
 
 class QueueFull(Exception):
@@ -23,6 +40,14 @@ class QueueFull(Exception):
 
 class EngineUnavailable(Exception):
     """The engine is shutting down, or the model failed and the engine stopped."""
+
+
+class EngineRestarted(Exception):
+    """The decode loop failed and was restarted; this request was in flight and is dropped: retry it."""
+
+
+class ModelDown(Exception):
+    """The model cannot run a forward pass: the engine stops."""
 
 
 @dataclass
@@ -42,10 +67,14 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    restarts: int = 0
 
 
 class Engine:
-    """Serve generation requests from a bounded queue with continuous batching on one background thread."""
+    """Serve generation requests from a bounded queue with continuous batching on one background thread.
+
+    `max_queue` bounds the requests waiting for a slot; those that get one of the `max_batch_size` slots at once
+    do not count against it."""
 
     def __init__(
         self,
@@ -67,16 +96,19 @@ class Engine:
         self._cv = threading.Condition()
         self._accepting = False
         self._stopping = False
+        self._drain_deadline = math.inf
         self._thread: threading.Thread | None = None
 
     # ---- client side (any thread) ----
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Requests waiting for a slot."""
+        return max(0, len(self._queue) - (self.max_batch_size - len(self._active)))
 
     @property
     def running(self) -> int:
+        """Slots in use: requests admitted to the decode batch and not yet delivered."""
         return len(self._active)
 
     @property
@@ -103,9 +135,11 @@ class Engine:
         params.check()
         with self._cv:
             if not self._accepting:
-                raise EngineUnavailable("the model failed" if self.error else "the server is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are already waiting")
+                raise EngineUnavailable(
+                    f"the model failed: {self.error}" if self.error else "the server is shutting down"
+                )
+            if len(self._queue) + 1 - (self.max_batch_size - len(self._active)) > self.max_queue:
+                raise QueueFull(f"{self.queue_depth} requests are already waiting")
             req = Request(uuid.uuid4().hex, self.runner.sequence(prompt_ids, params, on_delta), on_finish)
             self._queue.append(req)
             self._cv.notify()
@@ -121,9 +155,9 @@ class Engine:
         """Stop taking requests, let in-flight ones finish for up to `timeout` seconds, cancel the rest."""
         with self._cv:
             self._accepting = False
-            deadline = time.monotonic() + timeout
+            self._drain_deadline = min(self._drain_deadline, time.monotonic() + timeout)
             while (self._queue or self._active) and self._thread and self._thread.is_alive():
-                left = deadline - time.monotonic()
+                left = self._drain_deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(left)
@@ -132,32 +166,80 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    def hurry(self) -> None:
+        """End the grace period of a `stop` (running or to come) now: what is still in flight is cancelled."""
+        with self._cv:
+            self._accepting = False
+            self._drain_deadline = time.monotonic()
+            self._cv.notify_all()
+
     # ---- engine thread ----
 
     def _run(self) -> None:
-        batch = self.runner.new_batch()
+        """The engine thread: the decode loop, started again on a fresh batch whenever it raises."""
+        while True:
+            try:
+                self._loop(self._new_batch())
+                return
+            except ModelDown as err:
+                self._fail_all(err.__cause__ or err)
+                return
+            except Exception as err:  # noqa: BLE001 - restart; requests in flight are answered, not lost
+                self._restart(err)
+                if not self._model_runs():
+                    self._fail_all(err)
+                    return
+
+    def _loop(self, batch: DecodeBatch | Seq2SeqBatch) -> None:
         while True:
             admit = self._next_admissions(batch)
             if admit is None:
-                break
-            batch.drop_finished()  # cancelled requests leave before the next step
-            try:
-                if admit:
-                    batch.add([r.seq for r in admit])
-                    now = time.monotonic()
-                    for r in admit:
-                        r.first_token_at = now
-                        if self.on_first_token is not None:
-                            self.on_first_token(now - r.submitted_at)
-                else:
-                    batch.step()
-                self.stats.steps += 1
-            except Exception as err:  # noqa: BLE001 - a model failure fails every request, then the engine stops
-                self._fail_all(err)
                 return
+            batch.drop_finished()  # cancelled requests leave before the next step
+            if admit:
+                self._prefill(batch, admit)
+            else:
+                batch.step()
+            self.stats.steps += 1
             finished = batch.drop_finished()
             if finished:
                 self._finish(finished)
+
+    def _prefill(self, batch: DecodeBatch | Seq2SeqBatch, admit: list[Request]) -> None:
+        """Add admitted requests; if the model fails on them but still runs, only they fail."""
+        try:
+            batch.add([r.seq for r in admit])
+        except PrefillError as err:
+            if not self._model_runs():
+                raise ModelDown(str(err)) from err
+            with self._cv:
+                for r in admit:
+                    self._active.pop(r.id, None)
+                self.stats.requests_failed += len(admit)
+                self._cv.notify_all()
+            for r in admit:
+                self._deliver(r, err)
+            return
+        now = time.monotonic()
+        for r in admit:
+            r.first_token_at = now
+            if self.on_first_token is not None:
+                self.on_first_token(now - r.submitted_at)
+
+    def _new_batch(self) -> DecodeBatch | Seq2SeqBatch:
+        return self.runner.new_batch()
+
+    def _model_runs(self) -> bool:
+        """Whether the model still generates a token for a one-token prompt (a few tries, backing off)."""
+        for wait in PROBE_BACKOFF_S:
+            time.sleep(wait)
+            probe = self.runner.sequence([self.runner.pad_id], SamplingParams(max_new_tokens=1))
+            try:
+                self._new_batch().add([probe])
+                return True
+            except Exception:  # noqa: BLE001, S112 - a failed probe is the answer
+                continue
+        return False
 
     def _next_admissions(self, batch: DecodeBatch | Seq2SeqBatch) -> list[Request] | None:
         """Apply cancellations and pick queued requests for free slots; None when the engine should exit."""
@@ -191,7 +273,7 @@ class Engine:
         for r in self._queue:
             if r.seq.finished:
                 self.stats.requests_cancelled += 1
-                r.on_finish(r.seq.completion())
+                self._deliver(r, r.seq.completion())
             else:
                 keep.append(r)
         self._queue = keep
@@ -199,20 +281,37 @@ class Engine:
             if r.seq.finished and r.seq.finish_reason == "cancelled":
                 del self._active[rid]
                 self.stats.requests_cancelled += 1
-                r.on_finish(r.seq.completion())
+                self._deliver(r, r.seq.completion())
         self._cv.notify_all()
 
     def _finish(self, seqs: list[GenSequence]) -> None:
         with self._cv:
             done = {id(s) for s in seqs}
             for rid, r in list(self._active.items()):
-                if id(r.seq) in done:
-                    del self._active[rid]
-                    self.stats.requests_finished += 1
-                    self.stats.prompt_tokens += len(r.seq.prompt_ids)
-                    self.stats.generated_tokens += len(r.seq.output_ids)
-                    r.on_finish(r.seq.completion())
+                if id(r.seq) not in done:
+                    continue
+                del self._active[rid]
+                if r.seq.error is not None:
+                    self.stats.requests_failed += 1
+                    self._deliver(r, r.seq.error)
+                    continue
+                self.stats.requests_finished += 1
+                self.stats.prompt_tokens += len(r.seq.prompt_ids)
+                self.stats.generated_tokens += len(r.seq.output_ids)
+                self._deliver(r, r.seq.completion())
             self._cv.notify_all()
+
+    def _restart(self, err: BaseException) -> None:
+        """The loop raised: answer the requests in flight with EngineRestarted (queued ones stay queued)."""
+        with self._cv:
+            dropped = list(self._active.values())
+            self._active.clear()
+            self.stats.restarts += 1
+            self.stats.requests_failed += len(dropped)
+            self._cv.notify_all()
+        failure = EngineRestarted(f"the engine restarted after {type(err).__name__}: {err}")
+        for r in dropped:
+            self._deliver(r, failure)
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cv:
@@ -223,5 +322,11 @@ class Engine:
             self._active.clear()
             self.stats.requests_failed += len(failed)
             self._cv.notify_all()
+        failure = EngineUnavailable(f"the model failed: {type(err).__name__}: {err}")
         for r in failed:
-            r.on_finish(err)
+            self._deliver(r, failure)
+
+    @staticmethod
+    def _deliver(req: Request, result: Completion | BaseException) -> None:
+        with contextlib.suppress(Exception):  # a caller's callback must not stop the engine
+            req.on_finish(result)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,16 +22,42 @@ if TYPE_CHECKING:
 
 FinishReason = str  # "stop" (eos or a stop sequence), "length", "cancelled", "error"
 
+# The ranges sampling accepts (the server's schema states the same ones). Penalties and logit bias are OpenAI's.
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
+PENALTY_RANGE = (-2.0, 2.0)  # frequency_penalty, presence_penalty
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MIN_TEMPERATURE = 1e-3  # a smaller positive temperature samples like this one (the logits would overflow)
+SEED_MODULUS = 1 << 64  # torch generators take 64-bit seeds
+
+
+class SequenceError(RuntimeError):
+    """Generating one sequence failed (unusable logits, sampling, decoding its text); the others go on."""
+
+
+class PrefillError(RuntimeError):
+    """The model failed on prompts joining the batch; the sequences already running are untouched."""
+
+
+def _in(value: float, bounds: tuple[float, float]) -> bool:
+    return bounds[0] <= value <= bounds[1]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters.
+
+    frequency_penalty and presence_penalty (OpenAI's) lower the logits of tokens already generated, by their
+    count and once; logit_bias adds (token id, bias) pairs to the logits before anything else.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
@@ -48,12 +74,37 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name, bounds in (
+            ("repetition_penalty", REPETITION_PENALTY_RANGE),
+            ("frequency_penalty", PENALTY_RANGE),
+            ("presence_penalty", PENALTY_RANGE),
+        ):
+            if not _in(getattr(self, name), bounds):
+                raise ValueError(f"{name} must be in [{bounds[0]}, {bounds[1]}], got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not _in(bias, LOGIT_BIAS_RANGE):
+                raise ValueError(
+                    f"logit_bias maps token ids >= 0 to a bias in [{LOGIT_BIAS_RANGE[0]}, "
+                    f"{LOGIT_BIAS_RANGE[1]}], got {token}: {bias}"
+                )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change the logits before the pick."""
+        return bool(
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.logit_bias
+        )
+
+    def for_row(self, row: int) -> SamplingParams:
+        """The parameters of the `row`-th prompt of a request: seeded rows differ, and each reproduces."""
+        return self if self.seed is None or row == 0 else replace(self, seed=self.seed + row)
 
 
 @dataclass
@@ -77,11 +128,11 @@ class GenSequence:
     text: str = ""
     emitted: int = 0
     finish_reason: FinishReason | None = None
+    error: SequenceError | None = None
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(
-            self.params.seed if self.params.seed is not None else random.getrandbits(63)
-        )
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed % SEED_MODULUS)
         self._hold = max((len(s) for s in self.params.stop), default=1) - 1
 
     @property
@@ -115,6 +166,11 @@ class GenSequence:
         if not self.finished:
             self.finish_reason = reason
 
+    def fail(self, error: SequenceError) -> None:
+        """Finish this sequence with `error`; what it released so far stays released."""
+        if not self.finished:
+            self.error, self.finish_reason = error, "error"
+
     def _finish(self, reason: FinishReason, end: int) -> None:
         self.text = self.text[:end]
         self._release(end)
@@ -132,35 +188,70 @@ class GenSequence:
         )
 
 
+def _unusable(logits: torch.Tensor) -> torch.Tensor:
+    """Per row: true where a NaN or +inf is present, or no entry is finite (nothing could be sampled)."""
+    return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+
+
 def pick_tokens(logits: torch.Tensor, seqs: Sequence[GenSequence]) -> list[int]:
-    """Next token per row: repetition penalty, then greedy or temperature/top-k/top-p sampling (HF semantics)."""
+    """Next token per row: logit bias and penalties, then greedy or temperature/top-k/top-p sampling (HF
+    semantics). Rows are checked in fp32 first; one that cannot be sampled fails its own sequence
+    (`seq.fail`) and gets token 0."""
     logits = logits.float()
+    bad = _unusable(logits).tolist()
     chosen = logits.argmax(dim=-1).tolist()
     for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy and p.repetition_penalty == 1.0:
+        if bad[i]:
+            seq.fail(SequenceError("the model produced non-finite logits"))
+            chosen[i] = 0
             continue
-        row = logits[i]
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.prompt_ids + seq.output_ids, dtype=torch.long, device=row.device)
-            score = row.gather(0, seen)
-            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-            row = row.scatter(0, seen, score)
-        if p.greedy:
-            chosen[i] = int(row.argmax())
+        if seq.params.greedy and not seq.params.adjusts_logits:
             continue
-        row = row / p.temperature
-        if 0 < p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, -math.inf)
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
-            row = row.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
-        # The generator is a CPU one (per-sequence seeds are device-independent): sample on the host.
-        chosen[i] = int(torch.multinomial(row.softmax(-1).cpu(), 1, generator=seq.generator))
+        try:
+            chosen[i] = _pick(logits[i], seq)
+        except Exception as err:  # noqa: BLE001 - one row's sampling failure fails that sequence only
+            seq.fail(err if isinstance(err, SequenceError) else SequenceError(f"sampling failed: {err}"))
+            chosen[i] = 0
     return chosen
+
+
+def _pick(row: torch.Tensor, seq: GenSequence) -> int:
+    """One row's token, computed on the host in float64 (any finite fp32 logit stays finite under the clamped
+    scales, and the CPU generator makes seeds device-independent); the row is checked again before sampling."""
+    p = seq.params
+    row = row.detach().to("cpu", torch.float64)
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long)
+        bias = torch.tensor([b for _, b in p.logit_bias], dtype=torch.float64).clamp(*LOGIT_BIAS_RANGE)
+        row = row.index_add(0, ids, bias)
+    if p.repetition_penalty != 1.0:
+        penalty = min(max(p.repetition_penalty, REPETITION_PENALTY_RANGE[0]), REPETITION_PENALTY_RANGE[1])
+        seen = torch.tensor(seq.prompt_ids + seq.output_ids, dtype=torch.long)
+        score = row.gather(0, seen)
+        score = torch.where(score < 0, score * penalty, score / penalty)
+        row = row.scatter(0, seen, score)
+    if (p.frequency_penalty or p.presence_penalty) and seq.output_ids:
+        counts = torch.bincount(torch.tensor(seq.output_ids), minlength=row.numel()).double()
+        row = (
+            row
+            - counts * min(max(p.frequency_penalty, PENALTY_RANGE[0]), PENALTY_RANGE[1])
+            - (counts > 0).double() * min(max(p.presence_penalty, PENALTY_RANGE[0]), PENALTY_RANGE[1])
+        )
+    if bool(_unusable(row)):
+        raise SequenceError("the logits are not finite after the penalties and logit bias")
+    if p.greedy:
+        return int(row.argmax())
+    row = (row - row.max()) / max(p.temperature, MIN_TEMPERATURE)  # the best token's logit is 0: no overflow
+    if 0 < p.top_k < row.numel():
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, -math.inf)
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # and the best token always (a top_p below float32's range would drop it too)
+        row = row.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
+    return int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -189,7 +280,9 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, new: Sequence[GenSequence]) -> None:
-        """Prefill `new` prompts together, pick their first tokens, and merge them into the running batch."""
+        """Prefill `new` prompts together, pick their first tokens, and merge them into the running batch.
+
+        Raises PrefillError, the running batch unchanged, when the model fails on the new prompts."""
         from transformers import DynamicCache
 
         if not new:
@@ -203,14 +296,17 @@ class DecodeBatch:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as err:  # noqa: BLE001 - the caller decides whether the model or these prompts failed
+            raise PrefillError(f"{type(err).__name__}: {err}") from err
         self._merge(list(new), cache, mask, out.logits[:, -1])
 
     @torch.inference_mode()
@@ -265,14 +361,23 @@ class DecodeBatch:
         self.seqs = self.seqs + new
         tokens = pick_tokens(logits, new)
         self.last = torch.cat([self.last, torch.tensor(tokens, device=self.device)])
-        for seq, tok in zip(new, tokens, strict=True):
-            seq.accept(tok)
+        _accept_each(new, tokens)
 
     def _accept(self, seqs: list[GenSequence], logits: torch.Tensor) -> None:
         tokens = pick_tokens(logits, seqs)
         self.last = torch.tensor(tokens, device=self.device)
-        for seq, tok in zip(seqs, tokens, strict=True):
+        _accept_each(seqs, tokens)
+
+
+def _accept_each(seqs: Sequence[GenSequence], tokens: list[int]) -> None:
+    """Hand each sequence its token; one whose decoding (or delta callback) raises fails alone."""
+    for seq, tok in zip(seqs, tokens, strict=True):
+        if seq.finished:
+            continue
+        try:
             seq.accept(tok)
+        except Exception as err:  # noqa: BLE001 - isolate the failure to its sequence
+            seq.fail(SequenceError(f"decoding the output failed: {type(err).__name__}: {err}"))
 
 
 def chat_end_of_turn(tokenizer: Any) -> int | None:
@@ -355,7 +460,11 @@ class Runner:
     def sequence(
         self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[str], None] | None = None
     ) -> GenSequence:
-        return GenSequence(list(prompt_ids), params, self.tokenizer, self.eos_ids, on_delta)
+        """A sequence to generate; an empty prompt starts from BOS (else the pad token): nothing to prefill
+        would fail the whole batch."""
+        bos = self.tokenizer.bos_token_id
+        ids = list(prompt_ids) or [bos if bos is not None else self.pad_id]
+        return GenSequence(ids, params, self.tokenizer, self.eos_ids, on_delta)
 
     def generate(
         self,
@@ -365,9 +474,13 @@ class Runner:
         batch_size: int = 16,
         on_done: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
-        """Complete every prompt, `batch_size` at a time; a finished sequence's slot goes to the next prompt."""
+        """Complete every prompt, `batch_size` at a time; a finished sequence's slot goes to the next prompt.
+        A seed seeds each row apart (`SamplingParams.for_row`)."""
         params.check()
-        seqs = [self.sequence(p if isinstance(p, list) else self.encode(p), params) for p in prompts]
+        seqs = [
+            self.sequence(p if isinstance(p, list) else self.encode(p), params.for_row(i))
+            for i, p in enumerate(prompts)
+        ]
         index = {id(s): i for i, s in enumerate(seqs)}
         pending = list(reversed(seqs))
         batch = self.new_batch()
@@ -426,16 +539,20 @@ class Seq2SeqBatch:
         return len(self.group) + len(self.waiting)
 
     def add(self, new: Sequence[GenSequence]) -> None:
-        """Start `new` now when no group is running (encode, first token), else queue it for the next group."""
-        self.waiting += list(new)
-        if not self.group:
-            self._start()
+        """Start `new` now when no group is running (encode, first token), else queue it for the next group.
+
+        Raises PrefillError, the batch unchanged, when the model fails on the new prompts."""
+        if self.group:
+            self.waiting += list(new)
+        else:
+            self._start(list(new))
 
     @torch.inference_mode()
     def step(self) -> None:
         """One decoder step for the running group (or start the waiting one)."""
         if not self.group:
-            self._start()
+            waiting, self.waiting = self.waiting, []
+            self._start(waiting)
             return
         out = self.model(
             encoder_outputs=self.encoded,
@@ -464,31 +581,39 @@ class Seq2SeqBatch:
         return done
 
     @torch.inference_mode()
-    def _start(self) -> None:
+    def _start(self, group: list[GenSequence]) -> None:
         from transformers import DynamicCache, EncoderDecoderCache
 
-        self.group, self.waiting = self.waiting, []
-        if not self.group:
+        group = [s for s in group if not s.finished]
+        if not group:
             return
-        length = max(len(s.prompt_ids) for s in self.group)
+        length = max(len(s.prompt_ids) for s in group)
         ids = torch.tensor(
-            [s.prompt_ids + [self.pad_id] * (length - len(s.prompt_ids)) for s in self.group],
-            device=self.device,
+            [s.prompt_ids + [self.pad_id] * (length - len(s.prompt_ids)) for s in group], device=self.device
         )
-        self.mask = torch.tensor(
-            [[1] * len(s.prompt_ids) + [0] * (length - len(s.prompt_ids)) for s in self.group],
-            device=self.device,
+        mask = torch.tensor(
+            [[1] * len(s.prompt_ids) + [0] * (length - len(s.prompt_ids)) for s in group], device=self.device
         )
-        self.encoded = self.model.get_encoder()(input_ids=ids, attention_mask=self.mask)
-        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        self.last = torch.full((len(self.group),), self.start_id, dtype=torch.long, device=self.device)
-        self.step()
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        start = torch.full((len(group),), self.start_id, dtype=torch.long, device=self.device)
+        try:
+            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
+            out = self.model(
+                encoder_outputs=encoded,
+                attention_mask=mask,
+                decoder_input_ids=start[:, None],
+                cache=cache,
+                use_cache=True,
+            )
+        except Exception as err:  # noqa: BLE001 - the caller decides whether the model or these prompts failed
+            raise PrefillError(f"{type(err).__name__}: {err}") from err
+        self.group, self.encoded, self.mask, self.cache = group, encoded, mask, cache
+        self._accept(out.logits[:, -1])
 
     def _accept(self, logits: torch.Tensor) -> None:
         tokens = pick_tokens(logits, self.group)
         self.last = torch.tensor(tokens, device=self.device)
-        for seq, tok in zip(self.group, tokens, strict=True):
-            seq.accept(tok)
+        _accept_each(self.group, tokens)
 
 
 class Seq2SeqRunner(Runner):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from llmos_cli.console import out
 from llmos_cli.errors import UserError
+from llmos_cli.recipe import ServeLimits
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -19,12 +21,15 @@ def run(
     max_batch_size: int = 16,
     max_queue: int = 256,
     model_name: str | None = None,
+    limits: ServeLimits | None = None,
     device: str = "auto",
     precision: str = "auto",
 ) -> None:
-    """Serve `model` on host:port until SIGTERM/Ctrl-C; in-flight requests get time to finish."""
-    import uvicorn
+    """Serve `model` on host:port until SIGTERM/Ctrl-C: in-flight requests get `limits.shutdown_grace_s` to
+    finish, a second signal ends that at once; exit 0 either way."""
+    from llmos_cli.core.server.listen import GracefulServer
 
+    limits = limits or ServeLimits()
     api_key = os.environ.get(api_key_env) or None
     if host not in LOOPBACK and api_key is None:
         raise UserError(
@@ -39,13 +44,46 @@ def run(
         max_batch_size=max_batch_size,
         max_queue=max_queue,
         model_name=model_name,
+        limits=limits,
         device=device,
         precision=precision,
     )
     out.info(f"serving {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
-    uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    engine = app.state.engine
+    GracefulServer(
+        server_config(app, host=host, port=port, limits=limits), on_force=engine.hurry if engine else None
     ).run()
+
+
+def server_config(app: Any, *, host: str, port: int, limits: ServeLimits, log_level: str = "info") -> Any:
+    """The uvicorn.Config for `app` with the connection limits: header size (also while headers arrive; the
+    Guard caps complete ones), a deadline for request headers, idle keep-alive, concurrent connections (503 past
+    it) and the shutdown grace period."""
+    import uvicorn
+
+    from llmos_cli.core.server.listen import header_deadline_protocol
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=header_deadline_protocol(limits.request_timeout_s),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_keep_alive=limits.keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        timeout_graceful_shutdown=limits.shutdown_grace_s,
+    )
+
+
+def app_limits(limits: ServeLimits) -> dict[str, Any]:
+    """create_app's keyword arguments for `limits`."""
+    return {
+        "max_body_bytes": limits.max_body_bytes,
+        "max_header_bytes": limits.max_header_bytes,
+        "body_timeout_s": limits.request_timeout_s,
+        "drain_timeout_s": limits.shutdown_grace_s,
+    }
 
 
 def build_app(
@@ -55,6 +93,7 @@ def build_app(
     max_batch_size: int = 16,
     max_queue: int = 256,
     model_name: str | None = None,
+    limits: ServeLimits | None = None,
     device: str = "auto",
     precision: str = "auto",
 ):  # noqa: ANN201 - FastAPI, imported lazily
@@ -72,4 +111,6 @@ def build_app(
         if isinstance(runner, Runner)
         else runner
     )
-    return create_app(backend, model_name=model_name or info.name, api_key=api_key)
+    return create_app(
+        backend, model_name=model_name or info.name, api_key=api_key, **app_limits(limits or ServeLimits())
+    )

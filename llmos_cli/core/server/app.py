@@ -1,8 +1,13 @@
-"""The OpenAI-compatible HTTP API over a continuous-batching Engine (or an encoder for embeddings/classification)."""
+"""The OpenAI-compatible HTTP API over a continuous-batching Engine (or an encoder for embeddings/classification).
+
+Only the routes the backend serves appear in the OpenAPI schema; the others answer 400, naming the ones to use.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -13,13 +18,32 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from llmos_cli.core.batching import Engine
 from llmos_cli.core.infer import EncoderRunner, SamplingParams
 from llmos_cli.core.server.guard import Guard
 from llmos_cli.core.server.metrics import Metrics
-from llmos_cli.core.server.schema import ApiError, ChatBody, CompletionBody, EncodeBody, SamplingBody
+from llmos_cli.core.server.schema import (
+    SSE,
+    ApiError,
+    ChatBody,
+    ChatResponse,
+    ClassifyResponse,
+    CompletionBody,
+    CompletionResponse,
+    EmbeddingsResponse,
+    EncodeBody,
+    Health,
+    ModelList,
+    SamplingBody,
+    errors,
+    pin_openapi,
+)
 from llmos_cli.core.server.stream import complete, finish_reason, stream_events, usage_of, wants_usage
+
+GENERATE_ERRORS = errors(400, 401, 413, 500, 503)
+ENCODE_ERRORS = errors(400, 401, 413)
 
 
 def create_app(
@@ -28,13 +52,18 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
+    max_header_bytes: int = 16 << 10,
+    body_timeout_s: float = 30.0,
     default_max_tokens: int = 256,
     retry_after_s: int = 1,
     drain_timeout_s: float = 30.0,
 ) -> FastAPI:
-    """The FastAPI app. An Engine serves completions and chat; an EncoderRunner serves embeddings or classify."""
+    """The FastAPI app. An Engine serves completions and chat; an EncoderRunner serves embeddings or classify.
+    `app.state.engine` is the Engine (or None), for whoever runs the server."""
     engine = backend if isinstance(backend, Engine) else None
     encoder = backend if isinstance(backend, EncoderRunner) else None
+    window = engine.runner.context_window if engine is not None else None
+    vocab = engine.runner.model.config.get_text_config().vocab_size if engine is not None else None
     metrics = Metrics()
     encoder_lock = asyncio.Lock()
     created = int(time.time())
@@ -49,11 +78,33 @@ def create_app(
             await run_in_threadpool(engine.stop, drain_timeout_s)
 
     app = FastAPI(title="llmos", lifespan=lifespan)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.state.engine = engine
+    app.add_middleware(
+        Guard,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        max_header_bytes=max_header_bytes,
+        body_timeout_s=body_timeout_s,
+        metrics=metrics,
+    )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = pin_openapi(FastAPI.openapi(app), model_name, window, vocab)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
         return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(
+        request: Request, err: HTTPException
+    ) -> JSONResponse:  # 404, 405, an unreadable body
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return ApiError(err.status_code, str(err.detail), code=code, headers=err.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -74,18 +125,18 @@ def create_app(
         )
         return ApiError(400, message, param=param, code="invalid_parameter").response()
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
         if engine is not None and not engine.healthy:
             reason = f"model failed: {engine.error}" if engine.error else "engine is not running"
             return JSONResponse({"status": "error", "detail": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors(401))
     async def metrics_route() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=errors(401))
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
@@ -111,7 +162,7 @@ def create_app(
         return engine
 
     def sampling(body: SamplingBody, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-        window = need_engine().runner.context_window
+        need_engine()
         if window is not None and prompt_len >= window:
             raise ApiError(
                 400,
@@ -131,15 +182,26 @@ def create_app(
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        bias = body.bias()
+        outside = [t for t, _ in bias if t >= vocab]
+        if outside:
+            raise ApiError(
+                400,
+                f"logit_bias names token {outside[0]}; this model's vocabulary has {vocab} tokens",
+                param="logit_bias",
+                code="invalid_logit_bias",
+            )
         params = SamplingParams(
             max_new_tokens=max_tokens,
             temperature=body.temperature,
             top_k=body.top_k,
             top_p=body.top_p,
             repetition_penalty=body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=bias,
             seed=body.seed,
-            stop=stop,
+            stop=body.stops(),
         )
         try:
             params.check()
@@ -147,15 +209,17 @@ def create_app(
             raise ApiError(400, str(err)) from err
         return params
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={**SSE, **GENERATE_ERRORS},
+        include_in_schema=engine is not None,
+    )
     async def completions(body: CompletionBody, request: Request) -> Response:
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise ApiError(400, "prompt must not be empty", param="prompt")
         eng = need_engine()
-        ids = [eng.runner.encode(p) for p in prompts]
-        params = [sampling(body, len(x), body.max_tokens or 16) for x in ids]
+        ids = [eng.runner.encode(p) for p in body.prompts()]
+        params = [sampling(body, len(x), body.max_tokens or 16).for_row(i) for i, x in enumerate(ids)]
         rid = f"cmpl-{uuid.uuid4().hex}"
 
         def chunk(text: str, finish: str | None, index: int = 0) -> dict[str, Any]:
@@ -168,21 +232,17 @@ def create_app(
             }
 
         if body.stream:
-            if len(ids) != 1:
-                raise ApiError(400, "stream: true takes a single prompt", param="prompt")
             return stream_events(
                 eng,
-                ids[0],
-                params[0],
+                ids,
+                params,
                 retry_after_s,
                 usage=wants_usage(body),
                 first=None,
-                delta=lambda t: chunk(t, None),
-                last=lambda c: chunk("", finish_reason(c)),
+                delta=lambda i, t: chunk(t, None, i),
+                last=lambda i, c: chunk("", finish_reason(c), i),
             )
-        results = await asyncio.gather(
-            *(complete(eng, x, p, request, retry_after_s) for x, p in zip(ids, params, strict=True))
-        )
+        results = await complete(eng, ids, params, request, retry_after_s)
         out = chunk("", None)
         out["choices"] = [
             {"index": i, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c)}
@@ -191,14 +251,21 @@ def create_app(
         out["usage"] = usage_of(results)
         return JSONResponse(out)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatResponse,
+        responses={**SSE, **GENERATE_ERRORS},
+        include_in_schema=engine is not None,
+    )
     async def chat(body: ChatBody, request: Request) -> Response:
         check_model(body.model)
         eng = need_engine()
         try:
             ids = eng.runner.encode_chat([m.text() for m in body.messages])
-        except ValueError as err:
-            raise ApiError(400, str(err), param="messages") from err
+        except Exception as err:  # noqa: BLE001 - no template, or one that refuses these messages
+            raise ApiError(
+                400, f"the chat template cannot render these messages: {err}", param="messages"
+            ) from err
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -214,15 +281,15 @@ def create_app(
         if body.stream:
             return stream_events(
                 eng,
-                ids,
-                params,
+                [ids],
+                [params],
                 retry_after_s,
                 usage=wants_usage(body),
                 first=chunk({"role": "assistant", "content": ""}, None),
-                delta=lambda t: chunk({"content": t}, None),
-                last=lambda c: chunk({}, finish_reason(c)),
+                delta=lambda _, t: chunk({"content": t}, None),
+                last=lambda _, c: chunk({}, finish_reason(c)),
             )
-        c = await complete(eng, ids, params, request, retry_after_s)
+        (c,) = await complete(eng, [ids], [params], request, retry_after_s)
         return JSONResponse(
             {
                 "id": rid,
@@ -243,17 +310,22 @@ def create_app(
 
     async def run_encoder(body: EncodeBody, fn: Callable[[list[str]], Any]) -> tuple[list[str], Any]:
         check_model(body.model)
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise ApiError(400, "input must not be empty", param="input")
+        texts = body.texts()
         async with encoder_lock:
             return texts, await run_in_threadpool(fn, texts)
 
-    @app.post("/v1/embeddings")
+    @app.post(
+        "/v1/embeddings",
+        response_model=EmbeddingsResponse,
+        responses=ENCODE_ERRORS,
+        include_in_schema=encoder is not None and not encoder.is_classifier,
+    )
     async def embeddings(body: EncodeBody) -> dict[str, Any]:
         if encoder is None or encoder.is_classifier:
             raise ApiError(400, f"'{model_name}' does not serve embeddings", code="unsupported_endpoint")
         texts, vectors = await run_encoder(body, encoder.embed)
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
         n = encoder.count_tokens(texts)
         return {
             "object": "list",
@@ -262,7 +334,12 @@ def create_app(
             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
         }
 
-    @app.post("/v1/classify")
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses=ENCODE_ERRORS,
+        include_in_schema=encoder is not None and encoder.is_classifier,
+    )
     async def classify(body: EncodeBody) -> dict[str, Any]:
         if encoder is None or not encoder.is_classifier:
             raise ApiError(400, f"'{model_name}' is not a classifier", code="unsupported_endpoint")

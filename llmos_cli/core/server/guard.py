@@ -1,7 +1,8 @@
-"""ASGI middleware in front of the app: API key, body size cap and per-route metrics."""
+"""ASGI middleware in front of the app: API key, body size cap, body read deadline and per-route metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -12,10 +13,22 @@ from llmos_cli.core.server.schema import error_bytes
 
 
 class Guard:
-    """Check the API key (constant time, every route but /health) and the body size (413) before the app runs."""
+    """Before the app runs: cap the headers (431), check the API key (constant time, every route but /health),
+    then read the body, capped (413) and within `body_timeout_s` (408: a client that never finishes its body
+    holds nothing)."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        max_header_bytes: int,
+        body_timeout_s: float,
+        metrics: Metrics,
+    ):
         self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+        self.max_header_bytes, self.body_timeout_s = max_header_bytes, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,6 +44,15 @@ class Guard:
             await send(message)
 
         try:
+            if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.max_header_bytes:
+                await self._reject(
+                    send_recording,
+                    431,
+                    f"the request headers are over {self.max_header_bytes} bytes",
+                    "invalid_request_error",
+                    "headers_too_large",
+                )
+                return
             if path != "/health" and self.api_key is not None and not self._authorized(scope):
                 await self._reject(
                     send_recording,
@@ -42,8 +64,18 @@ class Guard:
                 return
             length = dict(scope["headers"]).get(b"content-length")
             too_large = length is not None and (not length.isdigit() or int(length) > self.max_body_bytes)
-            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):  # no length: read, capped
-                body = await self._read_capped(receive)
+            if not too_large and scope["method"] in ("POST", "PUT", "PATCH"):
+                try:
+                    body = await asyncio.wait_for(self._read_capped(receive), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    await self._reject(
+                        send_recording,
+                        408,
+                        f"the request body did not arrive within {self.body_timeout_s:g} s",
+                        "invalid_request_error",
+                        "request_timeout",
+                    )
+                    return
                 too_large = body is None
                 if body is not None:
                     receive = _replay(body, receive)
@@ -69,6 +101,8 @@ class Guard:
         chunks, size = [], 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)  # the app sees a short body, then the disconnect
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
@@ -87,6 +121,7 @@ class Guard:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *([(b"connection", b"close")] if status in (408, 413, 431) else []),
                 ],
             }
         )

@@ -60,6 +60,10 @@ class Metrics:
                 f"llmos_running_requests {engine.running}",
                 "# TYPE llmos_cancelled_requests_total counter",
                 f"llmos_cancelled_requests_total {st.requests_cancelled}",
+                "# TYPE llmos_failed_requests_total counter",
+                f"llmos_failed_requests_total {st.requests_failed}",
+                "# TYPE llmos_engine_restarts_total counter",
+                f"llmos_engine_restarts_total {st.restarts}",
                 *self.ttft.lines("llmos_time_to_first_token_seconds"),
             ]
         lines += self.latency.lines("llmos_request_latency_seconds")

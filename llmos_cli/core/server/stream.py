@@ -1,4 +1,7 @@
-"""Between the asyncio app and the Engine's worker thread: submit, await or stream a result, cancel."""
+"""Between the asyncio app and the Engine's worker thread: submit, await or stream results, cancel.
+
+One HTTP request may carry several prompts: each is its own engine request, and they succeed or fail together
+(a failure cancels the others, so no slot works for a response nobody will get)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from llmos_cli.core.batching import Engine, EngineUnavailable, QueueFull
-from llmos_cli.core.infer import Completion, SamplingParams
+from llmos_cli.core.batching import Engine, EngineRestarted, EngineUnavailable, QueueFull
+from llmos_cli.core.infer import Completion, SamplingParams, SequenceError
 from llmos_cli.core.server.schema import ApiError, SamplingBody
 
 
@@ -26,116 +29,142 @@ def usage_of(results: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen}
 
 
-def _submit(
-    engine: Engine,
-    ids: list[int],
-    params: SamplingParams,
-    events: asyncio.Queue,
-    stream: bool,
-    retry_after_s: int,
-) -> str:
-    loop = asyncio.get_running_loop()
-
-    def put(item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting for this result
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-    try:
-        return engine.submit(ids, params, on_delta=put if stream else None, on_finish=put)
-    except QueueFull as err:
-        raise ApiError(
-            503,
-            f"the server is busy ({err}); retry shortly",
-            type="server_error",
-            code="queue_full",
-            headers={"Retry-After": str(retry_after_s)},
-        ) from err
-    except EngineUnavailable as err:
-        raise ApiError(
-            503, str(err), type="server_error", code="unavailable", headers={"Retry-After": "5"}
-        ) from err
-    except ValueError as err:
-        raise ApiError(400, str(err)) from err
+def wants_usage(body: SamplingBody) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
-def _failed(err: BaseException) -> ApiError:
+def _unavailable(message: str, code: str, retry_after_s: int) -> ApiError:
+    return ApiError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+def failure(err: BaseException, retry_after_s: int) -> ApiError:
+    """The HTTP error for a request the engine could not complete."""
+    if isinstance(err, EngineRestarted):
+        return _unavailable(f"{err}; retry the request", "engine_restarted", retry_after_s)
+    if isinstance(err, EngineUnavailable):
+        return _unavailable(str(err), "unavailable", max(retry_after_s, 5))
+    if isinstance(err, SequenceError):
+        return ApiError(500, f"generation failed: {err}", type="server_error", code="generation_error")
     return ApiError(
         500, f"the model failed: {type(err).__name__}: {err}", type="server_error", code="model_error"
     )
 
 
-async def complete(
-    engine: Engine, ids: list[int], params: SamplingParams, request: Request, retry_after_s: int
-) -> Completion:
-    """Wait for a request's result; cancel it if the client goes away."""
+def _cancelled(retry_after_s: int) -> ApiError:
+    return _unavailable("the request was cancelled: the server is shutting down", "cancelled", retry_after_s)
+
+
+def _submit_all(
+    engine: Engine,
+    ids: list[list[int]],
+    params: list[SamplingParams],
+    *,
+    stream: bool,
+    retry_after_s: int,
+) -> tuple[list[str], asyncio.Queue]:
+    """Submit one engine request per prompt; events arrive on one queue as (prompt index, delta or result)."""
+    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    rid = _submit(engine, ids, params, events, stream=False, retry_after_s=retry_after_s)
+    rids: list[str] = []
+
+    def putter(index: int) -> Callable[[Any], None]:
+        def put(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting for this result
+                loop.call_soon_threadsafe(events.put_nowait, (index, item))
+
+        return put
+
     try:
-        while True:
+        for i, (x, p) in enumerate(zip(ids, params, strict=True)):
+            put = putter(i)
+            rids.append(engine.submit(x, p, on_delta=put if stream else None, on_finish=put))
+    except BaseException as err:
+        for rid in rids:
+            engine.cancel(rid)
+        if isinstance(err, QueueFull):
+            raise _unavailable(
+                f"the server is busy ({err}); retry shortly", "queue_full", retry_after_s
+            ) from err
+        if isinstance(err, EngineUnavailable):
+            raise failure(err, retry_after_s) from err
+        if isinstance(err, ValueError):
+            raise ApiError(400, str(err)) from err
+        raise
+    return rids, events
+
+
+async def complete(
+    engine: Engine,
+    ids: list[list[int]],
+    params: list[SamplingParams],
+    request: Request,
+    retry_after_s: int,
+) -> list[Completion]:
+    """Every prompt's completion; all are cancelled if one fails or the client goes away."""
+    rids, events = _submit_all(engine, ids, params, stream=False, retry_after_s=retry_after_s)
+    results: dict[int, Completion] = {}
+    try:
+        while len(results) < len(rids):
             try:
-                result = await asyncio.wait_for(events.get(), timeout=0.5)
-                break
+                index, item = await asyncio.wait_for(events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    engine.cancel(rid)
                     raise ApiError(499, "client disconnected", code="client_closed") from None
-    except asyncio.CancelledError:
-        engine.cancel(rid)
-        raise
-    if isinstance(result, BaseException):
-        raise _failed(result)
-    if result.finish_reason == "cancelled":
-        raise ApiError(
-            503,
-            "the request was cancelled: the server is shutting down",
-            type="server_error",
-            code="cancelled",
-        )
-    return result
-
-
-def wants_usage(body: SamplingBody) -> bool:
-    return body.stream_options is not None and body.stream_options.include_usage
+                continue
+            if isinstance(item, BaseException):
+                raise failure(item, retry_after_s)
+            if item.finish_reason == "cancelled":
+                raise _cancelled(retry_after_s)
+            results[index] = item
+    finally:
+        for rid in rids:
+            engine.cancel(rid)  # a no-op for finished requests
+    return [results[i] for i in range(len(rids))]
 
 
 def stream_events(
     engine: Engine,
-    ids: list[int],
-    params: SamplingParams,
+    ids: list[list[int]],
+    params: list[SamplingParams],
     retry_after_s: int,
     *,
     usage: bool,
     first: dict | None,
-    delta: Callable[[str], dict],
-    last: Callable[[Completion], dict],
+    delta: Callable[[int, str], dict],
+    last: Callable[[int, Completion], dict],
 ) -> StreamingResponse:
-    """Server-sent events: a chunk per text delta, a final chunk with finish_reason, (usage), then [DONE]."""
-    events: asyncio.Queue = asyncio.Queue()
-    rid = _submit(engine, ids, params, events, stream=True, retry_after_s=retry_after_s)
+    """Server-sent events: a chunk per text delta, a final chunk per prompt with its finish_reason, (usage),
+    then [DONE]. A failure sends an error event, then [DONE]."""
+    rids, events = _submit_all(engine, ids, params, stream=True, retry_after_s=retry_after_s)
 
     async def gen() -> AsyncIterator[str]:
+        done: dict[int, Completion] = {}
         try:
             if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
-            while True:
-                item = await events.get()
+                yield _event(first)
+            while len(done) < len(rids):
+                index, item = await events.get()
                 if isinstance(item, str):
-                    yield f"data: {json.dumps(delta(item))}\n\n"
+                    yield _event(delta(index, item))
                     continue
-                if isinstance(item, BaseException):
-                    err = _failed(item)
-                    payload = {
-                        "error": {"message": err.message, "type": err.type, "param": None, "code": err.code}
-                    }
-                    yield f"data: {json.dumps(payload)}\n\n"
-                else:
-                    final = last(item)
-                    yield f"data: {json.dumps(final)}\n\n"
-                    if usage:
-                        yield f"data: {json.dumps({**final, 'choices': [], 'usage': usage_of([item])})}\n\n"
-                yield "data: [DONE]\n\n"
-                return
+                if isinstance(item, BaseException) or item.finish_reason == "cancelled":
+                    err = failure(item, retry_after_s) if isinstance(item, BaseException) else None
+                    yield _event((err or _cancelled(retry_after_s)).body())
+                    break
+                done[index] = item
+                yield _event(last(index, item))
+            else:
+                if usage:
+                    final = last(0, done[0])
+                    results = [done[i] for i in range(len(rids))]
+                    yield _event({**final, "choices": [], "usage": usage_of(results)})
+            yield "data: [DONE]\n\n"
         finally:
-            engine.cancel(rid)  # a no-op once finished; frees the slot when the client disconnects
+            for rid in rids:
+                engine.cancel(rid)  # a no-op once finished; frees the slots when the client disconnects
 
     return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
