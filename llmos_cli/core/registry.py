@@ -371,11 +371,32 @@ def registered_path(ref: str) -> Path | None:
     registry names; None when `ref` is an existing path, is not registered, or the registry is unusable."""
     if Path(ref).expanduser().exists():
         return None
+    entry = lookup(ref)
+    return Path(entry.path) if entry else None
+
+
+def lookup(ref: str) -> ModelEntry | None:
+    """The entry `ref` names (a name, a pulled hub id or a registered path); None when there is none or
+    the registry is unusable. A lookup never creates the library."""
     registry = Registry()
-    if not registry.db_path.exists():  # nothing registered yet: a lookup does not create the library
+    if not registry.db_path.exists():
         return None
     try:
-        entry = registry.find(ref)
+        return registry.find(ref)
     except (OSError, sqlite3.Error, UserError):
         return None
-    return Path(entry.path) if entry else None
+
+
+def public_name(path: str | Path) -> str | None:
+    """How others can name the model at `path`: its Hugging Face Hub id (a pulled model, or a snapshot in
+    the hub cache: `.../models--OWNER--NAME/snapshots/REV`), else its registered name; None if neither."""
+    parts = Path(path).parts
+    for folder, below in zip(parts, parts[1:], strict=False):
+        if folder.startswith("models--") and below == "snapshots":
+            return folder.removeprefix("models--").replace("--", "/")
+    entry = lookup(str(path))
+    if entry is None:
+        return None
+    if entry.source and entry.source.startswith("hf://"):
+        return entry.source.removeprefix("hf://")
+    return entry.name
