@@ -220,6 +220,10 @@ def test_early_stopping_stops_and_final_keeps_the_best_weights(tmp_path: Path, b
     last = load_file(str(run / "checkpoints" / "step-6" / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(final[name], best[name]) and not torch.equal(final[name], last[name])
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    at2 = {r.get("split", "train"): r for r in rows if r["step"] == 2}
+    assert summary["validation"]["loss"] == at2["validation"]["loss"]  # the kept weights' numbers
+    assert summary["train_loss"] == pytest.approx(at2["train"]["loss"], abs=1e-6)
 
     again = finetune.run(recipe)  # resuming a stopped run does not train on
     assert again["steps"] == 6 and again["stopped_early"]

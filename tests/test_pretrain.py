@@ -97,3 +97,27 @@ def test_a_finished_run_reports_its_result_and_refuses_other_settings(
     said = " ".join(res.stderr.split())
     assert res.code == 2 and "already finished at step 10 with other settings" in said
     assert "train.lr: 0.003 -> 0.001" in said and "train.resume=never" in said
+
+
+def test_keep_best_reports_the_kept_weights_metrics(tiny_recipe: Path, tmp_path: Path, run_cli) -> None:
+    # mode=max on the loss: every evaluation after the first is "worse", so patience 1 at eval_every 5
+    # stops at step 10 and keep_best brings back the step-5 weights: the result must describe those.
+    sets = ["train.eval_every=5", "train.keep_best=true"]
+    sets += ["train.early_stopping={metric: loss, mode: max, patience: 1}"]
+    res = run_cli("--json", "pretrain", tiny_recipe, *(a for s in sets for a in ("--set", s)))
+    assert res.code == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["stopped_early"] is True and summary["steps"] == 10
+    assert summary["best"] == {
+        "metric": "loss",
+        "value": pytest.approx(summary["validation"]["loss"]),
+        "step": 5,
+    }
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    at5 = {r.get("split", "train"): r for r in rows if r["step"] == 5}
+    assert summary["validation"]["loss"] == at5["validation"]["loss"]
+    assert summary["train_loss"] == pytest.approx(at5["train"]["loss"], abs=1e-6)
+    listed = json.loads(run_cli("--json", "models", "list").stdout)
+    (entry,) = [e for e in listed if e["name"] == "tiny"]
+    assert entry["metrics"]["validation_loss"] == at5["validation"]["loss"]
+    assert entry["metrics"]["train_loss"] == pytest.approx(at5["train"]["loss"], abs=1e-6)

@@ -80,6 +80,11 @@ def trained_model_path(recipe: Recipe) -> str:
     )
 
 
+def best_row(best: dict[str, Any]) -> tuple[str, str]:
+    """The summary table's row for the watched metric's best value (train.early_stopping / keep_best)."""
+    return f"best {best['metric']}", f"{best['value']:.6g} at step {best['step']}"
+
+
 def register_trained(
     run: RunDir, recipe: Recipe, *, parent: str | None, data_fingerprint: str, result: Any
 ) -> None:

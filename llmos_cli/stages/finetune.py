@@ -21,7 +21,14 @@ from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages.checks import check_finetune
-from llmos_cli.stages.common import config_hash, device_and_precision, open_run, register_trained, save_final
+from llmos_cli.stages.common import (
+    best_row,
+    config_hash,
+    device_and_precision,
+    open_run,
+    register_trained,
+    save_final,
+)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -104,9 +111,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     rows = [(k, v) for k, v in summary.items() if k not in ("validation", "data", "best")]
     rows += [(f"validation {k}", v) for k, v in (result.validation or {}).items()]
     if result.best:
-        rows.append(
-            (f"best {result.best['metric']}", f"{result.best['value']:.6g} at step {result.best['step']}")
-        )
+        rows.append(best_row(result.best))
     out.table("finetune", ["what", "value"], rows)
     return summary
 
