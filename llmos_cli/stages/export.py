@@ -276,7 +276,7 @@ def _check_target(target: Path) -> None:
     """The export target must be (or become) a folder in a writable place."""
     if target.exists() and not target.is_dir():
         raise UserError(f"--out: {target} is a file, not a folder", hint="choose another path")
-    ensure_dir(target.parent, "--out")
+    ensure_dir(target.parent, f"--out {target}")
 
 
 @contextmanager
