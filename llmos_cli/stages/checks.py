@@ -13,10 +13,16 @@ def check_data(recipe: Recipe) -> None:
 
 
 def check_train(recipe: Recipe) -> None:
-    """What every training stage needs before it writes recipe.yaml: its trackers installed."""
+    """What every training stage needs before it writes recipe.yaml: its trackers installed, and its
+    run.name free in the model library (or already this run directory's)."""
+    from llmos_cli.core.registry import check_name_free
     from llmos_cli.core.tracking import check_trackers
 
     check_trackers(recipe.train.log_to)
+    try:
+        check_name_free(recipe.run.name, recipe.output_dir / "final")
+    except UserError as err:
+        raise UserError(f"{recipe.source}: {err.message}", hint=err.hint) from None
 
 
 def check_pretrain(recipe: Recipe) -> None:

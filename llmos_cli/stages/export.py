@@ -132,6 +132,7 @@ def run(
             kind="export",
             parent=str(model_dir),
             metrics={"max_abs_diff": result.max_abs_diff} if verify else None,
+            suffix_clash=True,  # llmos names exports itself: another export of this model gets name-2
         )
 
     console.table(
