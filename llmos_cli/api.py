@@ -38,6 +38,9 @@ class LLMOS:
     """Entry point: load models and run recipe stages, as the CLI does."""
 
     def __init__(self, home: str | Path | None = None):
+        from llmos_cli.core.noise import quiet_known_noise
+
+        quiet_known_noise()
         if home is not None:
             import os
 

@@ -89,6 +89,9 @@ def main_options(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from llmos_cli.core.noise import quiet_known_noise
+
+    quiet_known_noise()
     configure(json_mode=json_output, quiet=quiet)
 
 
