@@ -97,7 +97,12 @@ def run(
     )
     reference = check.torch_logits(model_obj, prompts) if verify else []
     source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
-    provenance = read_provenance(model, model_dir, adapter_base(model_dir) if adapter else None)
+    provenance = read_provenance(
+        model,
+        model_dir,
+        adapter_base(model_dir) if adapter else None,
+        getattr(tokenizer, "chat_template", None),
+    )
 
     keep_adapter = adapter and not merge_lora
     if keep_adapter and formats != ["hf"]:

@@ -79,7 +79,7 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
 
     info: dict[str, Any] = {"format": d.format, "task": recipe.task}
     if d.format == "chat":
-        set_chat_template(tokenizer, d.chat_template)
+        info["chat_template"] = set_chat_template(tokenizer, d.chat_template)
     if d.format == "classification":
         names = label_names(train_rows, d)
         info["label_names"] = names
@@ -201,12 +201,22 @@ def instruction_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encod
 # ---------------------------------------------------------------- chat
 
 
-def set_chat_template(tokenizer: Any, template: str | None) -> None:
-    """The recipe's template wins, then the tokenizer's own, then a plain default; saved with final/."""
+def set_chat_template(tokenizer: Any, template: str | None) -> str:
+    """The recipe's template wins, then the tokenizer's own, then llmos's default (said on stderr);
+    saved with final/. Returns which: data.chat_template, tokenizer or llmos default."""
     if template:
         tokenizer.chat_template = template
-    elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        return "data.chat_template"
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    from llmos_cli.console import out
+
+    out.warn(
+        "data.chat_template: the tokenizer has no chat template: using llmos's default "
+        "(<|role|> turns closed by EOS), saved with the model; set data.chat_template to choose another"
+    )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return "llmos default"
 
 
 def messages_of(row: Row, field: str) -> list[dict[str, str]]:

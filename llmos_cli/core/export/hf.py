@@ -25,9 +25,24 @@ class Provenance:
     data_fingerprint: str | None = None
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     eval_data: str | None = None
+    chat_template: str | None = None  # the one the tokenizer carries (chat fine-tunes save theirs)
 
 
-def read_provenance(model: str | Path, model_dir: Path, base_model: str | None) -> Provenance:
+def chat_template_name(template: str) -> str:
+    """The chat template's name for the card: one llmos ships, or the model's own."""
+    from llmos_cli.core.data.formats import DEFAULT_CHAT_TEMPLATE
+    from llmos_cli.core.data.tokenizer import CHAT_TEMPLATE
+
+    if template == DEFAULT_CHAT_TEMPLATE:
+        return "llmos's default chat template (the tokenizer had none)"
+    if template == CHAT_TEMPLATE:
+        return "llmos's ChatML template (of a tokenizer llmos trained)"
+    return "the tokenizer's own (or the recipe's data.chat_template)"
+
+
+def read_provenance(
+    model: str | Path, model_dir: Path, base_model: str | None, chat_template: str | None = None
+) -> Provenance:
     """Recipe and eval metrics of a run dir (MODEL itself or the parent of its final/); the data
     fingerprint and base model from the model's registry record, written when it was trained (the
     data in the recipe's data.output may have been rebuilt since). `base_model`: an adapter's base.
@@ -44,6 +59,7 @@ def read_provenance(model: str | Path, model_dir: Path, base_model: str | None) 
         adapter=adapter,
         base_model_id=public_name(base_model) if base_model else None,
         data_fingerprint=record.data_fingerprint if record else None,
+        chat_template=chat_template if isinstance(chat_template, str) else None,
     )
     given = Path(model).expanduser()
     run_dir = next((d for d in (given, model_dir.parent) if (d / "recipe.yaml").is_file()), None)
@@ -94,6 +110,9 @@ def model_card(prov: Provenance, task: str, verification: dict[str, Any] | None,
         named = f"`{prov.base_model_id}` at " if prov.base_model_id else ""
         lines += [f"Base model: {named}`{prov.base_model}` ({how}).", ""]
     lines += ["## Data", "", f"Data fingerprint: `{prov.data_fingerprint or 'not recorded'}`", ""]
+    if prov.chat_template:
+        lines += ["## Chat template", "", f"{chat_template_name(prov.chat_template)}:", ""]
+        lines += ["```jinja", prov.chat_template.strip(), "```", ""]
     lines += ["## Evaluation", ""]
     if prov.eval_metrics:
         lines += [f"On `{prov.eval_data}`:" if prov.eval_data else "", "", "| metric | value |", "|---|---|"]
