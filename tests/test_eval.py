@@ -89,6 +89,19 @@ def test_multiple_choice_eval_writes_predictions(trained: Path, tmp_path: Path, 
     assert [p["answer"] for p in preds] == [0, 0] and all(len(p["loglikelihoods"]) == 2 for p in preds)
 
 
+def test_multiple_choice_target_delimiter_is_a_recipe_key(trained: Path, tmp_path: Path, run_cli) -> None:
+    items = tmp_path / "mc.jsonl"
+    items.write_text(
+        json.dumps({"question": "the cat sat on the", "choices": [" mat.", " zebra"], "answer": 0})
+    )
+    sets = ["--set", "eval.task=multiple_choice", "--set", f"eval.data={items}"]
+    res = run_cli("eval", trained, *sets)
+    assert res.code == 2 and f"{items}:1: choice ' mat.' starts with whitespace" in res.stderr
+    res = run_cli("--json", "eval", trained, *sets, "--set", "eval.target_delimiter=''")
+    assert res.code == 0, res.stderr
+    assert json.loads(res.stdout)["n_examples"] == 1
+
+
 def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
     for name, loss in (("a", 2.0), ("b", 1.5)):
         (tmp_path / name).mkdir()

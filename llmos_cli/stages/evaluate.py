@@ -122,11 +122,17 @@ def _multiple_choice(recipe: Recipe, model_path: Path) -> tuple[dict[str, Any], 
 
     if not recipe.eval.data:
         raise UserError(f"{recipe.source}: eval.data: multiple_choice needs a JSONL file of items")
-    items = load_choice_items(recipe.eval.data)[: recipe.eval.max_examples]
+    items = load_choice_items(recipe.eval.data, recipe.eval.target_delimiter)[: recipe.eval.max_examples]
     tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
     model = _load(recipe, model_path, "causal-lm")
     device, _ = device_and_precision(recipe)
-    scored = score_choices(model.to(device), tokenizer, items, batch_size=recipe.eval.batch_size)
+    scored = score_choices(
+        model.to(device),
+        tokenizer,
+        items,
+        batch_size=recipe.eval.batch_size,
+        target_delimiter=recipe.eval.target_delimiter,
+    )
     return scored["metrics"], {
         "data": recipe.eval.data,
         "n_examples": len(items),
