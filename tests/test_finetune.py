@@ -245,6 +245,7 @@ def test_early_stopping_stops_and_final_keeps_the_best_weights(tmp_path: Path, b
     at2 = {r.get("split", "train"): r for r in rows if r["step"] == 2}
     assert summary["validation"]["loss"] == at2["validation"]["loss"]  # the kept weights' numbers
     assert summary["train_loss"] == pytest.approx(at2["train"]["loss"], abs=1e-6)
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"  # finetune runs plot their curves too
 
     again = finetune.run(recipe)  # resuming a stopped run does not train on
     assert again["steps"] == 6 and again["stopped_early"]

@@ -35,6 +35,8 @@ def test_tiny_pretrain_loss_falls_and_run_dir_is_complete(tiny_recipe: Path, tmp
     assert summary["steps"] == 30 and summary["validation"]["loss"] == val_rows[-1]["loss"]
 
     assert load_recipe(run / "recipe.yaml").train.max_steps == 30  # the resolved recipe, re-loadable
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the curves, at the end
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".loss.png")]  # no temp file left
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == [
         "step-20",
         "step-30",
@@ -59,8 +61,8 @@ def test_tiny_pretrain_loss_falls_and_run_dir_is_complete(tiny_recipe: Path, tmp
 
 def test_resume_continues_the_same_loss_curve(tiny_recipe: Path, tmp_path: Path) -> None:
     """A run stopped after step 20 and resumed equals an uninterrupted run, step for step."""
-    full = pretrain.run(load_recipe(tiny_recipe, [f"run.output_dir={tmp_path / 'full'}"]))
-    part = [f"run.output_dir={tmp_path / 'part'}"]
+    full = pretrain.run(load_recipe(tiny_recipe, [f"run.output_dir={tmp_path / 'full'}", "run.name=full"]))
+    part = [f"run.output_dir={tmp_path / 'part'}", "run.name=part"]
     pretrain.run(load_recipe(tiny_recipe, [*part, "train.max_steps=30"]))
     # Simulate a crash after step 20: drop the last checkpoint and everything logged after it.
     import shutil

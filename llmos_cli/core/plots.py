@@ -73,3 +73,21 @@ def save_histogram_png(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     return _save_atomically(fig, path)
+
+
+def save_loss_curves_png(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "loss") -> Path:
+    """Training and validation loss against the step, from metrics.jsonl rows (validation rows carry
+    `"split": "validation"`)."""
+    fig, ax = _figure()
+    for split, style in (("train", "-"), ("validation", "o-")):
+        points = [(r["step"], r["loss"]) for r in rows if r.get("split", "train") == split and "loss" in r]
+        if points:
+            steps, losses = zip(*points, strict=True)
+            ax.plot(steps, losses, style, label=split, markersize=4)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return _save_atomically(fig, path)

@@ -26,6 +26,7 @@ from llmos_cli.stages.common import (
     config_hash,
     device_and_precision,
     open_run,
+    plot_losses,
     register_trained,
     save_final,
 )
@@ -88,6 +89,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
     result = train(job)
     saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base)
+    plot_losses(run_dir, f"{recipe.run.name}: loss")
     register_trained(run_dir, recipe, parent=str(base), data_fingerprint=info["fingerprint"], result=result)
     summary = {
         "run_dir": str(run_dir.path),

@@ -20,6 +20,7 @@ from llmos_cli.stages.common import (
     config_hash,
     device_and_precision,
     open_run,
+    plot_losses,
     register_trained,
     save_final,
 )
@@ -67,6 +68,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
     result = train(job)
     save_final(run_dir, model, tokenizer)
+    plot_losses(run_dir, f"{recipe.run.name}: loss")
     register_trained(run_dir, recipe, parent=None, data_fingerprint=prepared.fingerprint, result=result)
     summary = {
         "run_dir": str(run_dir.path),
