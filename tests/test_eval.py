@@ -111,9 +111,32 @@ def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
     res = run_cli("--json", "eval", "--compare", tmp_path / "a", tmp_path / "b")
     assert res.code == 0, res.stderr
     rows = {r["metric"]: r for r in json.loads(res.stdout)["metrics"]}
-    assert rows["loss"]["delta"] == pytest.approx(-0.5)
+    assert rows["loss"]["values"] == [2.0, 1.5] and rows["loss"]["deltas"] == [pytest.approx(-0.5)]
     missing = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "nope")
     assert missing.code == 2 and "no eval.json" in missing.stderr
+
+
+def test_compare_three_runs_deltas_against_the_first_and_a_plot(tmp_path: Path, run_cli) -> None:
+    metrics = {"a": {"loss": 2.0, "accuracy": 0.5}, "b": {"loss": 1.5}, "c": {"loss": 1.0, "accuracy": 0.75}}
+    for name, values in metrics.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"metrics": values}))
+    runs = [tmp_path / n for n in metrics]
+    plot = tmp_path / "cmp.png"
+    res = run_cli("--json", "eval", "--compare", *runs, "--plot", plot)
+    assert res.code == 0, res.stderr
+    result = json.loads(res.stdout)
+    rows = {r["metric"]: r for r in result["metrics"]}
+    assert rows["loss"]["deltas"] == [pytest.approx(-0.5), pytest.approx(-1.0)]
+    assert rows["accuracy"]["values"] == [0.5, None, 0.75]
+    assert rows["accuracy"]["deltas"] == [None, pytest.approx(0.25)]
+    assert result["plot"] == str(plot) and plot.read_bytes()[:4] == b"\x89PNG"
+
+    table = run_cli("eval", "--compare", *runs, "--plot", plot).stderr
+    accuracy = next(line for line in table.splitlines() if line.startswith("accuracy"))
+    assert accuracy.split() == ["accuracy", "0.5", "-", "-", "0.75", "+0.25"]  # "-", never "None"
+    assert "None" not in table
+    assert run_cli("eval", "--compare", runs[0]).code == 2  # one run compares with nothing
 
 
 def test_dataset_loss_shards_add_up_to_the_whole() -> None:
