@@ -337,3 +337,19 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(
     res = run_cli(verb, tiny_recipe, *sets, *(["--dry-run"] if dry_run else []))
     assert res.code == 2 and res.stderr.startswith("error: train.log_to: mlflow is not installed\n")
     assert not (tmp_path / "run").exists()  # no recipe.yaml: nothing was written
+
+
+def test_the_causal_bert_the_hint_gives_is_causal() -> None:
+    """What `model.config.is_decoder=true` builds: a token's logits do not depend on later tokens."""
+    import torch
+
+    from llmos_cli.core.models import build_model
+
+    config = {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64}
+    torch.manual_seed(0)
+    model = build_model("bert", {**config, "is_decoder": True}, 100, {}).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 100
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits[0, :-1], model(changed).logits[0, :-1], atol=1e-5)
