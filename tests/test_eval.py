@@ -102,7 +102,8 @@ def test_multiple_choice_target_delimiter_is_a_recipe_key(trained: Path, tmp_pat
     assert json.loads(res.stdout)["n_examples"] == 1
 
 
-def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
+def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the chart goes to ./eval-compare.png by default
     for name, loss in (("a", 2.0), ("b", 1.5)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(
@@ -112,6 +113,7 @@ def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
     assert res.code == 0, res.stderr
     rows = {r["metric"]: r for r in json.loads(res.stdout)["metrics"]}
     assert rows["loss"]["values"] == [2.0, 1.5] and rows["loss"]["deltas"] == [pytest.approx(-0.5)]
+    assert (tmp_path / "eval-compare.png").is_file()
     missing = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "nope")
     assert missing.code == 2 and "no eval.json" in missing.stderr
 

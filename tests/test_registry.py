@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -79,6 +80,9 @@ def test_a_run_name_another_model_holds_is_refused_not_suffixed(tmp_path: Path) 
     with pytest.raises(UserError, match=r"run.name: 'run' is already registered for another model") as err:
         reg.register_run(model_dir(tmp_path, "r1"), name="run")
     assert "--set run.name=" in err.value.hint
+    assert [e.name for e in reg.list()] == ["run"]
+    shutil.rmtree(tmp_path / "r0")  # a run folder deleted since: its entry gives the name up
+    assert reg.register_run(tmp_path / "r1", name="run").path == str((tmp_path / "r1").resolve())
     assert [e.name for e in reg.list()] == ["run"]
 
 

@@ -227,13 +227,16 @@ class Registry:
         suffix_clash: bool = False,
     ) -> ModelEntry:
         """Add or update the entry for `path` under `name` (a re-run replaces its own entry, under the
-        name it asks for now). A `name` that belongs to another path is refused, or with `suffix_clash`
-        (names llmos derives itself, such as an export's) becomes `name-2`, `name-3`, ..."""
+        name it asks for now). A `name` that belongs to another existing path is refused, or with
+        `suffix_clash` (names llmos derives itself, such as an export's) becomes `name-2`, `name-3`, ...;
+        the entry of a folder that no longer exists gives its name up."""
         _check_kind(kind)
         entry = self._entry(path, name, kind, parent, recipe_hash, data_fingerprint, metrics, source)
         with self._connect() as conn, _transaction(conn):
             holder = _select(conn, "name", entry.name)
-            if holder is not None and holder.path != entry.path:
+            if holder is not None and holder.path != entry.path and not Path(holder.path).exists():
+                conn.execute("DELETE FROM models WHERE name = ?", (holder.name,))  # its folder is gone
+            elif holder is not None and holder.path != entry.path:
                 if not suffix_clash:
                     raise name_taken(entry.name, holder)
                 entry.name = _free_name(conn, entry.name)
@@ -387,7 +390,9 @@ def check_name_free(name: str, path: Path) -> None:
     """Refuse `name` when the library gives it to a model other than the one at `path` (before a run,
     so that a clash is a choice the user makes, not a name found taken after hours of training)."""
     entry = lookup(name)
-    if entry is not None and entry.name == name and Path(entry.path) != path.expanduser().resolve():
+    if entry is None or entry.name != name or not Path(entry.path).exists():
+        return
+    if Path(entry.path) != path.expanduser().resolve():
         raise name_taken(name, entry)
 
 
