@@ -39,6 +39,9 @@ class LLMOS:
     """Entry point: load models and run recipe stages, as the CLI does."""
 
     def __init__(self, home: str | Path | None = None):
+        from llmos_cli.core.noise import quiet_known_noise
+
+        quiet_known_noise()
         if home is not None:
             import os
 
@@ -271,11 +274,19 @@ class Model:
         output_dir: str | Path | None = None,
         overrides: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Evaluate this model through the same stage as `llmos eval`."""
+        """Evaluate this model through the same stage as `llmos eval`.
+
+        Results go to `output_dir`, default `RUN/evals/<data name>/` for a run's model (the run's own
+        eval.json, which its model card and `eval --compare` read, stays as `llmos eval` wrote it), else
+        `runs/eval-<model>/`.
+        """
         from llmos_cli.stages import evaluate
 
-        in_run = self.path.name == "final"  # a run's model: eval.json goes into that run, as with the CLI
-        out_dir = output_dir or (self.path.parent if in_run else f"runs/eval-{self.path.name}")
+        in_run = self.path.name == "final"
+        name = Path(data).stem
+        out_dir = output_dir or (
+            self.path.parent / "evals" / name if in_run else f"runs/eval-{self.path.name}"
+        )
         raw = {
             "run": {"name": self.path.name, "output_dir": str(out_dir)},
             "model": {"name_or_path": str(self.path), **self._load_kwargs},

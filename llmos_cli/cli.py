@@ -92,6 +92,9 @@ def main_options(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from llmos_cli.core.noise import quiet_known_noise
+
+    quiet_known_noise()
     configure(json_mode=json_output, quiet=quiet)
 
 
@@ -260,22 +263,28 @@ def finetune(
 
 @app.command("eval")
 def eval_(
-    recipe: Path | None = typer.Argument(None, help="Recipe YAML file.", show_default=False),
+    paths: list[Path] | None = typer.Argument(
+        None,
+        help="Recipe YAML file (with --compare: two or more runs or eval.json files).",
+        show_default=False,
+    ),
     set_: list[str] = SetOpt,
     dry_run: bool = DryRunOpt,
-    compare: tuple[Path, Path] | None = typer.Option(
-        None, "--compare", help="RUN_A RUN_B: two evals side by side."
+    compare: bool = typer.Option(
+        False, "--compare", help="RUN RUN...: evals side by side, deltas against the first, and a plot."
     ),
+    plot: Path = typer.Option(Path("eval-compare.png"), "--plot", help="With --compare: the chart's PNG."),
     device: str | None = DeviceOpt,
 ) -> None:
     """Evaluate a model: loss, perplexity and task metrics; writes <output_dir>/eval.json."""
     from llmos_cli.stages import evaluate as stage
 
+    paths = paths or []
     if compare:
-        return out.emit(stage.compare(*compare))
-    if recipe is None:
-        raise UserError("eval: give a RECIPE (or --compare RUN_A RUN_B)")
-    r = _load(recipe, [*set_, *([f"eval.device={device}"] if device else [])])
+        return out.emit(stage.compare(paths, plot))
+    if len(paths) != 1:
+        raise UserError("eval: give one RECIPE (or --compare RUN RUN...)")
+    r = _load(paths[0], [*set_, *([f"eval.device={device}"] if device else [])])
     if dry_run:
         return _plan(
             r,

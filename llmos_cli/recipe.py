@@ -197,6 +197,9 @@ class EvalSection(Section):
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity"])
     batch_size: int = Field(8, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    target_delimiter: str = Field(
+        " ", description="multiple_choice: what joins the context and each choice (lm-evaluation-harness's)"
+    )
     generation: GenerationSection = Field(default_factory=GenerationSection)
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     precision: InferencePrecision = Field(

@@ -35,6 +35,17 @@ def test_evaluate_matches_the_cli(trained: Path, tmp_path: Path, run_cli) -> Non
     assert api["metrics"] == cli["metrics"] and api["n_tokens"] == cli["n_tokens"]
 
 
+def test_evaluate_of_other_data_keeps_the_runs_eval_json(trained: Path, tmp_path: Path, run_cli) -> None:
+    assert run_cli("eval", trained).code == 0
+    own = (tmp_path / "run" / "eval.json").read_text()
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "the owl sat on the hill. 1 2 3."}) + "\n")
+    result = LLMOS().load_model(tmp_path / "run").evaluate(other)
+    assert (tmp_path / "run" / "eval.json").read_text() == own  # the run's record is untouched
+    written = json.loads((tmp_path / "run" / "evals" / "other" / "eval.json").read_text())
+    assert written["metrics"] == result["metrics"] and written["data"] == str(other)
+
+
 def test_registry_names_load(trained: Path, tmp_path: Path) -> None:
     model = LLMOS().load_model("tiny")  # pretrain registered its run under run.name
     assert model.path == (tmp_path / "run" / "final").resolve() or model.path == tmp_path / "run" / "final"

@@ -181,3 +181,21 @@ def test_load_choice_items_missing_or_empty_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(UserError, match="no items"):
         load_choice_items(tmp_path / "empty.jsonl")
+
+
+def test_choices_written_with_their_leading_space_are_not_given_a_second(tmp_path, tokenizer):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(
+        json.dumps({"question": "the sky is", "choices": [" blue", " green"], "answer": 0}) + "\n"
+    )
+    with pytest.raises(UserError, match=r"choice ' blue' starts with whitespace") as err:
+        load_choice_items(path)  # the harness's default target_delimiter " " would make it "  blue"
+    assert f"{path}:1:" in str(err.value) and "eval.target_delimiter=''" in err.value.hint
+    spaced = load_choice_items(path, target_delimiter="")
+    model = tiny_llama(len(tokenizer), seed=3)
+    own = score_choices(model, tokenizer, spaced, target_delimiter="")
+    plain = [{**spaced[0], "choices": ["blue", "green"]}]
+    default = score_choices(model, tokenizer, plain)  # target_delimiter " ", as lm-evaluation-harness
+    assert own["predictions"][0]["loglikelihoods"] == default["predictions"][0]["loglikelihoods"]
+    _, continuation = encode_pair(tokenizer, "the sky is", " blue")
+    assert tokenizer.decode(continuation) == " blue"  # one space, as the harness scores it

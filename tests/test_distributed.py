@@ -6,12 +6,14 @@ equals the one-process curve; checkpoints hold full states and resume on any pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,8 +60,18 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
             },
         },
     )
-    pretrain.run(load_recipe(ws / "recipe.yaml"))  # the one-process reference; also prepares the data
+    with _module_home(ws):
+        pretrain.run(load_recipe(ws / "recipe.yaml"))  # the one-process reference; also prepares the data
     return ws
+
+
+@contextlib.contextmanager
+def _module_home(ws: Path) -> Iterator[None]:
+    """The model library of the module-scoped runs: their own, not ~/.llmos (the per-test home of
+    conftest is not set up yet when a module fixture runs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMOS_HOME", str(ws / "llmos-home"))
+        yield
 
 
 def _env() -> dict[str, str]:
@@ -109,7 +121,8 @@ def ddp_run(workspace: Path) -> tuple[Path, dict]:
         "--nproc",
         "2",
     ]
-    proc = _run([*cmd, "--set", f"run.output_dir={run}"], workspace)
+    with _module_home(workspace):
+        proc = _run([*cmd, "--set", f"run.output_dir={run}", "--set", "run.name=ddp"], workspace)
     return run, json.loads(proc.stdout)  # one JSON document: only rank 0 printed its result
 
 

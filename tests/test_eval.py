@@ -89,7 +89,21 @@ def test_multiple_choice_eval_writes_predictions(trained: Path, tmp_path: Path, 
     assert [p["answer"] for p in preds] == [0, 0] and all(len(p["loglikelihoods"]) == 2 for p in preds)
 
 
-def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
+def test_multiple_choice_target_delimiter_is_a_recipe_key(trained: Path, tmp_path: Path, run_cli) -> None:
+    items = tmp_path / "mc.jsonl"
+    items.write_text(
+        json.dumps({"question": "the cat sat on the", "choices": [" mat.", " zebra"], "answer": 0})
+    )
+    sets = ["--set", "eval.task=multiple_choice", "--set", f"eval.data={items}"]
+    res = run_cli("eval", trained, *sets)
+    assert res.code == 2 and f"{items}:1: choice ' mat.' starts with whitespace" in res.stderr
+    res = run_cli("--json", "eval", trained, *sets, "--set", "eval.target_delimiter=''")
+    assert res.code == 0, res.stderr
+    assert json.loads(res.stdout)["n_examples"] == 1
+
+
+def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the chart goes to ./eval-compare.png by default
     for name, loss in (("a", 2.0), ("b", 1.5)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(
@@ -98,9 +112,33 @@ def test_compare_two_runs_shows_deltas(tmp_path: Path, run_cli) -> None:
     res = run_cli("--json", "eval", "--compare", tmp_path / "a", tmp_path / "b")
     assert res.code == 0, res.stderr
     rows = {r["metric"]: r for r in json.loads(res.stdout)["metrics"]}
-    assert rows["loss"]["delta"] == pytest.approx(-0.5)
+    assert rows["loss"]["values"] == [2.0, 1.5] and rows["loss"]["deltas"] == [pytest.approx(-0.5)]
+    assert (tmp_path / "eval-compare.png").is_file()
     missing = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "nope")
     assert missing.code == 2 and "no eval.json" in missing.stderr
+
+
+def test_compare_three_runs_deltas_against_the_first_and_a_plot(tmp_path: Path, run_cli) -> None:
+    metrics = {"a": {"loss": 2.0, "accuracy": 0.5}, "b": {"loss": 1.5}, "c": {"loss": 1.0, "accuracy": 0.75}}
+    for name, values in metrics.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"metrics": values}))
+    runs = [tmp_path / n for n in metrics]
+    plot = tmp_path / "cmp.png"
+    res = run_cli("--json", "eval", "--compare", *runs, "--plot", plot)
+    assert res.code == 0, res.stderr
+    result = json.loads(res.stdout)
+    rows = {r["metric"]: r for r in result["metrics"]}
+    assert rows["loss"]["deltas"] == [pytest.approx(-0.5), pytest.approx(-1.0)]
+    assert rows["accuracy"]["values"] == [0.5, None, 0.75]
+    assert rows["accuracy"]["deltas"] == [None, pytest.approx(0.25)]
+    assert result["plot"] == str(plot) and plot.read_bytes()[:4] == b"\x89PNG"
+
+    table = run_cli("eval", "--compare", *runs, "--plot", plot).stderr
+    accuracy = next(line for line in table.splitlines() if line.startswith("accuracy"))
+    assert accuracy.split() == ["accuracy", "0.5", "-", "-", "0.75", "+0.25"]  # "-", never "None"
+    assert "None" not in table
+    assert run_cli("eval", "--compare", runs[0]).code == 2  # one run compares with nothing
 
 
 def test_dataset_loss_shards_add_up_to_the_whole() -> None:

@@ -172,24 +172,45 @@ def test_hf_keeps_adapter_when_not_merging(adapter_dir, tmp_path):
 
 
 def test_model_card_records_recipe_fingerprint_and_metrics(llama_dir, tmp_path):
+    from llmos_cli.core.registry import Registry
+
     run_dir = tmp_path / "runs" / "my-run"
     shutil.copytree(llama_dir, run_dir / "final")
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "report.json").write_text(json.dumps({"fingerprint": "abc123def"}))
+    data_dir.mkdir()  # rebuilt since the run trained (another max_seq_len): not the run's data
+    (data_dir / "report.json").write_text(json.dumps({"fingerprint": "rebuilt999"}))
     (run_dir / "recipe.yaml").write_text(
         f"task: causal-lm\ndata:\n  output: {data_dir}\ntrain:\n  lr: 0.0003\n"
     )
     (run_dir / "eval.json").write_text(
         json.dumps({"metrics": {"loss": 2.5, "perplexity": 12.18}, "data": "val.jsonl"})
     )
+    Registry().add(llama_dir, name="tiny-base")
+    Registry().register_run(
+        run_dir / "final", name="my-run", parent=str(llama_dir), data_fingerprint="abc123def"
+    )
 
     export_stage.run(str(run_dir), ["hf"], tmp_path / "export")
     card = (tmp_path / "export" / "README.md").read_text()
-    assert "abc123def" in card
+    assert "abc123def" in card and "rebuilt999" not in card  # the run's own record
+    front = card.split("---")[1]
+    assert "base_model: tiny-base" in front and str(llama_dir) not in front
+    assert f"`tiny-base` at `{llama_dir}` (fine-tuned from it)" in card
     assert "| perplexity | 12.18 |" in card
     assert "lr: 0.0003" in card
     assert "max abs diff" in card
+
+
+def test_model_card_names_an_adapters_base_by_hub_id_not_path(adapter_dir, llama_dir, tmp_path):
+    from llmos_cli.core.registry import public_name
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abc"
+    assert public_name(snapshot) == "acme/tiny-llama"
+    assert public_name(llama_dir) is None  # neither registered nor from the hub
+    export_stage.run(str(adapter_dir), ["hf"], tmp_path / "export", verify=False)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]  # no local path in the front matter
+    assert f"Base model: `{llama_dir}` (LoRA adapter merged into it)" in card
 
 
 def test_model_card_without_run_record(llama_dir, tmp_path):

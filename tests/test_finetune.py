@@ -115,6 +115,27 @@ def test_full_finetune_on_chat_data(tmp_path: Path, bases) -> None:
     assert "im_start" in AutoTokenizer.from_pretrained(str(final)).chat_template
 
 
+def test_chat_data_on_a_tokenizer_without_a_template_says_which_it_used(
+    tmp_path: Path, bases, capsys
+) -> None:
+    from llmos_cli.stages import export
+
+    base = tmp_path / "plain-base"
+    shutil.copytree(bases["llama"], base)
+    (base / "chat_template.jinja").unlink()  # a tokenizer without a chat template
+    recipe = recipe_for(
+        tmp_path, base, chat_rows(40), data={"format": "chat", "max_seq_len": 128}, train={"max_steps": 2}
+    )
+    capsys.readouterr()
+    summary = finetune.run(recipe)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "the tokenizer has no chat template: using llmos's default" in said
+    assert summary["data"]["chat_template"] == "llmos default"
+    export.run(str(tmp_path / "run"), ["hf"], tmp_path / "hf", verify=False)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Chat template" in card and "llmos's default chat template (the tokenizer had none)" in card
+
+
 def test_classification_beats_the_majority_class(tmp_path: Path, bases) -> None:
     rows = sentiment_rows(480)
     recipe = recipe_for(
@@ -226,6 +247,11 @@ def test_early_stopping_stops_and_final_keeps_the_best_weights(tmp_path: Path, b
     last = load_file(str(run / "checkpoints" / "step-6" / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(final[name], best[name]) and not torch.equal(final[name], last[name])
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    at2 = {r.get("split", "train"): r for r in rows if r["step"] == 2}
+    assert summary["validation"]["loss"] == at2["validation"]["loss"]  # the kept weights' numbers
+    assert summary["train_loss"] == pytest.approx(at2["train"]["loss"], abs=1e-6)
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"  # finetune runs plot their curves too
 
     again = finetune.run(recipe)  # resuming a stopped run does not train on
     assert again["steps"] == 6 and again["stopped_early"]

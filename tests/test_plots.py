@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.image as mpimg
 import pytest
 
-from llmos_cli.core.plots import save_confusion_matrix_png, save_histogram_png
+from llmos_cli.core.plots import save_confusion_matrix_png, save_histogram_png, save_loss_curves_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,3 +43,25 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monke
         save_confusion_matrix_png([[1, 2], [3, 4]], ["a", "b"], path)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["cm.png"]
+
+
+def test_loss_curves_plot_train_and_validation(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    plotted = []
+    real = Axes.plot
+    monkeypatch.setattr(
+        Axes,
+        "plot",
+        lambda self, x, y, *a, **k: (
+            plotted.append((k["label"], list(x), list(y))) or real(self, x, y, *a, **k)
+        ),
+    )
+    rows = [
+        {"step": 5, "loss": 3.0, "lr": 0.1},
+        {"step": 10, "loss": 2.5, "lr": 0.1},
+        {"step": 10, "split": "validation", "loss": 2.7, "perplexity": 14.9},
+    ]
+    path = save_loss_curves_png(rows, tmp_path / "loss.png", title="run: loss")
+    assert plotted == [("train", [5, 10], [3.0, 2.5]), ("validation", [10], [2.7])]
+    assert path.read_bytes()[:8] == PNG_MAGIC and [p.name for p in tmp_path.iterdir()] == ["loss.png"]

@@ -35,6 +35,8 @@ def test_tiny_pretrain_loss_falls_and_run_dir_is_complete(tiny_recipe: Path, tmp
     assert summary["steps"] == 30 and summary["validation"]["loss"] == val_rows[-1]["loss"]
 
     assert load_recipe(run / "recipe.yaml").train.max_steps == 30  # the resolved recipe, re-loadable
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the curves, at the end
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".loss.png")]  # no temp file left
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == [
         "step-20",
         "step-30",
@@ -59,8 +61,8 @@ def test_tiny_pretrain_loss_falls_and_run_dir_is_complete(tiny_recipe: Path, tmp
 
 def test_resume_continues_the_same_loss_curve(tiny_recipe: Path, tmp_path: Path) -> None:
     """A run stopped after step 20 and resumed equals an uninterrupted run, step for step."""
-    full = pretrain.run(load_recipe(tiny_recipe, [f"run.output_dir={tmp_path / 'full'}"]))
-    part = [f"run.output_dir={tmp_path / 'part'}"]
+    full = pretrain.run(load_recipe(tiny_recipe, [f"run.output_dir={tmp_path / 'full'}", "run.name=full"]))
+    part = [f"run.output_dir={tmp_path / 'part'}", "run.name=part"]
     pretrain.run(load_recipe(tiny_recipe, [*part, "train.max_steps=30"]))
     # Simulate a crash after step 20: drop the last checkpoint and everything logged after it.
     import shutil
@@ -97,3 +99,27 @@ def test_a_finished_run_reports_its_result_and_refuses_other_settings(
     said = " ".join(res.stderr.split())
     assert res.code == 2 and "already finished at step 10 with other settings" in said
     assert "train.lr: 0.003 -> 0.001" in said and "train.resume=never" in said
+
+
+def test_keep_best_reports_the_kept_weights_metrics(tiny_recipe: Path, tmp_path: Path, run_cli) -> None:
+    # mode=max on the loss: every evaluation after the first is "worse", so patience 1 at eval_every 5
+    # stops at step 10 and keep_best brings back the step-5 weights: the result must describe those.
+    sets = ["train.eval_every=5", "train.keep_best=true"]
+    sets += ["train.early_stopping={metric: loss, mode: max, patience: 1}"]
+    res = run_cli("--json", "pretrain", tiny_recipe, *(a for s in sets for a in ("--set", s)))
+    assert res.code == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["stopped_early"] is True and summary["steps"] == 10
+    assert summary["best"] == {
+        "metric": "loss",
+        "value": pytest.approx(summary["validation"]["loss"]),
+        "step": 5,
+    }
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    at5 = {r.get("split", "train"): r for r in rows if r["step"] == 5}
+    assert summary["validation"]["loss"] == at5["validation"]["loss"]
+    assert summary["train_loss"] == pytest.approx(at5["train"]["loss"], abs=1e-6)
+    listed = json.loads(run_cli("--json", "models", "list").stdout)
+    (entry,) = [e for e in listed if e["name"] == "tiny"]
+    assert entry["metrics"]["validation_loss"] == at5["validation"]["loss"]
+    assert entry["metrics"]["train_loss"] == pytest.approx(at5["train"]["loss"], abs=1e-6)

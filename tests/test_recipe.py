@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,63 @@ def test_validate_warns_when_there_is_no_training_data(run_cli, tmp_path) -> Non
     assert res.stderr == (
         f"warning: {path}: no data.train (data, pretrain and finetune need one)\n{path}: ok\n"
     )
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_model_config_transformers_refuses_is_one_line_in_dry_run_and_run(
+    run_cli, tiny_recipe, tmp_path, dry_run
+) -> None:
+    sets = ["--set", "model.config.hidden_size=65", *(["--dry-run"] if dry_run else [])]
+    res = run_cli("pretrain", tiny_recipe, *sets)
+    message = "model.config: The hidden size (65) is not a multiple of the number of attention heads (2)."
+    assert (res.code, res.stderr) == (2, f"error: {tiny_recipe}: {message}\n")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_unknown_arch_lists_the_close_matches(run_cli, tiny_recipe, tmp_path, dry_run) -> None:
+    res = run_cli("pretrain", tiny_recipe, "--set", "model.arch=lama", *(["--dry-run"] if dry_run else []))
+    first = res.stderr.splitlines()[0]
+    assert res.code == 2 and first.startswith(f"error: {tiny_recipe}: model.arch: unknown model type 'lama'")
+    assert "did you mean llama" in first and len(res.stderr) < 300  # not transformers' ~900 names
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_bidirectional_arch_is_refused_as_a_causal_lm(run_cli, tiny_recipe, tmp_path, dry_run) -> None:
+    bert = ["--set", "model.arch=bert", "--set", "model.config={hidden_size: 32, num_attention_heads: 2}"]
+    res = run_cli("pretrain", tiny_recipe, *bert, *(["--dry-run"] if dry_run else []))
+    said = " ".join(res.stderr.split())
+    assert res.code == 2 and "model.arch: 'bert'" in said and "bidirectional attention" in said
+    assert "task 'causal-lm'" in said and "model.config.is_decoder=true" in said
+    assert not (tmp_path / "run").exists()
+    causal = ["--set", "model.config.is_decoder=true", "--dry-run"]
+    assert run_cli("pretrain", tiny_recipe, *bert, *causal).code == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed")
+@pytest.mark.parametrize("verb", ["pretrain", "finetune"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(
+    run_cli, tiny_recipe, tmp_path, verb, dry_run
+) -> None:
+    sets = ["--set", "train.log_to=[mlflow]", "--set", "model.name_or_path=m"] if verb == "finetune" else []
+    sets = sets or ["--set", "train.log_to=[mlflow]"]
+    res = run_cli(verb, tiny_recipe, *sets, *(["--dry-run"] if dry_run else []))
+    assert res.code == 2 and res.stderr.startswith("error: train.log_to: mlflow is not installed\n")
+    assert not (tmp_path / "run").exists()  # no recipe.yaml: nothing was written
+
+
+def test_the_causal_bert_the_hint_gives_is_causal() -> None:
+    """What `model.config.is_decoder=true` builds: a token's logits do not depend on later tokens."""
+    import torch
+
+    from llmos_cli.core.models import build_model
+
+    config = {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64}
+    torch.manual_seed(0)
+    model = build_model("bert", {**config, "is_decoder": True}, 100, {}).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 100
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits[0, :-1], model(changed).logits[0, :-1], atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_add_show_lineage_and_remove(tmp_path: Path, home: Path) -> None:
         metrics={"loss": 1.5},
     )
     rerun = reg.register_run(
-        tmp_path / "runs" / "ft" / "final", name="ignored", parent="base", metrics={"loss": 1.2}
+        tmp_path / "runs" / "ft" / "final", name="ft", parent="base", metrics={"loss": 1.2}
     )
     assert rerun.name == "ft"  # the same path updates its own entry
     reg.register_run(
@@ -73,10 +74,33 @@ def test_add_show_lineage_and_remove(tmp_path: Path, home: Path) -> None:
         reg.get("ft-onnx")
 
 
-def test_run_names_are_made_unique(tmp_path: Path) -> None:
+def test_a_run_name_another_model_holds_is_refused_not_suffixed(tmp_path: Path) -> None:
     reg = Registry()
-    names = [reg.register_run(model_dir(tmp_path, f"r{i}"), name="run").name for i in range(3)]
-    assert names == ["run", "run-2", "run-3"]
+    assert reg.register_run(model_dir(tmp_path, "r0"), name="run").name == "run"
+    with pytest.raises(UserError, match=r"run.name: 'run' is already registered for another model") as err:
+        reg.register_run(model_dir(tmp_path, "r1"), name="run")
+    assert "--set run.name=" in err.value.hint
+    assert [e.name for e in reg.list()] == ["run"]
+    shutil.rmtree(tmp_path / "r0")  # a run folder deleted since: its entry gives the name up
+    assert reg.register_run(tmp_path / "r1", name="run").path == str((tmp_path / "r1").resolve())
+    assert [e.name for e in reg.list()] == ["run"]
+
+
+def test_a_rerun_in_the_same_directory_takes_its_new_name(tmp_path: Path) -> None:
+    # the cause of a llama run registered as `arch-bert-3`: a rerun kept the old entry's name
+    reg = Registry()
+    reg.register_run(model_dir(tmp_path, "runs"), name="arch-bert")
+    assert reg.register_run(tmp_path / "runs", name="arch-llama").name == "arch-llama"
+    assert [e.name for e in reg.list()] == ["arch-llama"]
+
+
+def test_derived_names_are_made_unique(tmp_path: Path) -> None:
+    reg = Registry()
+    names = [
+        reg.register_run(model_dir(tmp_path, f"r{i}"), name="m-hf", kind="export", suffix_clash=True).name
+        for i in range(3)
+    ]
+    assert names == ["m-hf", "m-hf-2", "m-hf-3"]
 
 
 def test_schema_is_versioned_and_newer_schemas_are_refused(home: Path) -> None:
@@ -140,7 +164,7 @@ def test_concurrent_writers_from_threads(tmp_path: Path) -> None:
     def write(start: int) -> None:
         try:
             for i in range(start, 40, 4):
-                reg.register_run(tmp_path / f"t{i}", name="t")
+                reg.register_run(tmp_path / f"t{i}", name="t", suffix_clash=True)
         except Exception as err:  # noqa: BLE001 - collected and asserted below
             failures.append(err)
 
@@ -217,3 +241,21 @@ def test_pull_downloads_safetensors_only_and_registers(tmp_path: Path, home: Pat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
     with pytest.raises(UserError, match="unreachable"):
         models.pull_model("org/other")
+
+
+def test_a_run_says_its_registered_name_and_a_clash_is_refused_before_it_starts(
+    tiny_recipe: Path, tmp_path: Path, run_cli
+) -> None:
+    res = run_cli("pretrain", tiny_recipe, "--set", "train.max_steps=2")
+    assert res.code == 0, res.stderr
+    assert f"registered {(tmp_path / 'run' / 'final').resolve()} as 'tiny'" in " ".join(res.stderr.split())
+    elsewhere = ["--set", "train.max_steps=2", "--set", f"run.output_dir={tmp_path / 'other'}"]
+    for dry_run in (["--dry-run"], []):
+        res = run_cli("pretrain", tiny_recipe, *elsewhere, *dry_run)
+        said = " ".join(res.stderr.split())
+        assert res.code == 2 and "run.name: 'tiny' is already registered for another model" in said
+        assert "--set run.name=NEW_NAME" in said
+        assert not (tmp_path / "other").exists()  # refused before recipe.yaml was written
+    res = run_cli("pretrain", tiny_recipe, *elsewhere, "--set", "run.name=tiny-2nd")
+    assert res.code == 0 and "as 'tiny-2nd'" in res.stderr
+    assert run_cli("pretrain", tiny_recipe, "--set", "train.max_steps=2").code == 0  # its own name again

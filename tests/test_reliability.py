@@ -128,12 +128,12 @@ def test_sigkill_mid_run_resumes_to_the_same_loss_curve(tiny_recipe: Path, tmp_p
     sets = ["train.max_steps=16", "train.log_every=1", "train.save_every=2", "train.eval_every=100"]
 
     def command(run: str) -> list[str]:
-        args = [*sets, f"run.output_dir={tmp_path / run}"]
+        args = [*sets, f"run.output_dir={tmp_path / run}", f"run.name={run}"]
         return [sys.executable, "-m", "llmos_cli", "pretrain", str(tiny_recipe)] + [
             arg for s in args for arg in ("--set", s)
         ]
 
-    pretrain.run(load_recipe(tiny_recipe, [*sets, f"run.output_dir={tmp_path / 'whole'}"]))
+    pretrain.run(load_recipe(tiny_recipe, [*sets, f"run.output_dir={tmp_path / 'whole'}", "run.name=whole"]))
     expected = _train_losses(tmp_path / "whole" / "metrics.jsonl")
     assert sorted(expected) == list(range(1, 17))
 

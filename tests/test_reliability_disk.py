@@ -114,3 +114,12 @@ def test_permission_denied_names_the_setting_and_path(tmp_path, monkeypatch):
         UserError, match=rf"run.output_dir: cannot create {tmp_path / 'x'}: Permission denied"
     ):
         ensure_dir(tmp_path / "x", "run.output_dir")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_export_out_where_nothing_can_be_written(tmp_path, run_cli):
+    model = build_tiny_llama(tmp_path / "model")
+    result = run_cli("export", model, "--format", "hf", "--out", "/proc/nope")
+    err = no_traceback(result)
+    assert result.code == 2, err
+    assert err.startswith("error: --out /proc/nope: /proc is not writable")

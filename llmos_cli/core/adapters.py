@@ -75,6 +75,9 @@ def apply_lora(model: Any, cfg: FinetuneSection, task: str) -> Any:
     """Wrap `model` in a peft LoRA (or DoRA) model; the base is frozen, adapters and task heads train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from llmos_cli.core.noise import quiet_known_noise
+
+    quiet_known_noise()  # peft's is_gradient_checkpointing FutureWarning, for stages called directly too
     lora = cfg.lora
     targets = auto_target_modules(model) if lora.target_modules == "auto" else lora.target_modules
     if isinstance(targets, str):

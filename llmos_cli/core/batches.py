@@ -120,11 +120,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def _pad(seqs: Sequence[Any], value: int) -> torch.Tensor:
+    """Filled in numpy, as in `causal_lm_collate`: a dataset's read-only arrays are copied, never
+    wrapped (torch warns about wrapping a read-only array)."""
     longest = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), longest), value, dtype=torch.long)
+    out = np.full((len(seqs), longest), value, dtype=np.int64)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
+        out[i, : len(s)] = s
+    return torch.from_numpy(out)
 
 
 def classification_collate(pad_id: int) -> Collate:

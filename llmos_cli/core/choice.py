@@ -19,8 +19,12 @@ from llmos_cli.console import out
 from llmos_cli.errors import UserError
 
 
-def load_choice_items(path: str | Path) -> list[dict[str, Any]]:
-    """Read JSONL rows {question|context, choices, answer (index or choice text)} as {context, choices, answer}."""
+def load_choice_items(path: str | Path, target_delimiter: str = " ") -> list[dict[str, Any]]:
+    """Read JSONL rows {question|context, choices, answer (index or choice text)} as {context, choices, answer}.
+
+    Choices are scored as `target_delimiter + choice` (see `score_choices`): a choice that starts with
+    whitespace after a delimiter that ends with it is refused, as it would be scored with both.
+    """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"multiple-choice data not found: {p}", hint="pass a .jsonl file, one item per line")
@@ -28,7 +32,7 @@ def load_choice_items(path: str | Path) -> list[dict[str, Any]]:
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                items.append(_parse_item(line, f"{p}:{lineno}"))
+                items.append(_parse_item(line, f"{p}:{lineno}", target_delimiter))
     if not items:
         raise UserError(
             f"{p} holds no items",
@@ -37,7 +41,7 @@ def load_choice_items(path: str | Path) -> list[dict[str, Any]]:
     return items
 
 
-def _parse_item(line: str, where: str) -> dict[str, Any]:
+def _parse_item(line: str, where: str, target_delimiter: str) -> dict[str, Any]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
@@ -52,6 +56,13 @@ def _parse_item(line: str, where: str) -> dict[str, Any]:
         isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)
     ):
         raise UserError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+    doubled = [c for c in choices if c[0].isspace()] if target_delimiter[-1:].isspace() else []
+    if doubled:
+        raise UserError(
+            f"{where}: choice {doubled[0]!r} starts with whitespace and eval.target_delimiter "
+            f"{target_delimiter!r} ends with it: it would be scored with both",
+            hint="write the choices without their leading space, or --set eval.target_delimiter=''",
+        )
     answer = row.get("answer")
     if isinstance(answer, str):
         if answer not in choices:
@@ -121,12 +132,13 @@ def choice_loglikelihoods(
 
 
 def score_choices(
-    model: Any, tokenizer: Any, items: list[dict[str, Any]], batch_size: int = 8, delimiter: str = " "
+    model: Any, tokenizer: Any, items: list[dict[str, Any]], batch_size: int = 8, target_delimiter: str = " "
 ) -> dict[str, Any]:
     """Score every item's choices; returns {"metrics": {accuracy, accuracy_norm, n_examples}, "predictions": [...]}.
 
-    A choice is scored as the continuation `delimiter + choice` of the item's context (the harness's
-    target_delimiter). accuracy_norm divides each log-likelihood by len(choice) in characters.
+    A choice is scored as the continuation `target_delimiter + choice` of the item's context, exactly as
+    lm-evaluation-harness builds multiple-choice requests (its target_delimiter, default " ").
+    accuracy_norm divides each log-likelihood by len(choice) in characters.
     """
     if not items:
         raise ValueError("no items to score")
@@ -136,7 +148,9 @@ def score_choices(
     try:
         with out.progress("scoring choices", total=len(items)) as bar:
             for item in items:
-                pairs = [encode_pair(tokenizer, item["context"], delimiter + c) for c in item["choices"]]
+                pairs = [
+                    encode_pair(tokenizer, item["context"], target_delimiter + c) for c in item["choices"]
+                ]
                 context_ids = pairs[0][0]
                 lls = choice_loglikelihoods(model, context_ids, [cont for _, cont in pairs], batch_size)
                 normed = [ll / len(c) for ll, c in zip(lls, item["choices"], strict=True)]

@@ -224,18 +224,25 @@ class Registry:
         data_fingerprint: str | None = None,
         metrics: dict[str, Any] | None = None,
         source: str | None = None,
+        suffix_clash: bool = False,
     ) -> ModelEntry:
-        """Add or update the entry for `path` (a re-run replaces its own entry). If `name` belongs to
-        another path, the entry is named `name-2`, `name-3`, ..."""
+        """Add or update the entry for `path` under `name` (a re-run replaces its own entry, under the
+        name it asks for now). A `name` that belongs to another existing path is refused, or with
+        `suffix_clash` (names llmos derives itself, such as an export's) becomes `name-2`, `name-3`, ...;
+        the entry of a folder that no longer exists gives its name up."""
         _check_kind(kind)
         entry = self._entry(path, name, kind, parent, recipe_hash, data_fingerprint, metrics, source)
         with self._connect() as conn, _transaction(conn):
+            holder = _select(conn, "name", entry.name)
+            if holder is not None and holder.path != entry.path and not Path(holder.path).exists():
+                conn.execute("DELETE FROM models WHERE name = ?", (holder.name,))  # its folder is gone
+            elif holder is not None and holder.path != entry.path:
+                if not suffix_clash:
+                    raise name_taken(entry.name, holder)
+                entry.name = _free_name(conn, entry.name)
             old = _by_path(conn, entry.path)
             if old is not None:
-                entry.name = old.name
                 conn.execute("DELETE FROM models WHERE name = ?", (old.name,))
-            else:
-                entry.name = _free_name(conn, entry.name)
             _insert(conn, entry)
         return entry
 
@@ -317,6 +324,14 @@ def _find(conn: sqlite3.Connection, ref: str) -> ModelEntry | None:
     return entry
 
 
+def name_taken(name: str, holder: ModelEntry) -> UserError:
+    """The refusal of a run name the library already gives another model."""
+    return UserError(
+        f"run.name: '{name}' is already registered for another model ({holder.path})",
+        hint=f"--set run.name=NEW_NAME for this run, or `llmos models rm {name}` to give the name to it",
+    )
+
+
 def _free_name(conn: sqlite3.Connection, name: str) -> str:
     candidate, n = name, 1
     while _select(conn, "name", candidate) is not None:
@@ -345,13 +360,15 @@ def register_run(
     data_fingerprint: str | None = None,
     metrics: dict[str, Any] | None = None,
     source: str | None = None,
+    suffix_clash: bool = False,
 ) -> ModelEntry | None:
-    """Record a finished run (or export) in the registry. Never fails the caller: a registry problem
-    (read-only home, full disk, a newer schema) becomes a warning and None."""
+    """Record a finished run (or export) in the registry and say under which name. Never fails the
+    caller: a registry problem (read-only home, full disk, a newer schema, a name taken meanwhile)
+    becomes a warning and None."""
     from llmos_cli.console import out
 
     try:
-        return Registry().register_run(
+        entry = Registry().register_run(
             path,
             name=name,
             kind=kind,
@@ -360,10 +377,23 @@ def register_run(
             data_fingerprint=data_fingerprint,
             metrics=metrics,
             source=source,
+            suffix_clash=suffix_clash,
         )
     except (OSError, sqlite3.Error, UserError, ValueError) as err:
         out.warn(f"could not record {path} in the model registry ({llmos_home()}): {err}")
         return None
+    out.info(f"registered {entry.path} as '{entry.name}' (llmos models show {entry.name})")
+    return entry
+
+
+def check_name_free(name: str, path: Path) -> None:
+    """Refuse `name` when the library gives it to a model other than the one at `path` (before a run,
+    so that a clash is a choice the user makes, not a name found taken after hours of training)."""
+    entry = lookup(name)
+    if entry is None or entry.name != name or not Path(entry.path).exists():
+        return
+    if Path(entry.path) != path.expanduser().resolve():
+        raise name_taken(name, entry)
 
 
 def registered_path(ref: str) -> Path | None:
@@ -371,11 +401,32 @@ def registered_path(ref: str) -> Path | None:
     registry names; None when `ref` is an existing path, is not registered, or the registry is unusable."""
     if Path(ref).expanduser().exists():
         return None
+    entry = lookup(ref)
+    return Path(entry.path) if entry else None
+
+
+def lookup(ref: str) -> ModelEntry | None:
+    """The entry `ref` names (a name, a pulled hub id or a registered path); None when there is none or
+    the registry is unusable. A lookup never creates the library."""
     registry = Registry()
-    if not registry.db_path.exists():  # nothing registered yet: a lookup does not create the library
+    if not registry.db_path.exists():
         return None
     try:
-        entry = registry.find(ref)
+        return registry.find(ref)
     except (OSError, sqlite3.Error, UserError):
         return None
-    return Path(entry.path) if entry else None
+
+
+def public_name(path: str | Path) -> str | None:
+    """How others can name the model at `path`: its Hugging Face Hub id (a pulled model, or a snapshot in
+    the hub cache: `.../models--OWNER--NAME/snapshots/REV`), else its registered name; None if neither."""
+    parts = Path(path).parts
+    for folder, below in zip(parts, parts[1:], strict=False):
+        if folder.startswith("models--") and below == "snapshots":
+            return folder.removeprefix("models--").replace("--", "/")
+    entry = lookup(str(path))
+    if entry is None:
+        return None
+    if entry.source and entry.source.startswith("hf://"):
+        return entry.source.removeprefix("hf://")
+    return entry.name

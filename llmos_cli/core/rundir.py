@@ -53,6 +53,10 @@ class RunDir:
     def eval_file(self) -> Path:
         return self.path / "eval.json"
 
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
     def create(self, recipe_yaml: str) -> RunDir:
         ensure_dir(self.path, "run.output_dir")
         write_atomic(self.recipe_file, recipe_yaml)

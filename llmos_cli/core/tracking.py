@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,19 @@ from llmos_cli.core.rundir import RunDir
 from llmos_cli.errors import UserError
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every tracker in train.log_to is installed (checked before a run writes anything)."""
+    for name in dict.fromkeys(names):
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise _not_installed(name)
+
+
+def _not_installed(name: str) -> UserError:
+    return UserError(
+        f"train.log_to: {name} is not installed", hint=f"pip install {PACKAGES[name]}, or drop it"
+    )
 
 
 class Trackers:
@@ -21,9 +35,7 @@ class Trackers:
             try:
                 self._sinks.append(_OPEN[name](run, config))
             except ImportError:
-                raise UserError(
-                    f"train.log_to: {name} is not installed", hint=f"pip install {PACKAGES[name]}, or drop it"
-                ) from None
+                raise _not_installed(name) from None
 
     def log(self, row: dict[str, Any]) -> None:
         if not self._sinks:

@@ -301,6 +301,8 @@ def train(job: TrainJob) -> TrainResult:
     best_saved = world.broadcast(best_file.exists())  # under FSDP loading is a collective: agree first
     if watch and cfg.keep_best and watch.best_step not in (None, state["step"]) and best_saved:
         load_trained_weights(model, best_file)
+        # the result describes the weights kept: the losses logged at the best step, not the last one
+        last_loss, validation = world.broadcast(_last_logged(run, up_to=watch.best_step))
         out.info(
             f"train: keeping the best weights ({watch.metric} {watch.best:.6g} at step {watch.best_step})"
         )
@@ -360,9 +362,10 @@ def _refuse_changed_finished_run(
         )
 
 
-def _last_logged(run: RunDir) -> tuple[float | None, dict[str, float] | None]:
-    """The last training loss and validation metrics in a run's log (a finished run's result)."""
-    rows = run.read_metrics()
+def _last_logged(run: RunDir, up_to: int | None = None) -> tuple[float | None, dict[str, float] | None]:
+    """The last training loss and validation metrics in a run's log (a finished run's result), or the
+    last ones logged at or before step `up_to`."""
+    rows = [r for r in run.read_metrics() if up_to is None or r.get("step", 0) <= up_to]
     train_rows = [r for r in rows if "split" not in r]
     val_rows = [r for r in rows if r.get("split") == "validation"]
     loss = train_rows[-1]["loss"] if train_rows else None

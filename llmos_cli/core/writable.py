@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,9 +31,23 @@ def ensure_dir(path: Path, what: str) -> Path:
         raise UserError(
             f"{what}: cannot create {path}: {err.strerror}", hint="choose a writable folder"
         ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{what}: {path} is not writable", hint="choose a writable folder")
+    _probe_write(path, what)
     return path
+
+
+def _probe_write(path: Path, what: str) -> None:
+    """Create and remove a file in `path`: permission bits do not tell root (or a pseudo filesystem such as
+    /proc, or a read-only mount) whether a write will succeed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".llmos-write-check.", dir=path)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise RunFailed(f"disk full while writing in {path}") from None
+        raise UserError(
+            f"{what}: {path} is not writable ({err.strerror})", hint="choose a writable folder"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextmanager

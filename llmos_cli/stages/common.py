@@ -65,6 +65,19 @@ def save_final(run: RunDir, model: Any, tokenizer: Any) -> None:
     world.barrier()
 
 
+def plot_losses(run: RunDir, title: str) -> None:
+    """loss.png in the run directory: the training and validation curves of metrics.jsonl (the main
+    process writes it, atomically; without matplotlib, a note instead)."""
+    if not current_world().is_main:
+        return
+    try:
+        from llmos_cli.core.plots import save_loss_curves_png
+
+        save_loss_curves_png(run.read_metrics(), run.loss_plot, title=title)
+    except ImportError:
+        out.info("train: no loss.png: matplotlib is not installed (pip install 'llmos-cli[data]')")
+
+
 def trained_model_path(recipe: Recipe) -> str:
     """The model a recipe refers to: its run's final/ once trained, else model.name_or_path."""
     final = recipe.output_dir / "final"
@@ -78,6 +91,11 @@ def trained_model_path(recipe: Recipe) -> str:
         f"{recipe.source}: no model to use: {final} does not exist yet and model.name_or_path is not set",
         hint="train first (llmos pretrain/finetune RECIPE) or set model.name_or_path",
     )
+
+
+def best_row(best: dict[str, Any]) -> tuple[str, str]:
+    """The summary table's row for the watched metric's best value (train.early_stopping / keep_best)."""
+    return f"best {best['metric']}", f"{best['value']:.6g} at step {best['step']}"
 
 
 def register_trained(

@@ -98,21 +98,60 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return result
 
 
-def compare(a: Path, b: Path) -> dict[str, Any]:
-    """Two eval.json files (or the run dirs holding them) side by side, with B - A deltas."""
-    ma, mb = _read_eval(a)["metrics"], _read_eval(b)["metrics"]
-    names = [k for k in ma if _scalar(ma[k])] + [k for k in mb if k not in ma and _scalar(mb[k])]
+def compare(runs: list[Path], plot: Path | None = None) -> dict[str, Any]:
+    """Two or more eval.json files (or the run dirs holding them) side by side, with each run's deltas
+    against the first; a bar chart per metric to `plot`. A metric a run lacks shows as "-"."""
+    if len(runs) < 2:
+        raise UserError("--compare: give two or more runs (or eval.json files)")
+    evals = [_read_eval(r)["metrics"] for r in runs]
+    names = list(dict.fromkeys(k for m in evals for k in m if _scalar(m[k])))
     rows = []
     for name in names:
-        va, vb = ma.get(name), mb.get(name)
-        delta = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
-        rows.append({"metric": name, "a": va, "b": vb, "delta": delta})
+        values = [m.get(name) if _scalar(m.get(name)) else None for m in evals]
+        first = values[0]
+        deltas = [None if first is None or v is None else v - first for v in values[1:]]
+        rows.append({"metric": name, "values": values, "deltas": deltas})
+    labels = [_run_label(r) for r in runs]
+    columns = ["metric", labels[0]]
+    for label in labels[1:]:
+        columns += [label, f"{label} - {labels[0]}"]
     out.table(
-        f"A = {a}\nB = {b}",
-        ["metric", "A", "B", "B - A"],
-        [(r["metric"], r["a"], r["b"], "" if r["delta"] is None else f"{r['delta']:+.4g}") for r in rows],
+        "\n".join(f"{label} = {run}" for label, run in zip(labels, runs, strict=True)),
+        columns,
+        [
+            [
+                r["metric"],
+                _shown(r["values"][0]),
+                *(
+                    c
+                    for v, d in zip(r["values"][1:], r["deltas"], strict=True)
+                    for c in (_shown(v), _delta(d))
+                ),
+            ]
+            for r in rows
+        ],
     )
-    return {"a": str(a), "b": str(b), "metrics": rows}
+    result: dict[str, Any] = {"runs": [str(r) for r in runs], "labels": labels, "metrics": rows}
+    if plot is not None and rows:
+        from llmos_cli.core.plots import save_comparison_png
+
+        result["plot"] = str(save_comparison_png(labels, {r["metric"]: r["values"] for r in rows}, plot))
+        out.info(f"eval: wrote {plot}")
+    return result
+
+
+def _run_label(path: Path) -> str:
+    """A run's short name in the table: its folder (the folder holding an eval.json file given)."""
+    path = Path(path)
+    return (path.parent if path.name == "eval.json" else path).name or str(path)
+
+
+def _shown(value: float | None) -> Any:
+    return "-" if value is None else value
+
+
+def _delta(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.4g}"
 
 
 def _read_eval(path: Path) -> dict[str, Any]:
@@ -160,10 +199,16 @@ def _multiple_choice(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any]
 
     if not recipe.eval.data:
         raise UserError(f"{recipe.source}: eval.data: multiple_choice needs a JSONL file of items")
-    items = load_choice_items(recipe.eval.data)[: recipe.eval.max_examples]
+    items = load_choice_items(recipe.eval.data, recipe.eval.target_delimiter)[: recipe.eval.max_examples]
     tokenizer = target.tokenizer()
     model = target.load("causal-lm")
-    scored = score_choices(model, tokenizer, items, batch_size=recipe.eval.batch_size)
+    scored = score_choices(
+        model,
+        tokenizer,
+        items,
+        batch_size=recipe.eval.batch_size,
+        target_delimiter=recipe.eval.target_delimiter,
+    )
     return scored["metrics"], {
         "data": recipe.eval.data,
         "n_examples": len(items),

@@ -97,7 +97,12 @@ def run(
     )
     reference = check.torch_logits(model_obj, prompts) if verify else []
     source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
-    provenance = read_provenance(model, model_dir, adapter_base(model_dir) if adapter else None)
+    provenance = read_provenance(
+        model,
+        model_dir,
+        adapter_base(model_dir) if adapter else None,
+        getattr(tokenizer, "chat_template", None),
+    )
 
     keep_adapter = adapter and not merge_lora
     if keep_adapter and formats != ["hf"]:
@@ -132,6 +137,7 @@ def run(
             kind="export",
             parent=str(model_dir),
             metrics={"max_abs_diff": result.max_abs_diff} if verify else None,
+            suffix_clash=True,  # llmos names exports itself: another export of this model gets name-2
         )
 
     console.table(
@@ -276,7 +282,7 @@ def _check_target(target: Path) -> None:
     """The export target must be (or become) a folder in a writable place."""
     if target.exists() and not target.is_dir():
         raise UserError(f"--out: {target} is a file, not a folder", hint="choose another path")
-    ensure_dir(target.parent, "--out")
+    ensure_dir(target.parent, f"--out {target}")
 
 
 @contextmanager

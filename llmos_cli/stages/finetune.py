@@ -20,7 +20,15 @@ from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages.checks import check_finetune
-from llmos_cli.stages.common import config_hash, device_and_precision, open_run, register_trained, save_final
+from llmos_cli.stages.common import (
+    best_row,
+    config_hash,
+    device_and_precision,
+    open_run,
+    plot_losses,
+    register_trained,
+    save_final,
+)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -79,6 +87,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
     result = train(job)
     saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base)
+    plot_losses(run_dir, f"{recipe.run.name}: loss")
     register_trained(run_dir, recipe, parent=str(base), data_fingerprint=info["fingerprint"], result=result)
     summary = {
         "run_dir": str(run_dir.path),
@@ -102,9 +111,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     rows = [(k, v) for k, v in summary.items() if k not in ("validation", "data", "best")]
     rows += [(f"validation {k}", v) for k, v in (result.validation or {}).items()]
     if result.best:
-        rows.append(
-            (f"best {result.best['metric']}", f"{result.best['value']:.6g} at step {result.best['step']}")
-        )
+        rows.append(best_row(result.best))
     out.table("finetune", ["what", "value"], rows)
     return summary
 

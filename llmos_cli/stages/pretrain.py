@@ -15,7 +15,15 @@ from llmos_cli.core.writable import ensure_dir
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages import data as data_stage
 from llmos_cli.stages.checks import check_pretrain
-from llmos_cli.stages.common import config_hash, device_and_precision, open_run, register_trained, save_final
+from llmos_cli.stages.common import (
+    best_row,
+    config_hash,
+    device_and_precision,
+    open_run,
+    plot_losses,
+    register_trained,
+    save_final,
+)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -60,6 +68,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
     result = train(job)
     save_final(run_dir, model, tokenizer)
+    plot_losses(run_dir, f"{recipe.run.name}: loss")
     register_trained(run_dir, recipe, parent=None, data_fingerprint=prepared.fingerprint, result=result)
     summary = {
         "run_dir": str(run_dir.path),
@@ -69,10 +78,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
         "parameters": n_params,
         "train_loss": result.final_loss,
         "validation": result.validation,
+        "best": result.best,
+        "stopped_early": result.stopped_early,
         "device": str(device),
         "precision": precision.name,
     }
-    rows = [(k, v) for k, v in summary.items() if k != "validation"]
+    rows = [(k, v) for k, v in summary.items() if k not in ("validation", "best")]
     rows += [(f"validation {k}", v) for k, v in (result.validation or {}).items()]
+    if result.best:
+        rows.append(best_row(result.best))
     out.table("pretrain", ["what", "value"], rows)
     return summary

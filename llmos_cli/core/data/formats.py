@@ -44,16 +44,16 @@ Encoded = dict[str, Any] | str  # the columns of one example, or the reason it w
 def task_fingerprint(recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None = None) -> str:
     """What a prepared task dataset depends on, known before anything is read or encoded: the data
     settings, task and seed, every input file's contents, and the tokenizer (its files in `tokenizer_dir`,
-    its vocabulary and the chat template it encodes with; a chat recipe's template is applied to it here
-    first, as encoding does)."""
+    its vocabulary and, for chat data, the template encoding will apply)."""
     d = recipe.data
     if not d.train:
         raise UserError(f"{recipe.source}: data.train: no training data given")
-    if d.format == "chat":
-        set_chat_template(tokenizer, d.chat_template)
+    template = None
+    if d.format == "chat":  # the template encoding will apply (set_chat_template's choice)
+        template = d.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     files = list_files(d.train, d.include) + (list_files(d.validation, d.include) if d.validation else [])
     settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
-    settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer))
+    settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer, template))
     return fingerprint(settings, files, tokenizer_dir)
 
 
@@ -80,6 +80,8 @@ def prepare_task_dataset(
         raise UserError(f"data.train: {d.train} holds no rows")
 
     info: dict[str, Any] = {"format": d.format, "task": recipe.task}
+    if d.format == "chat":
+        info["chat_template"] = set_chat_template(tokenizer, d.chat_template)
     if d.format == "classification":
         names = label_names(train_rows, d)
         info["label_names"] = names
@@ -136,9 +138,10 @@ def _encode_all(rows: list[Row], encode: Callable[[Row], Encoded]) -> tuple[dict
     return columns, dropped
 
 
-def tokenizer_hash(tokenizer: Any) -> str:
+def tokenizer_hash(tokenizer: Any, chat_template: str | None = None) -> str:
+    """The tokenizer's vocabulary and chat template (`chat_template`, else its own)."""
     vocab = sorted(tokenizer.get_vocab().items())
-    blob = json.dumps([vocab, getattr(tokenizer, "chat_template", None)], default=str)
+    blob = json.dumps([vocab, chat_template or getattr(tokenizer, "chat_template", None)], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -199,12 +202,22 @@ def instruction_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encod
 # ---------------------------------------------------------------- chat
 
 
-def set_chat_template(tokenizer: Any, template: str | None) -> None:
-    """The recipe's template wins, then the tokenizer's own, then a plain default; saved with final/."""
+def set_chat_template(tokenizer: Any, template: str | None) -> str:
+    """The recipe's template wins, then the tokenizer's own, then llmos's default (said on stderr);
+    saved with final/. Returns which: data.chat_template, tokenizer or llmos default."""
     if template:
         tokenizer.chat_template = template
-    elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        return "data.chat_template"
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    from llmos_cli.console import out
+
+    out.warn(
+        "data.chat_template: the tokenizer has no chat template: using llmos's default "
+        "(<|role|> turns closed by EOS), saved with the model; set data.chat_template to choose another"
+    )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return "llmos default"
 
 
 def messages_of(row: Row, field: str) -> list[dict[str, str]]:
