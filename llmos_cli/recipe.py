@@ -75,6 +75,9 @@ class DataSection(Section):
     target_field: str = "target"
     include: list[str] = Field(default_factory=list, description="glob patterns picking files in folders")
     text_unit: Literal["document", "line"] = "document"
+    encoding: str = Field(
+        "auto", description="auto: UTF-8, else each file's legacy encoding; or a codec name, strict"
+    )
     max_documents: int | None = Field(None, ge=1)
     clean: CleanSection = Field(default_factory=CleanSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
@@ -104,6 +107,13 @@ class DataSection(Section):
     max_target_len: int | None = Field(
         None, ge=1, description="pairs: target length cap; default max_seq_len"
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _codec(cls, name: str) -> str:
+        from llmos_cli.core.data.decode import check_encoding
+
+        return check_encoding(name)
 
 
 class LoraSection(Section):

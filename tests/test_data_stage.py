@@ -76,15 +76,16 @@ def test_messy_corpus_skip_quarantine_near_dups_overlap_and_reset_positions(tmp_
     )
     prepared = data_stage.run(recipe)
     report = json.loads((prepared.path / "report.json").read_text())
-    assert report["malformed"] == {"invalid_json": 1, "missing_field": 1, "encoding": 1}
+    assert report["malformed"] == {"invalid_json": 1, "missing_field": 1}
+    assert report["redecoded"] == {"cp1252": 1}  # the Latin-1 line is read, not quarantined
     quarantined = [json.loads(x) for x in (prepared.path / "quarantine.jsonl").read_text().splitlines()]
-    assert [q["line"] for q in quarantined] == [6, 7, 8]
+    assert [q["line"] for q in quarantined] == [6, 7]
     assert report["quarantine"] == "quarantine.jsonl" and report["histogram"] == "lengths.png"
     assert report["duplicates_near"] == 1
     assert report["validation_overlap"] == 2 and report["validation_overlap_removed"] == 2
     assert report["splits"]["validation"]["documents"] == 1
-    assert report["splits"]["train"]["documents"] == len(good) - 1
-    assert report["documents_kept"] == len(good) - 1 + 1
+    assert report["splits"]["train"]["documents"] == len(good) - 1 + 1  # less the near-dup, plus "café"
+    assert report["documents_kept"] == len(good) - 1 + 1 + 1
     assert (prepared.path / "lengths.png").read_bytes()[:4] == b"\x89PNG"
 
     from datasets import load_from_disk

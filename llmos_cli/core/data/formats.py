@@ -17,6 +17,7 @@ from typing import Any
 
 from llmos_cli.core.data import IGNORE_INDEX
 from llmos_cli.core.data.cache import fingerprint
+from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
@@ -69,15 +70,16 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
         raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
-    train_rows = read_examples(train_files, d)
+    decoding = Decoding(d.encoding)
+    train_rows = read_examples(train_files, d, decoding)
     if val_files:
-        val_rows = read_examples(val_files, d)
+        val_rows = read_examples(val_files, d, decoding)
     else:
         train_rows, val_rows = split_rows(train_rows, d.validation_split, recipe.run.seed)
     if not train_rows:
         raise UserError(f"data.train: {d.train} holds no rows")
 
-    info: dict[str, Any] = {"format": d.format, "task": recipe.task}
+    info: dict[str, Any] = {"format": d.format, "task": recipe.task, "redecoded": dict(decoding.redecoded)}
     if d.format == "chat":
         set_chat_template(tokenizer, d.chat_template)
     if d.format == "classification":
@@ -105,10 +107,10 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     return DatasetDict(splits), info
 
 
-def read_examples(files: list[Path], d: DataSection) -> list[Row]:
+def read_examples(files: list[Path], d: DataSection, decoding: Decoding | None = None) -> list[Row]:
     """The rows of `files` (up to data.max_documents), for encoding or evaluation."""
     rows = []
-    for row in read_rows(files, d.text_unit):
+    for row in read_rows(files, d.text_unit, decoding=decoding or Decoding(d.encoding)):
         if d.max_documents is not None and len(rows) >= d.max_documents:
             break
         rows.append(row)

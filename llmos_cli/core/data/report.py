@@ -21,6 +21,7 @@ class DataReport:
     documents_kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     malformed: Counter = field(default_factory=Counter)
+    redecoded: Counter = field(default_factory=Counter)  # rows read in each encoding other than UTF-8
     quarantine: str | None = None
     duplicates_exact: int = 0
     duplicates_near: int = 0
@@ -35,12 +36,14 @@ class DataReport:
         d = asdict(self)
         d["dropped"] = dict(self.dropped)
         d["malformed"] = dict(self.malformed)
+        d["redecoded"] = dict(self.redecoded)
         return d
 
     def show(self) -> None:
         rows: list[tuple[str, Any]] = [
             ("files", self.files),
             ("documents read", self.documents_read),
+            *((f"decoded as {enc}", n) for enc, n in sorted(self.redecoded.items())),
             *((f"malformed: {reason}", n) for reason, n in sorted(self.malformed.items())),
             *((f"dropped: {reason}", n) for reason, n in sorted(self.dropped.items())),
             ("exact duplicates", self.duplicates_exact),
