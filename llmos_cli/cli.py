@@ -116,12 +116,14 @@ def _data_steps(recipe: Any) -> list[str]:
         if recipe.model.tokenizer or recipe.model.name_or_path
         else (f"train a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size})")
     )
+    checks = d.checks.model_dump(exclude_none=True)
     return [
         f"read {d.train} (format {d.format})",
         "clean and deduplicate",
         tok,
         f"tokenize and pack into blocks of {d.max_seq_len}",
         f"split and save to {recipe.data_output} (reused if its fingerprint matches)",
+        *([f"check {', '.join(f'{k}={v}' for k, v in checks.items())}; exit 3 if one fails"] if checks else []),
     ]
 
 
@@ -132,7 +134,8 @@ def data(
     dry_run: bool = DryRunOpt,
     force: bool = typer.Option(False, "--force", help="Rebuild even when the cached dataset matches."),
 ) -> None:
-    """Read, clean, deduplicate, train a tokenizer, tokenize, pack, split; write data.output."""
+    """Read, clean, deduplicate, train a tokenizer, tokenize, pack, split; write data.output; judge
+    data.checks (exit 3 when a gate fails, after writing the report)."""
     r = _load(recipe, set_)
     if dry_run:
         from llmos_cli.stages.checks import check_data
@@ -141,15 +144,7 @@ def data(
         return _plan(r, _data_steps(r))
     from llmos_cli.stages import data as stage
 
-    prepared = stage.run(r, force=force)
-    out.emit(
-        {
-            "output": str(prepared.path),
-            "fingerprint": prepared.fingerprint,
-            "reused": prepared.reused,
-            "report": prepared.report,
-        }
-    )
+    out.emit(stage.run(r, force=force).summary())  # a failed data gate exits 3, the report written
 
 
 @data_app.command("check")

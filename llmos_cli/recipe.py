@@ -61,6 +61,17 @@ class TokenizerSection(Section):
     min_frequency: int = Field(2, ge=1)
 
 
+class ChecksSection(Section):
+    """Data gates: limits on the data report; a failed one stops `llmos data` and `llmos run` (exit 3)."""
+
+    min_rows: int | None = Field(None, ge=0, description="at least this many rows in the prepared dataset")
+    max_duplicate_share: float | None = Field(None, ge=0, le=1, description="rows repeating an earlier row")
+    max_truncated_share: float | None = Field(None, ge=0, le=1, description="rows cut at max_seq_len")
+    max_train_validation_overlap: int | None = Field(None, ge=0, description="validation rows also in train")
+    max_label_share: float | None = Field(None, ge=0, le=1, description="the most common label's share")
+    max_dropped_share: float | None = Field(None, ge=0, le=1, description="rows dropped or malformed")
+
+
 class DataSection(Section):
     train: str | list[str] | None = None
     validation: str | list[str] | None = None
@@ -91,6 +102,7 @@ class DataSection(Section):
     )
     num_proc: int = Field(1, ge=1)
     output: str | None = Field(None, description="default runs/data/<run.name>")
+    checks: ChecksSection = Field(default_factory=ChecksSection)
     template: str | None = Field(
         None, description="instruction: prompt template with {prompt} and any row field, e.g. {input}"
     )

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from llmos_cli.core.data import IGNORE_INDEX
-from llmos_cli.core.data.cache import fingerprint
+from llmos_cli.core.data.cache import data_settings, fingerprint
 from llmos_cli.core.data.decode import Decoding
+from llmos_cli.core.data.dedup import content_hash
+from llmos_cli.core.data.gates import share
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
@@ -45,6 +47,7 @@ DEFAULT_CHAT_TEMPLATE = (
 ROLES = {"system", "user", "assistant", "tool"}
 
 Encoded = dict[str, Any] | str  # the columns of one example, or the reason it was dropped
+TRUNCATED = "_truncated"  # set in an encoded example cut at the length cap; counted, not stored
 
 
 def check_format_fits_task(recipe: Recipe) -> None:
@@ -91,9 +94,9 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
 
     splits = {}
     for name, rows in (("train", train_rows), ("validation", val_rows)):
-        columns, dropped = _encode_all(rows, encode)
+        columns, dropped, truncated = _encode_all(rows, encode)
         splits[name] = Dataset.from_dict(columns)
-        info[name] = {"examples": len(splits[name]), "dropped": dict(dropped)}
+        info[name] = {"examples": len(splits[name]), "dropped": dict(dropped), "truncated": truncated}
         if "input_ids" in columns:
             info[name]["tokens"] = int(sum(len(x) for x in columns["input_ids"]))
     if len(splits["train"]) == 0:
@@ -101,7 +104,8 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     if d.format == "classification":
         counts = Counter(splits["train"]["label"])
         info["class_counts"] = {n: counts.get(i, 0) for i, n in enumerate(info["label_names"])}
-    settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
+    info["measures"] = task_measures(train_rows, val_rows, info)
+    settings = data_settings(d)
     settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer))
     info["fingerprint"] = fingerprint(settings, [*train_files, *val_files], None)
     return DatasetDict(splits), info
@@ -127,17 +131,43 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
 
 
-def _encode_all(rows: list[Row], encode: Callable[[Row], Encoded]) -> tuple[dict[str, list], Counter]:
+def _encode_all(rows: list[Row], encode: Callable[[Row], Encoded]) -> tuple[dict[str, list], Counter, int]:
+    """The columns of the encoded rows, the reasons rows were dropped, and how many were truncated."""
     columns: dict[str, list] = {}
     dropped: Counter = Counter()
+    truncated = 0
     for row in rows:
         example = encode(row)
         if isinstance(example, str):
             dropped[example] += 1
             continue
+        truncated += bool(example.pop(TRUNCATED, False))
         for key, value in example.items():
             columns.setdefault(key, []).append(value)
-    return columns, dropped
+    return columns, dropped, truncated
+
+
+def task_measures(train: list[Row], validation: list[Row], info: dict[str, Any]) -> dict[str, Any]:
+    """What data gates limit (see core/data/gates.py), for task formats: rows are compared whole."""
+    train_keys = [_row_key(r) for r in train]
+    val_keys = [_row_key(r) for r in validation]
+    in_train = set(train_keys)
+    n_read = len(train_keys) + len(val_keys)
+    examples = info["train"]["examples"] + info["validation"]["examples"]
+    dropped = sum(sum(info[s]["dropped"].values()) for s in ("train", "validation"))
+    classes = info.get("class_counts", {})
+    return {
+        "rows": examples,
+        "duplicate_share": share(n_read - len(in_train | set(val_keys)), n_read),
+        "truncated_share": share(info["train"]["truncated"] + info["validation"]["truncated"], examples),
+        "train_validation_overlap": sum(k in in_train for k in val_keys),
+        "label_share": share(max(classes.values()), sum(classes.values())) if classes else None,
+        "dropped_share": share(dropped, n_read),
+    }
+
+
+def _row_key(row: Row) -> bytes:
+    return content_hash(json.dumps(row.data, sort_keys=True, ensure_ascii=False, default=str))
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -154,6 +184,15 @@ def _bos(tokenizer: Any) -> list[int]:
     """[BOS] when the tokenizer itself starts sequences with it (llama-style), else nothing."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def _capped(tokenizer: Any, text: str, max_len: int) -> tuple[list[int], bool]:
+    """`text`'s ids (special tokens included) cut to `max_len` as the tokenizer truncates, and whether
+    they had to be."""
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) <= max_len:
+        return ids, False
+    return list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"]), True
 
 
 def _with_eos(ids: list[int], eos: int | None, max_len: int) -> list[int]:
@@ -195,7 +234,7 @@ def instruction_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encod
         labels = ((prompt if d.train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response)[: d.max_seq_len]
         if all(t == IGNORE_INDEX for t in labels[1:]):
             return "prompt_too_long"
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, TRUNCATED: len(prompt) + len(response) > d.max_seq_len}
 
     return encode
 
@@ -259,21 +298,15 @@ def chat_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
             raise UserError(
                 f"{row.source}:{row.line}: the chat template failed on this conversation: {err}"
             ) from None
-        enc = tokenizer(
-            text,
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            truncation=True,
-            max_length=d.max_seq_len,
-        )
-        ids = list(enc["input_ids"])
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"][: d.max_seq_len])
         labels = [
             t if d.train_on_prompt or any(a < e and b > s for s, e in spans) else IGNORE_INDEX
-            for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)
+            for t, (a, b) in zip(ids, enc["offset_mapping"][: d.max_seq_len], strict=True)
         ]
         if all(t == IGNORE_INDEX for t in labels[1:]):
             return "prompt_too_long"
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, TRUNCATED: len(enc["input_ids"]) > d.max_seq_len}
 
     return encode
 
@@ -317,9 +350,8 @@ def classification_encoder(
                 f"{row.source}:{row.line}: label {key!r} is not one of the labels ({', '.join(label2id)})",
                 hint="every label must appear in the training data, or list them all in data.label_names",
             )
-        text = field_text(row, d.text_field)
-        ids = tokenizer(text, truncation=True, max_length=d.max_seq_len)["input_ids"]
-        return {"input_ids": list(ids), "label": label2id[key]}
+        ids, cut = _capped(tokenizer, field_text(row, d.text_field), d.max_seq_len)
+        return {"input_ids": ids, "label": label2id[key], TRUNCATED: cut}
 
     return encode
 
@@ -335,11 +367,12 @@ def pairs_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
         target = field_text(row, d.target_field)
         if not target.strip():
             return "empty_target"
-        ids = tokenizer(source, truncation=True, max_length=d.max_seq_len)["input_ids"]
-        labels = tokenizer(target, truncation=True, max_length=target_len)["input_ids"]
+        ids, cut_source = _capped(tokenizer, source, d.max_seq_len)
+        labels, cut_target = _capped(tokenizer, target, target_len)
         return {
-            "input_ids": _with_eos(list(ids), eos, d.max_seq_len),
-            "labels": _with_eos(list(labels), eos, target_len),
+            "input_ids": _with_eos(ids, eos, d.max_seq_len),
+            "labels": _with_eos(labels, eos, target_len),
+            TRUNCATED: cut_source or cut_target,
         }
 
     return encode
