@@ -123,7 +123,11 @@ def _data_steps(recipe: Any) -> list[str]:
         tok,
         f"tokenize and pack into blocks of {d.max_seq_len}",
         f"split and save to {recipe.data_output} (reused if its fingerprint matches)",
-        *([f"check {', '.join(f'{k}={v}' for k, v in checks.items())}; exit 3 if one fails"] if checks else []),
+        *(
+            [f"check {', '.join(f'{k}={v}' for k, v in checks.items())}; exit 3 if one fails"]
+            if checks
+            else []
+        ),
     ]
 
 
