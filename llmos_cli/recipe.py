@@ -42,8 +42,18 @@ class CleanSection(Section):
     whitespace: bool = True
     mask_urls: bool = False
     mask_emails: bool = False
+    mask_phones: bool = False
+    mask_ips: bool = Field(False, description="IPv4 and IPv6 addresses")
+    mask_credit_cards: bool = Field(
+        False, description="card numbers with an issuer prefix passing the Luhn check"
+    )
+    mask_ibans: bool = Field(False, description="IBANs passing the mod-97 check")
     url_token: str = "<URL>"
     email_token: str = "<EMAIL>"
+    phone_token: str = "<PHONE>"
+    ip_token: str = "<IP>"
+    credit_card_token: str = "<CREDIT_CARD>"
+    iban_token: str = "<IBAN>"
     min_chars: int = Field(1, ge=0)
     max_chars: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0)

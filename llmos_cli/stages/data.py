@@ -277,6 +277,8 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     replace_dir(staged, target)
     rows = [(f"{split}: {k}", v) for split in ("train", "validation") for k, v in info[split].items()]
     rows += [(f"class: {k}", v) for k, v in info.get("class_counts", {}).items()]
+    rows += [(f"decoded as {k}", v) for k, v in info["redecoded"].items()]
+    rows += [(f"masked: {k}", v) for k, v in info["masked"].items()]
     out.table(f"data report ({recipe.data.format})", ["what", "count"], rows)
     out.info(f"data: wrote {target}")
     return PreparedData(target, info["fingerprint"], target / "tokenizer", info, reused=False)

@@ -40,7 +40,7 @@ class Collector:
             if d.max_documents is not None and kept >= d.max_documents:
                 break
             report.documents_read += 1
-            text = clean_text(text, d.clean)
+            text = clean_text(text, d.clean, report.masked)
             reason = drop_reason(text, d.clean)
             if reason:
                 report.dropped[reason] += 1

@@ -20,6 +20,7 @@ from llmos_cli.core.data.cache import data_settings, fingerprint
 from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.dedup import content_hash
 from llmos_cli.core.data.gates import share
+from llmos_cli.core.data.pii import mask_fields, masks_any
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
@@ -73,16 +74,21 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
         raise UserError(f"{recipe.source}: data.train: no training data given")
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
-    decoding = Decoding(d.encoding)
-    train_rows = read_examples(train_files, d, decoding)
+    decoding, masked = Decoding(d.encoding), Counter()
+    train_rows = read_examples(train_files, d, decoding, masked)
     if val_files:
-        val_rows = read_examples(val_files, d, decoding)
+        val_rows = read_examples(val_files, d, decoding, masked)
     else:
         train_rows, val_rows = split_rows(train_rows, d.validation_split, recipe.run.seed)
     if not train_rows:
         raise UserError(f"data.train: {d.train} holds no rows")
 
-    info: dict[str, Any] = {"format": d.format, "task": recipe.task, "redecoded": dict(decoding.redecoded)}
+    info: dict[str, Any] = {
+        "format": d.format,
+        "task": recipe.task,
+        "redecoded": dict(decoding.redecoded),
+        "masked": dict(masked),
+    }
     if d.format == "chat":
         set_chat_template(tokenizer, d.chat_template)
     if d.format == "classification":
@@ -111,12 +117,19 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     return DatasetDict(splits), info
 
 
-def read_examples(files: list[Path], d: DataSection, decoding: Decoding | None = None) -> list[Row]:
-    """The rows of `files` (up to data.max_documents), for encoding or evaluation."""
+def read_examples(
+    files: list[Path], d: DataSection, decoding: Decoding | None = None, masked: Counter | None = None
+) -> list[Row]:
+    """The rows of `files` (up to data.max_documents), for encoding or evaluation, with personal data
+    masked (`data.clean.mask_*`) in every text field and counted in `masked`."""
     rows = []
+    mask = masks_any(d.clean)
+    masked = masked if masked is not None else Counter()
     for row in read_rows(files, d.text_unit, decoding=decoding or Decoding(d.encoding)):
         if d.max_documents is not None and len(rows) >= d.max_documents:
             break
+        if mask:
+            row.data = mask_fields(row.data, d.clean, masked)
         rows.append(row)
     return rows
 

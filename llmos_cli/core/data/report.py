@@ -23,6 +23,7 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     malformed: Counter = field(default_factory=Counter)
     redecoded: Counter = field(default_factory=Counter)  # rows read in each encoding other than UTF-8
+    masked: Counter = field(default_factory=Counter)  # personal data replaced by a token, per kind
     quarantine: str | None = None
     duplicates_exact: int = 0
     duplicates_near: int = 0
@@ -38,6 +39,7 @@ class DataReport:
         d["dropped"] = dict(self.dropped)
         d["malformed"] = dict(self.malformed)
         d["redecoded"] = dict(self.redecoded)
+        d["masked"] = dict(self.masked)
         d["measures"] = self.measures()
         return d
 
@@ -63,6 +65,7 @@ class DataReport:
             ("documents read", self.documents_read),
             *((f"decoded as {enc}", n) for enc, n in sorted(self.redecoded.items())),
             *((f"malformed: {reason}", n) for reason, n in sorted(self.malformed.items())),
+            *((f"masked: {kind}", n) for kind, n in sorted(self.masked.items())),
             *((f"dropped: {reason}", n) for reason, n in sorted(self.dropped.items())),
             ("exact duplicates", self.duplicates_exact),
             ("near duplicates", self.duplicates_near),
