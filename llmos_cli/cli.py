@@ -43,7 +43,8 @@ class DefaultCommandGroup(TyperGroup):
 
 data_app = typer.Typer(
     cls=DefaultCommandGroup,
-    help="Prepare a dataset (`llmos data RECIPE`), convert files (`llmos data convert IN OUT`).",
+    help="Prepare a dataset (`llmos data RECIPE`), convert files (`llmos data convert IN OUT`), "
+    "label rows with a model (`llmos data label IN OUT --model M`).",
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
@@ -192,6 +193,50 @@ def data_convert(
     )
     out.info(f"data convert: {result['rows']} rows -> {result['out']}")
     out.emit(result)
+
+
+@data_app.command("label")
+def data_label(
+    in_path: Path = typer.Argument(
+        ..., help="Input rows (.jsonl .json .csv .tsv .parquet .txt, folder, glob)."
+    ),
+    out_path: Path = typer.Argument(..., help="Labelled output; its extension picks the format."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    labels: str | None = typer.Option(
+        None, "--labels", help="Comma-separated labels for zero-shot; default a classifier's own labels."
+    ),
+    text_field: str = typer.Option("text", "--text-field", help="The field holding the text to label."),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Rows scoring under this (on the model's scale) go to the review file."
+    ),
+    review: Path | None = typer.Option(None, "--review", help="Review file; default OUT.review.<ext>."),
+    template: str | None = typer.Option(
+        None, "--template", help='Zero-shot template, e.g. "This text is about {label}."'
+    ),
+) -> None:
+    """Label rows with a model: `label` and `label_score` per row; low scores to a review file."""
+    from dataclasses import asdict
+
+    from llmos_cli.api import LLMOS
+    from llmos_cli.core.data.label import label_file, show
+
+    names = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
+    if names is not None and len(names) < 2:
+        raise UserError(f"--labels: give at least two labels, comma-separated (got {labels!r})")
+    result = label_file(
+        LLMOS().load_model(model),
+        in_path,
+        out_path,
+        labels=names,
+        text_field=text_field,
+        min_score=min_score,
+        review=review,
+        template=template,
+    )
+    show(result)
+    review_note = f", {result.review} to review in {result.review_file}" if result.review else ""
+    out.info(f"data label: {result.kept} rows -> {result.out}{review_note}")
+    out.emit(asdict(result))
 
 
 @app.command()
