@@ -106,3 +106,12 @@ def test_a_model_without_a_head_needs_labels(run_cli, tmp_path: Path) -> None:
         "a,b",
     )
     assert res.code == 2 and "missing field 'body'" in res.stderr
+
+
+def test_the_python_api_labels_a_file(tmp_path: Path, api_model) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in ROWS[:3]))
+    summary = api_model.label(src, tmp_path / "out.jsonl", ["sports", "cooking"], min_score=1.0)
+    assert summary["kept"] == 0 and summary["review"] == 3  # cosine similarity never reaches 1
+    assert summary["review_labels"] == {"sports": 3}
+    assert len((tmp_path / "out.review.jsonl").read_text().splitlines()) == 3
