@@ -137,3 +137,21 @@ def test_nothing_becomes_a_replacement_character(tmp_path: Path) -> None:
     assert texts == ["ok"] and bad.by_reason == {"encoding": 1}
     quarantined = (tmp_path / "q.jsonl").read_text()
     assert "\\\\x81" in quarantined and "\ufffd" not in quarantined
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_bom_is_not_read_as_utf8_with_nuls(tmp_path: Path, codec: str) -> None:
+    texts = [*MIXED_SCRIPTS, *TWEETS]
+    path = tmp_path / "wide.csv"
+    path.write_bytes(_csv(texts).encode(codec))  # ASCII in UTF-16 is valid UTF-8, full of NULs
+    decoding = Decoding()
+    assert _texts(path, decoding) == texts
+    assert decoding.redecoded == {"utf-16": len(texts)}
+
+
+def test_a_stray_nul_byte_keeps_a_file_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_bytes("東京 café\nnul \x00 inside\nplain\n".encode())
+    decoding = Decoding()
+    assert _texts(path, decoding) == ["東京 café", "nul \x00 inside", "plain"]
+    assert decoding.redecoded == {}

@@ -4,8 +4,9 @@
 legacy encoding: Windows-1252 when charset-normalizer finds that reading plausible (it is what
 spreadsheet exports on Windows write, and a superset of Latin-1's printable characters, which is why
 browsers read Latin-1 as it), else charset-normalizer's best guess over every encoding, judged on
-the file's non-UTF-8 lines. A UTF-16 or UTF-32 byte-order mark decodes the whole file with it; a
-UTF-8 one is dropped. Any codec name instead is strict: a line it cannot decode is a bad row.
+the file's non-UTF-8 lines. A UTF-16 or UTF-32 byte-order mark decodes the whole file with it (so
+does charset-normalizer's verdict on a file starting with NUL bytes, which is UTF-16/32 without
+one); a UTF-8 mark is dropped. Any codec name instead is strict: a line it cannot decode is a bad row.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llmos_cli.errors import UserError
 AUTO = "auto"
 WESTERN = "cp1252"
 SAMPLE_BYTES = 64 * 1024  # non-UTF-8 lines charset-normalizer judges a file's legacy encoding on
+HEAD_BYTES = 4096  # the start of a file looked at for UTF-16/UTF-32 without a byte-order mark
 # longest first: the UTF-32-LE mark starts with the UTF-16-LE one
 BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32"),
@@ -94,8 +96,9 @@ class Decoding:
             fh.seek(0)
             if self.encoding == AUTO:
                 bom = next((codec for mark, codec in BOMS if head.startswith(mark)), None)
-                if bom in ("utf-16", "utf-32"):
-                    yield from _text_lines(fh, path, bom)
+                wide = bom if bom in ("utf-16", "utf-32") else _wide_without_bom(path)
+                if wide is not None:
+                    yield from _text_lines(fh, path, wide)
                 else:
                     yield from self._auto_lines(fh, path, skip_bom=bom is not None)
             elif _line_safe(self.encoding):
@@ -159,6 +162,20 @@ def _text_lines(fh: io.BufferedReader, path: Path, codec: str) -> Iterator[Line]
         ) from None
     finally:
         text.detach()
+
+
+def _wide_without_bom(path: Path) -> str | None:
+    """UTF-16/UTF-32 without a byte-order mark: its NUL bytes are valid UTF-8, so it would be read as
+    text full of NULs; a file whose head holds NULs is judged by charset-normalizer instead."""
+    with path.open("rb") as fh:
+        head = fh.read(HEAD_BYTES)
+    if b"\x00" not in head:
+        return None
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(head).best()
+    name = best.encoding if best is not None else ""
+    return name if name.startswith(("utf_16", "utf_32")) else None
 
 
 def _non_utf8_sample(path: Path) -> bytes:
