@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import sysconfig
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,7 +110,9 @@ class DataSection(Section):
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="malformed rows: stop, or skip into a quarantine file"
     )
-    num_proc: int = Field(1, ge=1)
+    num_proc: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="tokenising processes; auto: every core, at most one per 256 documents"
+    )
     output: str | None = Field(None, description="default runs/data/<run.name>")
     checks: ChecksSection = Field(default_factory=ChecksSection)
     template: str | None = Field(

@@ -19,7 +19,7 @@ import numpy as np
 from llmos_cli.console import out
 from llmos_cli.core.data.cache import data_settings, fingerprint, replace_dir, staging_dir
 from llmos_cli.core.data.collect import Collector
-from llmos_cli.core.data.encode import encode_documents
+from llmos_cli.core.data.encode import DOC_BATCH, encode_documents
 from llmos_cli.core.data.gates import evaluate, failure_message, records
 from llmos_cli.core.data.gates import show as show_gates
 from llmos_cli.core.data.pack import Packer, pack_part
@@ -36,7 +36,6 @@ from llmos_cli.recipe import Recipe
 from llmos_cli.stages.checks import check_data
 
 TOKENIZE_BATCH = 512  # documents per tokenizer call for in-memory evaluation sets
-DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
 
 
 @dataclass
