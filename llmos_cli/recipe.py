@@ -82,6 +82,15 @@ class ChecksSection(Section):
     max_dropped_share: float | None = Field(None, ge=0, le=1, description="rows dropped or malformed")
 
 
+class LabelSection(Section):
+    """A labelling step before task-format rows are encoded: the model's label goes into label_field."""
+
+    model: str | None = Field(None, description="a model dir, run or registered name; unset: no step")
+    labels: list[str] | None = Field(None, description="zero-shot labels; default a classifier's own")
+    min_score: float | None = Field(None, description="rows scoring under this are left out")
+    template: str | None = None
+
+
 class DataSection(Section):
     train: str | list[str] | None = None
     validation: str | list[str] | None = None
@@ -115,6 +124,7 @@ class DataSection(Section):
     )
     output: str | None = Field(None, description="default runs/data/<run.name>")
     checks: ChecksSection = Field(default_factory=ChecksSection)
+    label: LabelSection = Field(default_factory=LabelSection)
     template: str | None = Field(
         None, description="instruction: prompt template with {prompt} and any row field, e.g. {input}"
     )

@@ -115,3 +115,41 @@ def test_the_python_api_labels_a_file(tmp_path: Path, api_model) -> None:
     assert summary["kept"] == 0 and summary["review"] == 3  # cosine similarity never reaches 1
     assert summary["review_labels"] == {"sports": 3}
     assert len((tmp_path / "out.review.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_recipe_labelling_step_feeds_classification(tmp_path: Path, api_model) -> None:
+    from llmos_cli.recipe import load_recipe
+    from llmos_cli.stages import data as data_stage
+    from tests.conftest import write_recipe
+
+    rows = [ROWS[i] for i in (0, 1, 6, 7, 8, 2)]  # sports and cooking, no label field
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in rows))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "task": "classification",
+            "model": {"name_or_path": str(minilm_dir())},
+            "data": {
+                "train": "train.jsonl",
+                "format": "classification",
+                "validation_split": 0,
+                "label": {
+                    "model": "builtin:all-MiniLM-L6-v2",
+                    "labels": ["sports", "cooking"],
+                    "min_score": 0.1,
+                },
+                "output": str(tmp_path / "out"),
+            },
+        },
+    )
+    prepared = data_stage.run(load_recipe(recipe))
+    predicted = api_model.predict([t for t, _ in rows], ["sports", "cooking"])
+    scores = [max(api_model.scores(t, ["sports", "cooking"]).values()) for t, _ in rows]
+    kept = [p for p, s in zip(predicted, scores, strict=True) if s >= 0.1]
+    report = prepared.report
+    assert report["labelled"] == {
+        "model": "builtin:all-MiniLM-L6-v2",
+        "rows": len(kept),
+        "under_min_score": 6 - len(kept),
+    }
+    assert report["class_counts"] == {name: kept.count(name) for name in report["label_names"]}

@@ -22,6 +22,7 @@ from llmos_cli.core.data.dedup import content_hash
 from llmos_cli.core.data.gates import share
 from llmos_cli.core.data.pii import mask_fields, masks_any
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
+from llmos_cli.core.models import recipe_model_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
 
@@ -82,12 +83,26 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
         train_rows, val_rows = split_rows(train_rows, d.validation_split, recipe.run.seed)
     if not train_rows:
         raise UserError(f"data.train: {d.train} holds no rows")
+    labelled: dict[str, Any] = {}
+    if d.label.model:
+        from llmos_cli.core.data.label import label_step
+
+        train_rows, low_train = label_step(train_rows, d, recipe.source)
+        val_rows, low_val = label_step(val_rows, d, recipe.source) if val_rows else (val_rows, 0)
+        labelled = {
+            "model": d.label.model,
+            "rows": len(train_rows) + len(val_rows),
+            "under_min_score": low_train + low_val,
+        }
+        if not train_rows:
+            raise UserError(f"data.label: every training row scored under min_score {d.label.min_score}")
 
     info: dict[str, Any] = {
         "format": d.format,
         "task": recipe.task,
         "redecoded": dict(decoding.redecoded),
         "masked": dict(masked),
+        **({"labelled": labelled} if labelled else {}),
     }
     if d.format == "chat":
         set_chat_template(tokenizer, d.chat_template)
@@ -113,7 +128,10 @@ def prepare_task_dataset(recipe: Recipe, tokenizer: Any) -> tuple[Any, dict[str,
     info["measures"] = task_measures(train_rows, val_rows, info)
     settings = data_settings(d)
     settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer))
-    info["fingerprint"] = fingerprint(settings, [*train_files, *val_files], None)
+    label_model = (
+        [recipe_model_dir(d.label.model, recipe.source, "data.label.model")] if d.label.model else []
+    )
+    info["fingerprint"] = fingerprint(settings, [*train_files, *val_files, *label_model], None)
     return DatasetDict(splits), info
 
 

@@ -3,7 +3,8 @@
 Every row gets `label` and `label_score` from `Model.scores` (what `Model.predict` ranks): zero-shot
 scores for the given labels (an encoder's cosine similarity, a causal or seq2seq LM's mean label
 log-likelihood), or a fine-tuned classifier's probabilities over its own labels. Rows scoring under
-`min_score` (on that model's scale) go to a review file instead of OUT.
+`min_score` (on that model's scale) go to a review file instead of OUT. A recipe's `data.label`
+step labels its rows the same way before they are encoded.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 
 from llmos_cli.console import out
 from llmos_cli.core.data.convert import check_writable_format, write_records
-from llmos_cli.core.data.read import BadRows, field_text, list_files, read_rows
+from llmos_cli.core.data.read import BadRows, Row, field_text, list_files, read_rows
 from llmos_cli.errors import UserError
+from llmos_cli.recipe import DataSection
 
 LABEL, SCORE = "label", "label_score"
 
@@ -60,13 +62,11 @@ def label_file(
     if not rows:
         raise UserError(f"label: {in_path} holds no rows")
     kept, low, scores = [], [], []
-    with out.progress("label", total=len(rows)) as bar:
-        for row in rows:
-            best, score = _best(model, field_text(row, text_field), labels, template)
-            record = {**row.data, LABEL: best, SCORE: round(score, 6)}
-            (low if min_score is not None and score < min_score else kept).append(record)
-            scores.append(score)
-            bar.update(1)
+    texts = [field_text(row, text_field) for row in rows]
+    for row, (best, score) in zip(rows, best_labels(model, texts, labels, template), strict=True):
+        record = {**row.data, LABEL: best, SCORE: round(score, 6)}
+        (low if min_score is not None and score < min_score else kept).append(record)
+        scores.append(score)
     write_records(kept, out_path, text_field)
     review.unlink(missing_ok=True)  # a stale review file would hold another run's rows
     if low:
@@ -83,13 +83,22 @@ def label_file(
     )
 
 
-def _best(model: Any, text: str, labels: list[str] | None, template: str | None) -> tuple[str, float]:
-    try:
-        scores = model.scores(text, labels, template=template)
-    except ValueError as err:  # no head and no labels, a bad template, duplicate labels
-        raise UserError(f"label: {err}", hint="pass --labels a,b,c for zero-shot labelling") from None
-    label = max(scores, key=scores.__getitem__)  # the label `Model.predict` returns
-    return label, float(scores[label])
+def best_labels(
+    model: Any, texts: list[str], labels: list[str] | None, template: str | None = None
+) -> list[tuple[str, float]]:
+    """The label `Model.predict` gives each text, with its score (a progress bar on a TTY)."""
+    found = []
+    with out.progress("label", total=len(texts)) as bar:
+        for text in texts:
+            try:
+                scores = model.scores(text, labels, template=template)
+            except ValueError as err:  # no head and no labels, a bad template, duplicate labels
+                hint = "pass labels for zero-shot labelling: --labels a,b,c (data.label.labels in a recipe)"
+                raise UserError(f"label: {err}", hint=hint) from None
+            label = max(scores, key=scores.__getitem__)  # the label `Model.predict` returns
+            found.append((label, float(scores[label])))
+            bar.update(1)
+    return found
 
 
 def _quantiles(scores: list[float]) -> dict[str, float]:
@@ -102,3 +111,20 @@ def show(result: Labelled) -> None:
     rows += [(f"review: {k}", v) for k, v in result.review_labels.items()]
     rows += [(f"score {k}", v) for k, v in result.score.items()]
     out.table(f"data label: {result.rows} rows -> {result.out}", ["what", "value"], rows)
+
+
+def label_step(rows: list[Row], d: DataSection, source: str | None) -> tuple[list[Row], int]:
+    """The recipe's labelling step (`data.label`): each row's `data.label_field` set to the model's
+    label; rows scoring under `min_score` are left out. Returns the rows kept and how many were not."""
+    from llmos_cli.api import Model
+    from llmos_cli.core.models import recipe_model_dir
+
+    step = d.label
+    model = Model(recipe_model_dir(step.model, source, "data.label.model"))
+    texts = [field_text(row, d.text_field) for row in rows]
+    kept = []
+    for row, (best, score) in zip(rows, best_labels(model, texts, step.labels, step.template), strict=True):
+        if step.min_score is None or score >= step.min_score:
+            row.data = {**row.data, d.label_field: best, SCORE: round(score, 6)}
+            kept.append(row)
+    return kept, len(rows) - len(kept)
