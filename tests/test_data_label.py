@@ -153,3 +153,28 @@ def test_a_recipe_labelling_step_feeds_classification(tmp_path: Path, api_model)
         "under_min_score": 6 - len(kept),
     }
     assert report["class_counts"] == {name: kept.count(name) for name in report["label_names"]}
+
+
+def test_a_fine_tuned_classifier_labels_with_its_own_labels(run_cli, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from llmos_cli.api import LLMOS
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64, id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(str(tmp_path / "clf"))
+    tok.save_pretrained(str(tmp_path / "clf"))
+    texts = [t for t, _ in ROWS[:5]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    res = run_cli("data", "label", tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--model", tmp_path / "clf")
+    assert res.code == 0, res.stderr
+    got = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    head = LLMOS().load_model(tmp_path / "clf")
+    assert [r["label"] for r in got] == head.predict(texts)  # the head's own labels, no --labels
+    assert all(0.5 <= r["label_score"] <= 1 for r in got)  # the winning class probability

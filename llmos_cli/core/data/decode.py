@@ -92,11 +92,11 @@ class Decoding:
     def lines(self, path: Path) -> Iterator[Line]:
         """The lines of `path`, decoded, each with its line ending."""
         with path.open("rb") as fh:
-            head = fh.read(4)
+            head = fh.read(HEAD_BYTES)
             fh.seek(0)
             if self.encoding == AUTO:
                 bom = next((codec for mark, codec in BOMS if head.startswith(mark)), None)
-                wide = bom if bom in ("utf-16", "utf-32") else _wide_without_bom(path)
+                wide = bom if bom in ("utf-16", "utf-32") else _wide_without_bom(head)
                 if wide is not None:
                     yield from _text_lines(fh, path, wide)
                 else:
@@ -164,11 +164,9 @@ def _text_lines(fh: io.BufferedReader, path: Path, codec: str) -> Iterator[Line]
         text.detach()
 
 
-def _wide_without_bom(path: Path) -> str | None:
+def _wide_without_bom(head: bytes) -> str | None:
     """UTF-16/UTF-32 without a byte-order mark: its NUL bytes are valid UTF-8, so it would be read as
-    text full of NULs; a file whose head holds NULs is judged by charset-normalizer instead."""
-    with path.open("rb") as fh:
-        head = fh.read(HEAD_BYTES)
+    text full of NULs; a file whose `head` holds NULs is judged by charset-normalizer instead."""
     if b"\x00" not in head:
         return None
     from charset_normalizer import from_bytes
