@@ -7,6 +7,7 @@ and reports rows/s and the child's peak RSS (os.wait4 rusage), then the peak-mem
 
     python -m bench.bench_data            # 12.5 MB and 50 MB
     python -m bench.bench_data --quick    # 1 MB and 4 MB
+    python -m bench.bench_data --compare-num-proc [--quick]   # num_proc auto vs 1, 50 MB (4 MB)
 Prints markdown tables; `run(quick)` returns the same figures as rows for bench/run.py.
 """
 
@@ -151,6 +152,46 @@ def measure_sizes(sizes: tuple[float, float], num_proc: int = 1) -> list[dict[st
     return results
 
 
+SAME_OUTPUT = """
+import hashlib, sys
+from datasets import load_from_disk
+h = hashlib.sha256()
+for path in sys.argv[1:]:
+    for split in ("train", "validation"):
+        for ids in load_from_disk(path)[split]["input_ids"]:
+            h.update(repr(ids).encode())
+    print(h.hexdigest())
+    h = hashlib.sha256()
+"""
+
+
+def measure_num_proc(mb: float) -> dict[str, Any]:
+    """`llmos data` with num_proc 1 and auto on one corpus: wall, CPU, rows/s, and whether the two
+    datasets hold the same token ids (hashed split by split)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory(prefix="bench-data-np-") as tmp:
+        tmp_path = Path(tmp)
+        corpus, tok_dir = tmp_path / "corpus.jsonl", tmp_path / "tokenizer"
+        n_rows = write_corpus(corpus, mb)
+        train_tokenizer(corpus, tok_dir)
+        result: dict[str, Any] = {"mb": mb, "rows": n_rows, "cores": len(os.sched_getaffinity(0))}
+        for num_proc in (1, "auto"):
+            recipe = tmp_path / f"recipe-{num_proc}.yaml"
+            data = {"train": str(corpus), "max_seq_len": 512, "num_proc": num_proc}
+            data["output"] = str(tmp_path / f"out-{num_proc}")
+            recipe.write_text(
+                json.dumps({"run": {"name": "bench"}, "model": {"tokenizer": str(tok_dir)}, "data": data})
+            )
+            wall, cpu, _ = measure([sys.executable, "-c", LLMOS, str(recipe)], env)
+            result[str(num_proc)] = {"wall": wall, "cpu": cpu, "rows_per_s": n_rows / wall}
+        hashes = subprocess.run(
+            [sys.executable, "-c", SAME_OUTPUT, str(tmp_path / "out-1"), str(tmp_path / "out-auto")],
+            env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+        ).stdout.split()  # fmt: skip
+        result["same_output"] = hashes[0] == hashes[1]
+    return result
+
+
 def to_rows(results: list[dict[str, Any]], num_proc: int) -> list[dict[str, Any]]:
     """bench/run.py rows: rows/s and peak RSS per size, then the peak-RSS growth for the larger corpus."""
     by = {(r["pipeline"], r["mb"]): r for r in results}
@@ -209,7 +250,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small corpora (1 MB and 4 MB)")
     parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument(
+        "--compare-num-proc",
+        action="store_true",
+        help="llmos data at num_proc auto vs 1, same output checked",
+    )
     opts = parser.parse_args()
+    if opts.compare_num_proc:
+        r = measure_num_proc(4.0 if opts.quick else 50.0)
+        one, auto = r["1"], r["auto"]
+        print(f"llmos data, {r['mb']:g} MB corpus ({r['rows']} docs), {r['cores']} cores:")
+        for name, m in (("num_proc 1", one), ("num_proc auto", auto)):
+            print(f"  {name}: {m['rows_per_s']:.0f} rows/s (wall {m['wall']:.1f} s, CPU {m['cpu']:.1f} s)")
+        print(f"  speed-up {one['wall'] / auto['wall']:.2f}x; same output: {r['same_output']}")
+        return 0 if r["same_output"] else 1
     results = measure_sizes((1.0, 4.0) if opts.quick else (12.5, 50.0), opts.num_proc)
     print("| pipeline | corpus MB | rows | wall s | CPU s | rows/s (wall) | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")

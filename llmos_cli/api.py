@@ -213,6 +213,35 @@ class Model:
 
         return embed(self.model, self.tokenizer, texts).tolist()
 
+    def label(
+        self,
+        data: str | Path,
+        out: str | Path,
+        labels: list[str] | None = None,
+        *,
+        text_field: str = "text",
+        min_score: float | None = None,
+        review: str | Path | None = None,
+        template: str | None = None,
+    ) -> dict[str, Any]:
+        """Label every row of `data` into `out` as `llmos data label` does: `label` and `label_score`
+        from `scores`; rows under `min_score` go to a review file. Returns the summary."""
+        from dataclasses import asdict
+
+        from llmos_cli.core.data.label import label_file
+
+        result = label_file(
+            self,
+            data,
+            Path(out),
+            labels=labels,
+            text_field=text_field,
+            min_score=min_score,
+            review=Path(review) if review else None,
+            template=template,
+        )
+        return asdict(result)
+
     def translate(
         self, text: str, target_language: str, *, source_language: str = "en", max_new_tokens: int = 128
     ) -> str:

@@ -43,7 +43,8 @@ class DefaultCommandGroup(TyperGroup):
 
 data_app = typer.Typer(
     cls=DefaultCommandGroup,
-    help="Prepare a dataset (`llmos data RECIPE`), convert files (`llmos data convert IN OUT`).",
+    help="Prepare a dataset (`llmos data RECIPE`), convert files (`llmos data convert IN OUT`), "
+    "label rows with a model (`llmos data label IN OUT --model M`).",
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
@@ -122,12 +123,18 @@ def _data_steps(recipe: Any) -> list[str]:
         if recipe.model.tokenizer or recipe.model.name_or_path
         else (f"train a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size})")
     )
+    checks = d.checks.model_dump(exclude_none=True)
     return [
         f"read {d.train} (format {d.format})",
         "clean and deduplicate",
         tok,
         f"tokenize and pack into blocks of {d.max_seq_len}",
         f"split and save to {recipe.data_output} (reused if its fingerprint matches)",
+        *(
+            [f"check {', '.join(f'{k}={v}' for k, v in checks.items())}; exit 3 if one fails"]
+            if checks
+            else []
+        ),
     ]
 
 
@@ -138,7 +145,8 @@ def data(
     dry_run: bool = DryRunOpt,
     force: bool = typer.Option(False, "--force", help="Rebuild even when the cached dataset matches."),
 ) -> None:
-    """Read, clean, deduplicate, train a tokenizer, tokenize, pack, split; write data.output."""
+    """Read, clean, deduplicate, train a tokenizer, tokenize, pack, split; write data.output; judge
+    data.checks (exit 3 when a gate fails, after writing the report)."""
     r = _load(recipe, set_)
     if dry_run:
         from llmos_cli.stages.checks import check_data
@@ -147,15 +155,7 @@ def data(
         return _plan(r, _data_steps(r))
     from llmos_cli.stages import data as stage
 
-    prepared = stage.run(r, force=force)
-    out.emit(
-        {
-            "output": str(prepared.path),
-            "fingerprint": prepared.fingerprint,
-            "reused": prepared.reused,
-            "report": prepared.report,
-        }
-    )
+    out.emit(stage.run(r, force=force).summary())  # a failed data gate exits 3, the report written
 
 
 @data_app.command("check")
@@ -199,6 +199,50 @@ def data_convert(
     )
     out.info(f"data convert: {result['rows']} rows -> {result['out']}")
     out.emit(result)
+
+
+@data_app.command("label")
+def data_label(
+    in_path: Path = typer.Argument(
+        ..., help="Input rows (.jsonl .json .csv .tsv .parquet .txt, folder, glob)."
+    ),
+    out_path: Path = typer.Argument(..., help="Labelled output; its extension picks the format."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    labels: str | None = typer.Option(
+        None, "--labels", help="Comma-separated labels for zero-shot; default a classifier's own labels."
+    ),
+    text_field: str = typer.Option("text", "--text-field", help="The field holding the text to label."),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Rows scoring under this (on the model's scale) go to the review file."
+    ),
+    review: Path | None = typer.Option(None, "--review", help="Review file; default OUT.review.<ext>."),
+    template: str | None = typer.Option(
+        None, "--template", help='Zero-shot template, e.g. "This text is about {label}."'
+    ),
+) -> None:
+    """Label rows with a model: `label` and `label_score` per row; low scores to a review file."""
+    from dataclasses import asdict
+
+    from llmos_cli.api import LLMOS
+    from llmos_cli.core.data.label import label_file, show
+
+    names = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
+    if names is not None and len(names) < 2:
+        raise UserError(f"--labels: give at least two labels, comma-separated (got {labels!r})")
+    result = label_file(
+        LLMOS().load_model(model),
+        in_path,
+        out_path,
+        labels=names,
+        text_field=text_field,
+        min_score=min_score,
+        review=review,
+        template=template,
+    )
+    show(result)
+    review_note = f", {result.review} to review in {result.review_file}" if result.review else ""
+    out.info(f"data label: {result.kept} rows -> {result.out}{review_note}")
+    out.emit(asdict(result))
 
 
 @app.command()

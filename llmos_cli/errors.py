@@ -13,6 +13,7 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_DATA_GATE = 3  # a data gate (`data.checks`) failed; the data report is written
 ERRORS_DIR_ENV = "LLMOS_RANK_ERRORS"  # set by `--nproc`: each rank leaves its error message there
 
 
@@ -31,10 +32,11 @@ class UserError(Exception):
 class RunFailed(Exception):
     """A run that stopped for a known reason (diverged, interrupted): one clear message, no traceback."""
 
-    def __init__(self, message: str, *, exit_code: int = EXIT_FAILURE):
+    def __init__(self, message: str, *, exit_code: int = EXIT_FAILURE, result: dict | None = None):
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+        self.result = result  # what the command would have printed under --json, reported with the error
 
 
 def debug_enabled() -> bool:
@@ -53,7 +55,7 @@ def run_guarded(fn: Callable[[], T]) -> T:
     except RunFailed as err:
         if debug_enabled():
             traceback.print_exc()
-        _say(f"error: {err.message}", err.exit_code)
+        _say(f"error: {err.message}", err.exit_code, err.result)
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -69,15 +71,15 @@ def run_guarded(fn: Callable[[], T]) -> T:
         raise SystemExit(EXIT_FAILURE) from None
 
 
-def _say(message: str, exit_code: int) -> None:
-    """Print the error (under --json also as a JSON object on stdout, for scripts); under `--nproc`,
-    also leave it for the launcher (written whole, then renamed)."""
+def _say(message: str, exit_code: int, result: dict | None = None) -> None:
+    """Print the error (under --json also as a JSON object on stdout, for scripts, with the command's
+    `result` when it has one); under `--nproc`, also leave it for the launcher (written whole, then renamed)."""
     from llmos_cli.console import out
 
     print(message, file=sys.stderr)
     errors_dir, rank = os.environ.get(ERRORS_DIR_ENV), os.environ.get("RANK")
     if rank in (None, "0"):
-        out.emit({"error": message.removeprefix("error: "), "exit_code": exit_code})
+        out.emit({**(result or {}), "error": message.removeprefix("error: "), "exit_code": exit_code})
     if errors_dir and rank is not None and os.path.isdir(errors_dir):
         tmp = os.path.join(errors_dir, f".error-rank-{rank}.tmp")
         with open(tmp, "w") as f:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import sysconfig
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,8 +54,18 @@ class CleanSection(Section):
     whitespace: bool = True
     mask_urls: bool = False
     mask_emails: bool = False
+    mask_phones: bool = False
+    mask_ips: bool = Field(False, description="IPv4 and IPv6 addresses")
+    mask_credit_cards: bool = Field(
+        False, description="card numbers with an issuer prefix passing the Luhn check"
+    )
+    mask_ibans: bool = Field(False, description="IBANs passing the mod-97 check")
     url_token: str = "<URL>"
     email_token: str = "<EMAIL>"
+    phone_token: str = "<PHONE>"
+    ip_token: str = "<IP>"
+    credit_card_token: str = "<CREDIT_CARD>"
+    iban_token: str = "<IBAN>"
     min_chars: int = Field(1, ge=0)
     max_chars: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0)
@@ -73,6 +83,26 @@ class TokenizerSection(Section):
     min_frequency: int = Field(2, ge=1)
 
 
+class ChecksSection(Section):
+    """Data gates: limits on the data report; a failed one stops `llmos data` and `llmos run` (exit 3)."""
+
+    min_rows: int | None = Field(None, ge=0, description="at least this many rows in the prepared dataset")
+    max_duplicate_share: float | None = Field(None, ge=0, le=1, description="rows repeating an earlier row")
+    max_truncated_share: float | None = Field(None, ge=0, le=1, description="rows cut at max_seq_len")
+    max_train_validation_overlap: int | None = Field(None, ge=0, description="validation rows also in train")
+    max_label_share: float | None = Field(None, ge=0, le=1, description="the most common label's share")
+    max_dropped_share: float | None = Field(None, ge=0, le=1, description="rows dropped or malformed")
+
+
+class LabelSection(Section):
+    """A labelling step before task-format rows are encoded: the model's label goes into label_field."""
+
+    model: str | None = Field(None, description="a model dir, run or registered name; unset: no step")
+    labels: list[str] | None = Field(None, description="zero-shot labels; default a classifier's own")
+    min_score: float | None = Field(None, description="rows scoring under this are left out")
+    template: str | None = None
+
+
 class DataSection(Section):
     train: str | list[str] | None = None
     validation: str | list[str] | None = None
@@ -87,6 +117,9 @@ class DataSection(Section):
     target_field: str = "target"
     include: list[str] = Field(default_factory=list, description="glob patterns picking files in folders")
     text_unit: Literal["document", "line"] = "document"
+    encoding: str = Field(
+        "auto", description="auto: UTF-8, else each file's legacy encoding; or a codec name, strict"
+    )
     max_documents: int | None = Field(None, ge=1)
     clean: CleanSection = Field(default_factory=CleanSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
@@ -98,8 +131,12 @@ class DataSection(Section):
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="malformed rows: stop, or skip into a quarantine file"
     )
-    num_proc: int = Field(1, ge=1)
+    num_proc: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="tokenising processes; auto: every core, at most one per 256 documents"
+    )
     output: str | None = Field(None, description="default runs/data/<run.name>")
+    checks: ChecksSection = Field(default_factory=ChecksSection)
+    label: LabelSection = Field(default_factory=LabelSection)
     template: str | None = Field(
         None, description="instruction: prompt template with {prompt} and any row field, e.g. {input}"
     )
@@ -116,6 +153,13 @@ class DataSection(Section):
     max_target_len: int | None = Field(
         None, ge=1, description="pairs: target length cap; default max_seq_len"
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _codec(cls, name: str) -> str:
+        from llmos_cli.core.data.decode import check_encoding
+
+        return check_encoding(name)
 
 
 class LoraSection(Section):

@@ -123,9 +123,9 @@ GOOD = [{"text": f"the cat sat on the mat number {i}"} for i in range(20)]
 
 DATA_CASES = {
     "bad json": ({"corpus.jsonl": _rows(*GOOD[:3], "{not json", *GOOD)}, {}, ["corpus.jsonl", "4"]),
-    "bad utf-8": (
+    "bad utf-8": (  # strict UTF-8; `auto` would read these bytes as cp1252
         {"corpus.jsonl": _rows(*GOOD[:2]).encode() + b'{"text": "\xff\xfe"}\n'},
-        {},
+        {"encoding": "utf-8"},
         ["corpus.jsonl"],
     ),
     "missing field": (

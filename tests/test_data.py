@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llmos_cli.core.data.clean import clean_text, drop_reason
+from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.dedup import ExactDedup
 from llmos_cli.core.data.pack import pack_sequences
 from llmos_cli.core.data.read import list_files, read_rows
@@ -93,7 +94,7 @@ def test_bad_encoding_is_named(tmp_path: Path) -> None:
     path = tmp_path / "latin.txt"
     path.write_bytes("line one\ncaf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin\.txt:2: not valid UTF-8"):
-        list(read_rows([path]))
+        list(read_rows([path], decoding=Decoding("utf-8")))  # strict: `auto` would read it as cp1252
 
 
 def test_folder_include_globs(tmp_path: Path) -> None:

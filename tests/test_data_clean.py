@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from llmos_cli.core.batches import mask_document_starts
 from llmos_cli.core.data.clean import clean_text, fix_mojibake, token_drop_reason
+from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.dedup import NearDedup
 from llmos_cli.core.data.pack import Packer
 from llmos_cli.core.data.read import BadRows, field_text, list_files, read_rows
@@ -102,7 +104,8 @@ def test_skip_bad_rows_into_quarantine_with_mixed_encodings(tmp_path: Path) -> N
     path.write_bytes(b"\n".join(lines) + b"\n")
     quarantine = tmp_path / "q.jsonl"
     bad = BadRows("skip", quarantine)
-    texts = [t for r in read_rows([path], bad=bad) if (t := field_text(r, "text", bad)) is not None]
+    rows = read_rows([path], bad=bad, decoding=Decoding("utf-8"))
+    texts = [t for r in rows if (t := field_text(r, "text", bad)) is not None]
     bad.close()
     assert texts == ["good one", "東京", "good two"]
     assert bad.by_reason == {
@@ -115,7 +118,7 @@ def test_skip_bad_rows_into_quarantine_with_mixed_encodings(tmp_path: Path) -> N
     records = [json.loads(x) for x in quarantine.read_text().splitlines()]
     assert [r["line"] for r in records] == [3, 4, 5, 6, 7]
     assert all(r["source"] == str(path) for r in records)
-    assert "café" in records[0]["raw"] or "caf" in records[0]["raw"]
+    assert records[0]["raw"] == '{"text": "caf\\xe9 latin-1"}'  # the byte shown, never U+FFFD
 
 
 def test_fail_mode_shows_the_first_few_bad_lines(tmp_path: Path) -> None:
@@ -133,7 +136,7 @@ def test_csv_multiline_fields_wrong_width_and_bad_bytes(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_bytes(b'text,n\n"two\nlines",1\nextra,2,3\ncaf\xe9,4\nlast,5\n')
     bad = BadRows("skip", tmp_path / "q.jsonl")
-    rows = list(read_rows([path], bad=bad))
+    rows = list(read_rows([path], bad=bad, decoding=Decoding("utf-8")))
     bad.close()
     assert [(r.data["text"], r.line) for r in rows] == [("two\nlines", 2), ("last", 6)]
     records = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
@@ -144,7 +147,10 @@ def test_text_lines_skip_undecodable_lines(tmp_path: Path) -> None:
     path = tmp_path / "t.txt"
     path.write_bytes("東京\n".encode() + b"caf\xe9\n" + b"ok\n")
     bad = BadRows("skip")
-    assert [r.data["text"] for r in read_rows([path], "line", bad)] == ["東京", "ok"]
+    assert [r.data["text"] for r in read_rows([path], "line", bad, decoding=Decoding("utf-8"))] == [
+        "東京",
+        "ok",
+    ]
     assert bad.by_reason == {"encoding": 1}
 
 
@@ -257,3 +263,90 @@ def test_saved_hf_dataset_and_globs_are_inputs(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text('{"text": "glob two"}\n')
     files = list_files([str(tmp_path / "saved"), str(tmp_path / "*.jsonl")])
     assert [r.data["text"] for r in read_rows(files)] == ["東京", "two", "glob one", "glob two"]
+
+
+PII = {  # kind: (switch, text, masked text)
+    "phone": (
+        "mask_phones",
+        "call +44 20 7946 0958, (555) 123-4567, 555.123.4567 or 030 1234567.",
+        "call <PHONE>, <PHONE>, <PHONE> or <PHONE>.",
+    ),
+    "ip": (
+        "mask_ips",
+        "hosts 192.168.1.10 and 2001:db8::8a2e:370:7334 are down",
+        "hosts <IP> and <IP> are down",
+    ),
+    "credit_card": (
+        "mask_credit_cards",
+        "paid with 4111 1111 1111 1111, amex 378282246310005; not 4111 1111 1111 1112",
+        "paid with <CREDIT_CARD>, amex <CREDIT_CARD>; not 4111 1111 1111 1112",  # Luhn fails
+    ),
+    "iban": (
+        "mask_ibans",
+        "IBAN DE89 3704 0044 0532 0130 00 AND GB82WEST12345698765432, not DE00370400440532013000",
+        "IBAN <IBAN> AND <IBAN>, not DE00370400440532013000",  # mod 97 fails
+    ),
+}
+ORDINARY = [  # numbers that look like personal data to a careless pattern
+    "released on 2024-01-15 at 12:30:45, or 07/15/2024, or 15.07.2024",
+    "version 1.2.3.4, numpy 1.26.4, v10.0.19041.1 and 1.2.3.4.5; 10.0.0.256 is no address",
+    "total 1,234,567.89; pi 3.14159265358979; years 2023 2024 2025",
+    "x = 1234567890123456  # an id, Luhn fails: 4111111111111112; ms since epoch 1700000000000",
+    "arr[::2], std::vector<int>, a::b::c, MAC de:ad:be:ef:00:01, port 8080:8080, 0x7fff5fbff8a8",
+    "isbn 978-3-16-148410-0, zip 12345-6789, 123-45-6789, call 12345, 2 + 3 = 5",
+    "uuid 123e4567-e89b-12d3-a456-426614174000, sha 3f786850e387550fdab836ed7e6dc881de23001b",
+]
+
+
+@pytest.mark.parametrize("kind", PII)
+def test_personal_data_is_masked_counted_and_switchable(kind: str) -> None:
+    switch, text, masked = PII[kind]
+    counts: Counter = Counter()
+    assert clean_text(text, CleanSection(**{switch: True}), counts) == masked
+    assert counts == {kind: masked.count("<")}
+    assert clean_text(text, CleanSection()) == text  # every kind is off by default
+    token = switch.removeprefix("mask_").removesuffix("s") + "_token"
+    assert "[x]" in clean_text(text, CleanSection(**{switch: True, token: "[x]"}))
+
+
+def test_ordinary_numbers_are_not_personal_data() -> None:
+    every = CleanSection(**{switch: True for switch, _, _ in PII.values()}, mask_urls=True, mask_emails=True)
+    counts: Counter = Counter()
+    for text in ORDINARY:
+        assert clean_text(text, every, counts) == text
+    assert not counts
+
+
+def test_masked_counts_reach_the_report(tmp_path: Path) -> None:
+    from llmos_cli.core.data.collect import Collector
+    from llmos_cli.core.data.report import DataReport
+    from llmos_cli.recipe import DataSection
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": PII[k][1]}) + "\n" for k in PII))
+    data = DataSection(clean=CleanSection(mask_phones=True, mask_ibans=True, mask_emails=True))
+    report = DataReport()
+    docs = list(Collector(data, report, BadRows()).documents([path]))
+    assert report.masked == {"phone": 4, "iban": 2}
+    assert docs[0] == PII["phone"][2] and report.to_dict()["masked"] == {"phone": 4, "iban": 2}
+
+
+def test_task_format_rows_are_masked_in_every_text_field(tmp_path: Path) -> None:
+    from llmos_cli.core.data.formats import read_examples
+    from llmos_cli.recipe import DataSection
+
+    path = tmp_path / "chat.jsonl"
+    row = {
+        "messages": [
+            {"role": "user", "content": "my card is 4111-1111-1111-1111, call me on +1 (555) 123-4567"},
+            {"role": "assistant", "content": "noted, version 1.2.3.4 on 2024-01-15"},
+        ],
+        "id": 7,
+    }
+    path.write_text(json.dumps(row) + "\n")
+    data = DataSection(format="chat", clean=CleanSection(mask_credit_cards=True, mask_phones=True))
+    masked: Counter = Counter()
+    (got,) = read_examples([path], data, masked=masked)
+    assert got.data["messages"][0]["content"] == "my card is <CREDIT_CARD>, call me on <PHONE>"
+    assert got.data["messages"][1] == row["messages"][1] and got.data["id"] == 7
+    assert masked == {"credit_card": 1, "phone": 1}

@@ -76,15 +76,16 @@ def test_messy_corpus_skip_quarantine_near_dups_overlap_and_reset_positions(tmp_
     )
     prepared = data_stage.run(recipe)
     report = json.loads((prepared.path / "report.json").read_text())
-    assert report["malformed"] == {"invalid_json": 1, "missing_field": 1, "encoding": 1}
+    assert report["malformed"] == {"invalid_json": 1, "missing_field": 1}
+    assert report["redecoded"] == {"cp1252": 1}  # the Latin-1 line is read, not quarantined
     quarantined = [json.loads(x) for x in (prepared.path / "quarantine.jsonl").read_text().splitlines()]
-    assert [q["line"] for q in quarantined] == [6, 7, 8]
+    assert [q["line"] for q in quarantined] == [6, 7]
     assert report["quarantine"] == "quarantine.jsonl" and report["histogram"] == "lengths.png"
     assert report["duplicates_near"] == 1
     assert report["validation_overlap"] == 2 and report["validation_overlap_removed"] == 2
     assert report["splits"]["validation"]["documents"] == 1
-    assert report["splits"]["train"]["documents"] == len(good) - 1
-    assert report["documents_kept"] == len(good) - 1 + 1
+    assert report["splits"]["train"]["documents"] == len(good) - 1 + 1  # less the near-dup, plus "café"
+    assert report["documents_kept"] == len(good) - 1 + 1 + 1
     assert (prepared.path / "lengths.png").read_bytes()[:4] == b"\x89PNG"
 
     from datasets import load_from_disk
@@ -147,19 +148,34 @@ def test_cjk_trains_a_tokenizer_that_compresses_and_round_trips(tmp_path: Path) 
 
 
 def test_num_proc_gives_the_same_dataset_and_is_not_in_the_fingerprint(tmp_path: Path) -> None:
-    _write_jsonl(tmp_path / "train.jsonl", toy_documents(80))
-    path = _recipe(tmp_path, {})
+    _write_jsonl(tmp_path / "train.jsonl", toy_documents(600))  # 3 batches of documents: 2 workers
+    path = _recipe(tmp_path, {"num_proc": 1})
     one = data_stage.run(load_recipe(path))
     from datasets import load_from_disk
 
     first = load_from_disk(str(one.path))["train"]["input_ids"]
+    assert data_stage.run(load_recipe(path, ["data.num_proc=auto"])).reused
     again = data_stage.run(load_recipe(path, ["data.num_proc=2"]))
     assert again.reused  # worker count does not change the result, so it is not fingerprinted
     forced = data_stage.run(load_recipe(path, ["data.num_proc=2"]), force=True)
     assert forced.fingerprint == one.fingerprint
     assert load_from_disk(str(forced.path))["train"]["input_ids"] == first
+    auto = data_stage.run(load_recipe(path, ["data.num_proc=auto"]), force=True)
+    assert load_from_disk(str(auto.path))["train"]["input_ids"] == first
     changed = data_stage.run(load_recipe(path, ["data.clean.mask_urls=true"]))
     assert not changed.reused and changed.fingerprint != one.fingerprint
+
+
+def test_num_proc_auto_uses_every_core_but_not_more_workers_than_batches(monkeypatch) -> None:
+    import os
+
+    from llmos_cli.core.data.encode import worker_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert worker_count("auto", 100_000) == 16
+    assert worker_count("auto", 600) == 3  # 256 documents a batch
+    assert worker_count("auto", 10) == 1 and worker_count(4, 0) == 1
+    assert worker_count(2, 100_000) == 2
 
 
 def test_bad_rows_fail_by_default_naming_lines_and_write_nothing(tmp_path: Path, run_cli) -> None:

@@ -43,7 +43,7 @@ def test_instruction_loss_only_on_response_and_eos(tmp_path: Path, bpe) -> None:
         row["input_ids"]
     )
     assert row["labels"][: len(row["labels"]) // 2] == [IGNORE_INDEX] * (len(row["labels"]) // 2)
-    assert info["train"] == {"examples": 1, "dropped": {}, "tokens": len(row["input_ids"])}
+    assert info["train"] == {"examples": 1, "dropped": {}, "truncated": 0, "tokens": len(row["input_ids"])}
 
     ds, _ = prepare(tmp_path, bpe, rows, format="instruction", train_on_prompt=True)
     assert ds["train"][0]["labels"] == ds["train"][0]["input_ids"]

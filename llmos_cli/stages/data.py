@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from llmos_cli.console import out
-from llmos_cli.core.data.cache import fingerprint, replace_dir, staging_dir
+from llmos_cli.core.data.cache import data_settings, fingerprint, replace_dir, staging_dir
 from llmos_cli.core.data.collect import Collector
-from llmos_cli.core.data.encode import encode_documents
+from llmos_cli.core.data.encode import DOC_BATCH, encode_documents
+from llmos_cli.core.data.gates import evaluate, failure_message, records
+from llmos_cli.core.data.gates import show as show_gates
 from llmos_cli.core.data.pack import Packer, pack_part
 from llmos_cli.core.data.read import BadRows, list_files
 from llmos_cli.core.data.report import DataReport, count_labels, length_summary, write_length_histogram
@@ -27,13 +29,13 @@ from llmos_cli.core.data.split import Part, filter_by_tokens, split_mask, valida
 from llmos_cli.core.data.store import column_names, iter_column, text_features, write_rows
 from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 from llmos_cli.core.models import load_tokenizer, locate_recipe_model, recipe_tokenizer_dir, tokenizer_folder
+from llmos_cli.core.rundir import write_atomic
 from llmos_cli.core.writable import disk_full_is_clear
-from llmos_cli.errors import UserError
+from llmos_cli.errors import EXIT_DATA_GATE, RunFailed, UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages.checks import check_data
 
 TOKENIZE_BATCH = 512  # documents per tokenizer call for in-memory evaluation sets
-DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
 
 
 @dataclass
@@ -44,16 +46,47 @@ class PreparedData:
     report: dict[str, Any]
     reused: bool
 
+    def summary(self) -> dict[str, Any]:
+        """What `llmos data` prints under --json."""
+        return {
+            "output": str(self.path),
+            "fingerprint": self.fingerprint,
+            "reused": self.reused,
+            "report": self.report,
+        }
+
 
 def run(recipe: Recipe, *, force: bool = False) -> PreparedData:
+    """Prepare (or reuse) the dataset, then judge `data.checks`: a failed gate raises RunFailed (exit 3)
+    once report.json records it."""
     check_data(recipe)
+    if recipe.data.format == "text":
+        prepared = _prepare_text_format(recipe, force)
+    else:
+        prepared = _prepare_task_format(recipe, force)
+    return _enforce_checks(recipe, prepared)
+
+
+def _enforce_checks(recipe: Recipe, prepared: PreparedData) -> PreparedData:
+    gates = evaluate(recipe.data.checks, prepared.report.get("measures", {}))
+    report_path = prepared.path / "report.json"
+    if prepared.report.get("checks", []) != records(gates):  # a reused dataset may be checked anew
+        prepared.report["checks"] = records(gates)
+        write_atomic(report_path, json.dumps(prepared.report, indent=2, ensure_ascii=False, default=str))
+    if gates:
+        show_gates(gates)
+    message = failure_message(gates, str(report_path))
+    if message:
+        raise RunFailed(message, exit_code=EXIT_DATA_GATE, result=prepared.summary())
+    return prepared
+
+
+def _prepare_text_format(recipe: Recipe, force: bool) -> PreparedData:
     d = recipe.data
-    if d.format != "text":
-        return _prepare_task_format(recipe, force)
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
     tokenizer_src = tokenizer_source(recipe)
-    settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
+    settings = data_settings(d)
     settings.update(task=recipe.task, seed=recipe.run.seed)
     fp = fingerprint(settings, [*train_files, *val_files], tokenizer_src)
     target = recipe.data_output
@@ -244,6 +277,8 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     replace_dir(staged, target)
     rows = [(f"{split}: {k}", v) for split in ("train", "validation") for k, v in info[split].items()]
     rows += [(f"class: {k}", v) for k, v in info.get("class_counts", {}).items()]
+    rows += [(f"decoded as {k}", v) for k, v in info["redecoded"].items()]
+    rows += [(f"masked: {k}", v) for k, v in info["masked"].items()]
     out.table(f"data report ({recipe.data.format})", ["what", "count"], rows)
     out.info(f"data: wrote {target}")
     return PreparedData(target, info["fingerprint"], target / "tokenizer", info, reused=False)

@@ -26,6 +26,7 @@ from typing import Any
 from llmos_cli.console import out
 from llmos_cli.core.batches import IGNORE_INDEX
 from llmos_cli.core.data import formats
+from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.pack import Packer
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.core.models import load_tokenizer, resolve_model_dir
@@ -94,7 +95,8 @@ def _example(recipe: Recipe, index: int) -> Row:
         raise UserError(f"{recipe.source}: data.train: no training data given")
     if index < 0:
         raise UserError(f"--index must be >= 0, got {index}")
-    row = next(islice(read_rows(list_files(d.train, d.include), d.text_unit), index, None), None)
+    rows = read_rows(list_files(d.train, d.include), d.text_unit, decoding=Decoding(d.encoding))
+    row = next(islice(rows, index, None), None)
     if row is None:
         raise UserError(f"--index {index}: data.train ({d.train}) has fewer than {index + 1} rows")
     return row

@@ -125,7 +125,12 @@ STAGES: dict[str, Stage] = {
             "data",
             ("task", "run.seed", "data", "model.tokenizer", "model.name_or_path"),
             (),
-            lambda r, _: _data_files(r) + _local(r, r.model.tokenizer) + _local(r, r.model.name_or_path),
+            lambda r, _: (
+                _data_files(r)
+                + _local(r, r.model.tokenizer)
+                + _local(r, r.model.name_or_path)
+                + _local(r, r.data.label.model)  # the model a labelling step scores rows with
+            ),
             lambda r: r.data_output / "report.json",
             _run_data,
         ),

@@ -12,8 +12,16 @@ from typing import Any
 
 from llmos_cli.core.writable import ensure_dir, match_umask
 from llmos_cli.errors import UserError
+from llmos_cli.recipe import DataSection
 
-FINGERPRINT_VERSION = 2  # bump when the prepared layout or its report changes
+FINGERPRINT_VERSION = 3  # bump when the prepared layout or its report changes
+# where the dataset goes, how fast it is built and what it is checked against: not what it holds
+NOT_FINGERPRINTED = {"output", "num_proc", "train", "validation", "checks"}
+
+
+def data_settings(d: DataSection) -> dict[str, Any]:
+    """The `data` settings that define a prepared dataset (the inputs are hashed separately)."""
+    return d.model_dump(mode="json", exclude=NOT_FINGERPRINTED)
 
 
 def hash_file(path: Path, h: Any = None) -> str:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from functools import lru_cache
 from typing import Any
 
+from llmos_cli.core.data.pii import mask_personal_data
 from llmos_cli.recipe import CleanSection
 
 # C0/C1 control characters except tab, newline and carriage return (handled as whitespace).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUN = re.compile(r"\n{3,}")
-_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]}]", re.IGNORECASE)
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
 
 
 @lru_cache(maxsize=1)
@@ -47,18 +47,16 @@ def fix_mojibake(text: str) -> str:
     return fix_text(text, config=_ftfy_config())
 
 
-def clean_text(text: str, cfg: CleanSection) -> str:
-    """Apply the switched-on cleaning steps to one text; keeps indentation and every script."""
+def clean_text(text: str, cfg: CleanSection, masked: Counter | None = None) -> str:
+    """Apply the switched-on cleaning steps to one text; keeps indentation and every script. Personal
+    data replaced by a token is counted per kind in `masked`."""
     if cfg.fix_mojibake:
         text = fix_mojibake(text)
     if cfg.normalize != "none":
         text = unicodedata.normalize(cfg.normalize, text)
     if cfg.control_chars:
         text = _CONTROL.sub("", text)
-    if cfg.mask_emails:  # before URLs: an address is not a link
-        text = _EMAIL.sub(cfg.email_token, text)
-    if cfg.mask_urls:
-        text = _URL.sub(cfg.url_token, text)
+    text = mask_personal_data(text, cfg, masked)
     if cfg.whitespace:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         text = _TRAILING_SPACE.sub("", text)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from llmos_cli.core.data.clean import clean_text, drop_reason
+from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.dedup import ExactDedup, NearDedup
 from llmos_cli.core.data.read import BadRows, field_text, read_rows
 from llmos_cli.core.data.report import DataReport
@@ -33,12 +34,13 @@ class Collector:
         """Clean, kept documents of `files`, in order (remembered for dedup and overlap checks)."""
         d, report = self.data, self.report
         kept = 0
-        rows = read_rows(files, d.text_unit, self.bad, split=split)
+        decoding = Decoding(d.encoding)
+        rows = read_rows(files, d.text_unit, self.bad, split=split, decoding=decoding)
         for text in self._texts(rows):
             if d.max_documents is not None and kept >= d.max_documents:
                 break
             report.documents_read += 1
-            text = clean_text(text, d.clean)
+            text = clean_text(text, d.clean, report.masked)
             reason = drop_reason(text, d.clean)
             if reason:
                 report.dropped[reason] += 1
@@ -52,6 +54,7 @@ class Collector:
             kept += 1
             yield text
         report.documents_kept += kept
+        report.redecoded.update(decoding.redecoded)
 
     def _texts(self, rows: Iterable) -> Iterator[str]:
         for row in rows:

@@ -12,7 +12,7 @@ import contextlib
 import csv
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,7 @@ def convert(
 ) -> dict[str, Any]:
     """Convert IN to OUT; returns `{"rows": n, "in": ..., "out": ..., "layout": ...}`."""
     out_path = Path(out_path)
-    suffix = out_path.suffix.lower()
-    if suffix not in SUPPORTED:
-        raise UserError(f"convert: cannot write '{out_path.name}': use one of {', '.join(sorted(SUPPORTED))}")
+    check_writable_format(out_path, "convert")
     if to_layout is not None and to_layout not in LAYOUTS:
         raise UserError(f"convert: unknown layout '{to_layout}' (known: {', '.join(LAYOUTS)})")
     fields = {
@@ -55,14 +53,7 @@ def convert(
     else:
         records = (r.data for r in rows)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
-        n = _WRITERS[suffix](records, tmp, text_field)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out_path)
+    n = write_records(records, out_path, text_field)
     return {"rows": n, "in": str(in_path), "out": str(out_path), "layout": to_layout}
 
 
@@ -130,6 +121,24 @@ def _messages(row: Row, field: str) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------- writers
+
+
+def check_writable_format(path: Path, command: str) -> None:
+    if path.suffix.lower() not in _WRITERS:
+        raise UserError(f"{command}: cannot write '{path.name}': use one of {', '.join(sorted(SUPPORTED))}")
+
+
+def write_records(records: Iterable[dict[str, Any]], path: Path, text_field: str = "text") -> int:
+    """Write `records` in the format `path`'s suffix names, through a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        n = _WRITERS[path.suffix.lower()](iter(records), tmp, text_field)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return n
 
 
 def _write_jsonl(records: Iterator[dict[str, Any]], path: Path, _: str) -> int:

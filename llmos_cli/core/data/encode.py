@@ -11,7 +11,16 @@ from llmos_cli.console import out
 from llmos_cli.core.data.split import Part
 from llmos_cli.core.data.store import iter_column, map_batches, token_features
 
+DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
 _TOKENIZER: Any = None  # set in each tokenising process by _use_tokenizer
+
+
+def worker_count(num_proc: int | str, n_docs: int) -> int:
+    """Tokenising processes: `auto` is every core this process may run on; never more than there are
+    batches of documents, so a small corpus runs in this process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    wanted = cores if num_proc == "auto" else int(num_proc)
+    return max(1, min(wanted, -(-n_docs // DOC_BATCH)))
 
 
 def _use_tokenizer(tokenizer: Any) -> None:
@@ -24,9 +33,10 @@ def _encode_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
     return {"input_ids": ids, "n_tokens": [len(x) for x in ids]}
 
 
-def encode_documents(part: Part, tokenizer: Any, num_proc: int) -> np.ndarray:
-    """Tokenise every document of `part.docs` into `part.encoded` (`num_proc` worker processes);
-    returns the token count of each document."""
+def encode_documents(part: Part, tokenizer: Any, num_proc: int | str) -> np.ndarray:
+    """Tokenise every document of `part.docs` into `part.encoded` (`num_proc` worker processes, or
+    `auto`); returns the token count of each document. The output does not depend on `num_proc`."""
+    num_proc = worker_count(num_proc, len(part.keep))
     if num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
     features = token_features(["input_ids", "n_tokens"])

@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from llmos_cli.core.data import IGNORE_INDEX
-from llmos_cli.core.data.cache import fingerprint
+from llmos_cli.core.data.cache import data_settings, fingerprint
+from llmos_cli.core.data.decode import Decoding
+from llmos_cli.core.data.dedup import content_hash
+from llmos_cli.core.data.gates import share
+from llmos_cli.core.data.pii import mask_fields, masks_any
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
+from llmos_cli.core.models import recipe_model_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
 
@@ -39,12 +44,13 @@ DEFAULT_CHAT_TEMPLATE = (
 ROLES = {"system", "user", "assistant", "tool"}
 
 Encoded = dict[str, Any] | str  # the columns of one example, or the reason it was dropped
+TRUNCATED = "_truncated"  # set in an encoded example cut at the length cap; counted, not stored
 
 
 def task_fingerprint(recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None = None) -> str:
     """What a prepared task dataset depends on, known before anything is read or encoded: the data
-    settings, task and seed, every input file's contents, and the tokenizer (its files in `tokenizer_dir`,
-    its vocabulary and, for chat data, the template encoding will apply)."""
+    settings, task and seed, every input file's contents, a labelling step's model, and the tokenizer (its
+    files in `tokenizer_dir`, its vocabulary and, for chat data, the template encoding will apply)."""
     d = recipe.data
     if not d.train:
         raise UserError(f"{recipe.source}: data.train: no training data given")
@@ -52,7 +58,9 @@ def task_fingerprint(recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None 
     if d.format == "chat":  # the template encoding will apply (set_chat_template's choice)
         template = d.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     files = list_files(d.train, d.include) + (list_files(d.validation, d.include) if d.validation else [])
-    settings = d.model_dump(mode="json", exclude={"output", "num_proc", "train", "validation"})
+    if d.label.model:  # a labelling step's model decides the labels
+        files.append(recipe_model_dir(d.label.model, recipe.source, "data.label.model"))
+    settings = data_settings(d)
     settings.update(task=recipe.task, seed=recipe.run.seed, tokenizer=tokenizer_hash(tokenizer, template))
     return fingerprint(settings, files, tokenizer_dir)
 
@@ -71,15 +79,35 @@ def prepare_task_dataset(
     fp = task_fingerprint(recipe, tokenizer, tokenizer_dir)
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
-    train_rows = read_examples(train_files, d)
+    decoding, masked = Decoding(d.encoding), Counter()
+    train_rows = read_examples(train_files, d, decoding, masked)
     if val_files:
-        val_rows = read_examples(val_files, d)
+        val_rows = read_examples(val_files, d, decoding, masked)
     else:
         train_rows, val_rows = split_rows(train_rows, d.validation_split, recipe.run.seed)
     if not train_rows:
         raise UserError(f"data.train: {d.train} holds no rows")
+    labelled: dict[str, Any] = {}
+    if d.label.model:
+        from llmos_cli.core.data.label import label_step
 
-    info: dict[str, Any] = {"format": d.format, "task": recipe.task}
+        train_rows, low_train = label_step(train_rows, d, recipe.source)
+        val_rows, low_val = label_step(val_rows, d, recipe.source) if val_rows else (val_rows, 0)
+        labelled = {
+            "model": d.label.model,
+            "rows": len(train_rows) + len(val_rows),
+            "under_min_score": low_train + low_val,
+        }
+        if not train_rows:
+            raise UserError(f"data.label: every training row scored under min_score {d.label.min_score}")
+
+    info: dict[str, Any] = {
+        "format": d.format,
+        "task": recipe.task,
+        "redecoded": dict(decoding.redecoded),
+        "masked": dict(masked),
+        **({"labelled": labelled} if labelled else {}),
+    }
     if d.format == "chat":
         info["chat_template"] = set_chat_template(tokenizer, d.chat_template)
     if d.format == "classification":
@@ -91,9 +119,9 @@ def prepare_task_dataset(
 
     splits = {}
     for name, rows in (("train", train_rows), ("validation", val_rows)):
-        columns, dropped = _encode_all(rows, encode)
+        columns, dropped, truncated = _encode_all(rows, encode)
         splits[name] = Dataset.from_dict(columns)
-        info[name] = {"examples": len(splits[name]), "dropped": dict(dropped)}
+        info[name] = {"examples": len(splits[name]), "dropped": dict(dropped), "truncated": truncated}
         if "input_ids" in columns:
             info[name]["tokens"] = int(sum(len(x) for x in columns["input_ids"]))
     if len(splits["train"]) == 0:
@@ -101,16 +129,24 @@ def prepare_task_dataset(
     if d.format == "classification":
         counts = Counter(splits["train"]["label"])
         info["class_counts"] = {n: counts.get(i, 0) for i, n in enumerate(info["label_names"])}
+    info["measures"] = task_measures(train_rows, val_rows, info)
     info["fingerprint"] = fp
     return DatasetDict(splits), info
 
 
-def read_examples(files: list[Path], d: DataSection) -> list[Row]:
-    """The rows of `files` (up to data.max_documents), for encoding or evaluation."""
+def read_examples(
+    files: list[Path], d: DataSection, decoding: Decoding | None = None, masked: Counter | None = None
+) -> list[Row]:
+    """The rows of `files` (up to data.max_documents), for encoding or evaluation, with personal data
+    masked (`data.clean.mask_*`) in every text field and counted in `masked`."""
     rows = []
-    for row in read_rows(files, d.text_unit):
+    mask = masks_any(d.clean)
+    masked = masked if masked is not None else Counter()
+    for row in read_rows(files, d.text_unit, decoding=decoding or Decoding(d.encoding)):
         if d.max_documents is not None and len(rows) >= d.max_documents:
             break
+        if mask:
+            row.data = mask_fields(row.data, d.clean, masked)
         rows.append(row)
     return rows
 
@@ -125,17 +161,43 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
 
 
-def _encode_all(rows: list[Row], encode: Callable[[Row], Encoded]) -> tuple[dict[str, list], Counter]:
+def _encode_all(rows: list[Row], encode: Callable[[Row], Encoded]) -> tuple[dict[str, list], Counter, int]:
+    """The columns of the encoded rows, the reasons rows were dropped, and how many were truncated."""
     columns: dict[str, list] = {}
     dropped: Counter = Counter()
+    truncated = 0
     for row in rows:
         example = encode(row)
         if isinstance(example, str):
             dropped[example] += 1
             continue
+        truncated += bool(example.pop(TRUNCATED, False))
         for key, value in example.items():
             columns.setdefault(key, []).append(value)
-    return columns, dropped
+    return columns, dropped, truncated
+
+
+def task_measures(train: list[Row], validation: list[Row], info: dict[str, Any]) -> dict[str, Any]:
+    """What data gates limit (see core/data/gates.py), for task formats: rows are compared whole."""
+    train_keys = [_row_key(r) for r in train]
+    val_keys = [_row_key(r) for r in validation]
+    in_train = set(train_keys)
+    n_read = len(train_keys) + len(val_keys)
+    examples = info["train"]["examples"] + info["validation"]["examples"]
+    dropped = sum(sum(info[s]["dropped"].values()) for s in ("train", "validation"))
+    classes = info.get("class_counts", {})
+    return {
+        "rows": examples,
+        "duplicate_share": share(n_read - len(in_train | set(val_keys)), n_read),
+        "truncated_share": share(info["train"]["truncated"] + info["validation"]["truncated"], examples),
+        "train_validation_overlap": sum(k in in_train for k in val_keys),
+        "label_share": share(max(classes.values()), sum(classes.values())) if classes else None,
+        "dropped_share": share(dropped, n_read),
+    }
+
+
+def _row_key(row: Row) -> bytes:
+    return content_hash(json.dumps(row.data, sort_keys=True, ensure_ascii=False, default=str))
 
 
 def tokenizer_hash(tokenizer: Any, chat_template: str | None = None) -> str:
@@ -153,6 +215,15 @@ def _bos(tokenizer: Any) -> list[int]:
     """[BOS] when the tokenizer itself starts sequences with it (llama-style), else nothing."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def _capped(tokenizer: Any, text: str, max_len: int) -> tuple[list[int], bool]:
+    """`text`'s ids (special tokens included) cut to `max_len` as the tokenizer truncates, and whether
+    they had to be."""
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) <= max_len:
+        return ids, False
+    return list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"]), True
 
 
 def _with_eos(ids: list[int], eos: int | None, max_len: int) -> list[int]:
@@ -194,7 +265,7 @@ def instruction_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encod
         labels = ((prompt if d.train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response)[: d.max_seq_len]
         if all(t == IGNORE_INDEX for t in labels[1:]):
             return "prompt_too_long"
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, TRUNCATED: len(prompt) + len(response) > d.max_seq_len}
 
     return encode
 
@@ -268,21 +339,15 @@ def chat_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
             raise UserError(
                 f"{row.source}:{row.line}: the chat template failed on this conversation: {err}"
             ) from None
-        enc = tokenizer(
-            text,
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            truncation=True,
-            max_length=d.max_seq_len,
-        )
-        ids = list(enc["input_ids"])
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"][: d.max_seq_len])
         labels = [
             t if d.train_on_prompt or any(a < e and b > s for s, e in spans) else IGNORE_INDEX
-            for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)
+            for t, (a, b) in zip(ids, enc["offset_mapping"][: d.max_seq_len], strict=True)
         ]
         if all(t == IGNORE_INDEX for t in labels[1:]):
             return "prompt_too_long"
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, TRUNCATED: len(enc["input_ids"]) > d.max_seq_len}
 
     return encode
 
@@ -326,9 +391,8 @@ def classification_encoder(
                 f"{row.source}:{row.line}: label {key!r} is not one of the labels ({', '.join(label2id)})",
                 hint="every label must appear in the training data, or list them all in data.label_names",
             )
-        text = field_text(row, d.text_field)
-        ids = tokenizer(text, truncation=True, max_length=d.max_seq_len)["input_ids"]
-        return {"input_ids": list(ids), "label": label2id[key]}
+        ids, cut = _capped(tokenizer, field_text(row, d.text_field), d.max_seq_len)
+        return {"input_ids": ids, "label": label2id[key], TRUNCATED: cut}
 
     return encode
 
@@ -344,11 +408,12 @@ def pairs_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
         target = field_text(row, d.target_field)
         if not target.strip():
             return "empty_target"
-        ids = tokenizer(source, truncation=True, max_length=d.max_seq_len)["input_ids"]
-        labels = tokenizer(target, truncation=True, max_length=target_len)["input_ids"]
+        ids, cut_source = _capped(tokenizer, source, d.max_seq_len)
+        labels, cut_target = _capped(tokenizer, target, target_len)
         return {
-            "input_ids": _with_eos(list(ids), eos, d.max_seq_len),
-            "labels": _with_eos(list(labels), eos, target_len),
+            "input_ids": _with_eos(ids, eos, d.max_seq_len),
+            "labels": _with_eos(labels, eos, target_len),
+            TRUNCATED: cut_source or cut_target,
         }
 
     return encode

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from llmos_cli.core.data.decode import Decoding, Line
 from llmos_cli.errors import UserError
 
 STRUCTURED = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
@@ -117,10 +118,16 @@ def list_files(spec: str | list[str], include: list[str] | None = None) -> list[
 
 
 def read_rows(
-    files: list[Path], text_unit: str = "document", bad: BadRows | None = None, split: str = "train"
+    files: list[Path],
+    text_unit: str = "document",
+    bad: BadRows | None = None,
+    split: str = "train",
+    decoding: Decoding | None = None,
 ) -> Iterator[Row]:
-    """Rows from every input; a plain-text file gives one row per file (or per line)."""
+    """Rows from every input; a plain-text file gives one row per file (or per line). Text files are
+    decoded by `decoding` (default `auto`: UTF-8, else the file's legacy encoding), which counts them."""
     bad = bad or BadRows("fail")
+    decoding = decoding or Decoding()
     for path in files:
         if is_hub_id(path):
             yield from _read_hub(str(path)[len(HUB_PREFIX) :], split)
@@ -129,91 +136,79 @@ def read_rows(
         else:
             suffix = path.suffix.lower()
             if suffix == ".jsonl":
-                yield from _read_jsonl(path, bad)
+                yield from _read_jsonl(path, bad, decoding)
             elif suffix == ".json":
-                yield from _read_json(path, bad)
+                yield from _read_json(path, bad, decoding)
             elif suffix in (".csv", ".tsv"):
-                yield from _read_csv(path, "\t" if suffix == ".tsv" else ",", bad)
+                yield from _read_csv(path, "\t" if suffix == ".tsv" else ",", bad, decoding)
             elif suffix == ".parquet":
                 yield from _read_parquet(path)
             elif text_unit == "line":
-                yield from _read_text_lines(path, bad)
+                yield from _read_text_lines(path, bad, decoding)
             else:
-                yield from _read_text(path, bad)
+                yield from _read_text(path, bad, decoding)
         bad.raise_pending()  # `fail` stops at the end of the file holding the first bad row
 
 
-def _decode_error(raw: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
-    line = raw[: err.start].count(b"\n") + 1
-    return line, f"not valid UTF-8 (byte {err.start}: {raw[err.start : err.start + 1]!r})"
+def _whole(path: Path, decoding: Decoding) -> tuple[str | None, Line | None]:
+    """The whole text of `path`, or None and its first undecodable line; counted as one row."""
+    lines = list(decoding.lines(path))
+    failed = next((line for line in lines if line.text is None), None)
+    if failed is not None:
+        return None, failed
+    decoding.count_row(lines)
+    return "".join(line.text for line in lines if line.text is not None), None
 
 
-def _read_text(path: Path, bad: BadRows) -> Iterator[Row]:
-    raw = path.read_bytes()  # one document per file: the file is the row
+def _read_text(path: Path, bad: BadRows, decoding: Decoding) -> Iterator[Row]:
+    text, failed = _whole(path, decoding)  # one document per file: the file is the row
+    if failed is not None:
+        bad.add(str(path), failed.number, "encoding", failed.error, failed.shown.rstrip("\r\n"))
+    else:
+        yield Row({"text": text}, str(path), 1)
+
+
+def _read_text_lines(path: Path, bad: BadRows, decoding: Decoding) -> Iterator[Row]:
+    for line in decoding.lines(path):
+        if line.text is None:
+            bad.add(str(path), line.number, "encoding", line.error, line.shown.rstrip("\r\n"))
+            continue
+        decoding.count_row([line])
+        yield Row({"text": line.text.rstrip("\r\n")}, str(path), line.number)
+
+
+def _read_jsonl(path: Path, bad: BadRows, decoding: Decoding) -> Iterator[Row]:
+    for line in decoding.lines(path):
+        i, text = line.number, line.text
+        if text is None:
+            bad.add(str(path), i, "encoding", line.error, line.shown.rstrip("\r\n"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            bad.add(
+                str(path),
+                i,
+                "invalid_json",
+                f"invalid JSON: {err.msg} (column {err.colno})",
+                text.rstrip("\n"),
+            )
+            continue
+        if not isinstance(obj, dict):
+            bad.add(str(path), i, "not_an_object", f"expected a JSON object, got {type(obj).__name__}", obj)
+            continue
+        decoding.count_row([line])
+        yield Row(obj, str(path), i)
+
+
+def _read_json(path: Path, bad: BadRows, decoding: Decoding) -> Iterator[Row]:
+    text, failed = _whole(path, decoding)  # a JSON document is parsed whole; use .jsonl for large data
+    if failed is not None:
+        raise UserError(f"{path}:{failed.number}: {failed.error}", hint="re-save the file as UTF-8")
     try:
-        yield Row({"text": raw.decode("utf-8")}, str(path), 1)
-    except UnicodeDecodeError as err:
-        line, msg = _decode_error(raw, err)
-        bad.add(str(path), line, "encoding", msg, raw.decode("utf-8", "replace"))
-
-
-def _read_text_lines(path: Path, bad: BadRows) -> Iterator[Row]:
-    with path.open("rb") as fh:
-        for i, raw in enumerate(fh, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                bad.add(
-                    str(path),
-                    i,
-                    "encoding",
-                    f"not valid UTF-8 (byte {err.start} of the line)",
-                    raw.decode("utf-8", "replace"),
-                )
-                continue
-            yield Row({"text": text.rstrip("\r\n")}, str(path), i)
-
-
-def _read_jsonl(path: Path, bad: BadRows) -> Iterator[Row]:
-    with path.open("rb") as fh:
-        for i, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                bad.add(
-                    str(path),
-                    i,
-                    "encoding",
-                    f"not valid UTF-8 (byte {err.start} of the line)",
-                    raw.decode("utf-8", "replace"),
-                )
-                continue
-            except json.JSONDecodeError as err:
-                bad.add(
-                    str(path),
-                    i,
-                    "invalid_json",
-                    f"invalid JSON: {err.msg} (column {err.colno})",
-                    raw.decode("utf-8", "replace").rstrip("\n"),
-                )
-                continue
-            if not isinstance(obj, dict):
-                bad.add(
-                    str(path), i, "not_an_object", f"expected a JSON object, got {type(obj).__name__}", obj
-                )
-                continue
-            yield Row(obj, str(path), i)
-
-
-def _read_json(path: Path, bad: BadRows) -> Iterator[Row]:
-    raw = path.read_bytes()  # a JSON document has to be parsed whole; use .jsonl for large data
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        line, msg = _decode_error(raw, err)
-        raise UserError(f"{path}:{line}: {msg}", hint="re-save the file as UTF-8") from None
+        obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -234,48 +229,56 @@ def _read_json(path: Path, bad: BadRows) -> Iterator[Row]:
 
 
 class _LineTracker:
-    """Decodes a binary file line by line for csv, recording the physical line and decode errors."""
+    """Feeds csv the decoded lines of a file, recording the physical line, the lines of the current
+    record and the first that could not be decoded."""
 
-    def __init__(self, fh: Any) -> None:
-        self.fh, self.line, self.error = fh, 0, None
+    def __init__(self, lines: Iterator[Line]) -> None:
+        self.lines, self.line, self.record, self.error = lines, 0, [], None
 
     def __iter__(self) -> Iterator[str]:
-        for raw in self.fh:
-            self.line += 1
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                self.error = (self.line, f"not valid UTF-8 (byte {err.start} of the line)")
-                yield raw.decode("utf-8", "replace")
+        for line in self.lines:
+            self.line = line.number
+            self.record.append(line)
+            if line.text is None:
+                self.error = self.error or line
+                yield line.shown
+            else:
+                yield line.text
+
+    def take(self) -> tuple[list[Line], Line | None]:
+        """The lines of the record csv just returned (the last one read ends it), and its bad line."""
+        record, error = self.record, self.error
+        self.record, self.error = [], None
+        return record, error
 
 
-def _read_csv(path: Path, delimiter: str, bad: BadRows) -> Iterator[Row]:
-    with path.open("rb") as fh:
-        lines = _LineTracker(fh)
-        reader = csv.reader(iter(lines), delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return
-        start = lines.line + 1
-        for rec in reader:
-            line, start = start, lines.line + 1
-            if lines.error is not None:
-                err_line, msg = lines.error
-                lines.error = None
-                bad.add(str(path), err_line, "encoding", msg, delimiter.join(rec))
-                continue
-            if not rec:
-                continue
-            if len(rec) != len(header):
-                bad.add(
-                    str(path),
-                    line,
-                    "wrong_field_count",
-                    f"{len(rec)} fields where the header has {len(header)}",
-                    delimiter.join(rec),
-                )
-                continue
-            yield Row(dict(zip(header, rec, strict=True)), str(path), line)
+def _read_csv(path: Path, delimiter: str, bad: BadRows, decoding: Decoding) -> Iterator[Row]:
+    lines = _LineTracker(decoding.lines(path))
+    reader = csv.reader(iter(lines), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return
+    lines.take()
+    start = lines.line + 1
+    for rec in reader:
+        line, start = start, lines.line + 1
+        record, error = lines.take()
+        if error is not None:
+            bad.add(str(path), error.number, "encoding", error.error, delimiter.join(rec))
+            continue
+        if not rec:
+            continue
+        if len(rec) != len(header):
+            bad.add(
+                str(path),
+                line,
+                "wrong_field_count",
+                f"{len(rec)} fields where the header has {len(header)}",
+                delimiter.join(rec),
+            )
+            continue
+        decoding.count_row(record)
+        yield Row(dict(zip(header, rec, strict=True)), str(path), line)
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from llmos_cli.console import out
+from llmos_cli.core.data.gates import share
 
 
 @dataclass
@@ -21,6 +22,8 @@ class DataReport:
     documents_kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     malformed: Counter = field(default_factory=Counter)
+    redecoded: Counter = field(default_factory=Counter)  # rows read in each encoding other than UTF-8
+    masked: Counter = field(default_factory=Counter)  # personal data replaced by a token, per kind
     quarantine: str | None = None
     duplicates_exact: int = 0
     duplicates_near: int = 0
@@ -35,13 +38,34 @@ class DataReport:
         d = asdict(self)
         d["dropped"] = dict(self.dropped)
         d["malformed"] = dict(self.malformed)
+        d["redecoded"] = dict(self.redecoded)
+        d["masked"] = dict(self.masked)
+        d["measures"] = self.measures()
         return d
+
+    def measures(self) -> dict[str, Any]:
+        """What data gates limit (see core/data/gates.py); None where the data has no such thing."""
+        malformed, dropped = sum(self.malformed.values()), sum(self.dropped.values())
+        split_docs = sum(s.get("documents", 0) for s in self.splits.values())
+        train_labels = self.label_balance.get("train", {})
+        return {
+            "rows": self.documents_kept,
+            "duplicate_share": share(self.duplicates_exact + self.duplicates_near, self.documents_read),
+            "truncated_share": share(sum(s.get("truncated", 0) for s in self.splits.values()), split_docs),
+            "train_validation_overlap": self.validation_overlap - self.validation_overlap_removed,
+            "label_share": share(max(train_labels.values()), sum(train_labels.values()))
+            if train_labels
+            else None,
+            "dropped_share": share(dropped + malformed, self.documents_read + malformed),
+        }
 
     def show(self) -> None:
         rows: list[tuple[str, Any]] = [
             ("files", self.files),
             ("documents read", self.documents_read),
+            *((f"decoded as {enc}", n) for enc, n in sorted(self.redecoded.items())),
             *((f"malformed: {reason}", n) for reason, n in sorted(self.malformed.items())),
+            *((f"masked: {kind}", n) for kind, n in sorted(self.masked.items())),
             *((f"dropped: {reason}", n) for reason, n in sorted(self.dropped.items())),
             ("exact duplicates", self.duplicates_exact),
             ("near duplicates", self.duplicates_near),
