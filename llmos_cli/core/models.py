@@ -303,6 +303,10 @@ class ModelInfo:
         if self.base is not None:
             from peft import PeftModel
 
+            from llmos_cli.core.noise import quiet_known_noise
+
+            quiet_known_noise()  # peft's deprecation warning, for code that loads models directly too
+
             base = self.base.load(
                 task or self.task,
                 dtype=dtype,

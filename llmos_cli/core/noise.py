@@ -1,7 +1,7 @@
 """Third-party messages that say nothing a user of llmos can act on, filtered narrowly at their source.
 
 Both doors (the CLI and the Python API) call `quiet_known_noise` before they load anything, and
-`apply_lora` before peft wraps a model (for code that calls the stages directly).
+`apply_lora` and `ModelInfo.load` before peft wraps a model (for code that calls the core directly).
 """
 
 from __future__ import annotations
