@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,20 +16,12 @@ from llmos_cli.core.export import verify as check
 from llmos_cli.core.export.gguf import GGUF_DTYPES, check_gguf_supported, export_gguf
 from llmos_cli.core.export.hf import export_hf, model_card, read_provenance
 from llmos_cli.core.export.onnx import check_onnx_supported, export_onnx
-from llmos_cli.core.models import (
-    adapter_base,
-    check_weights,
-    is_adapter_dir,
-    load_model,
-    load_tokenizer,
-    resolve_model_dir,
-)
+from llmos_cli.core.models import adapter_base, check_weights, describe_model, load_model
 from llmos_cli.core.registry import register_run
 from llmos_cli.core.writable import disk_full_is_clear, ensure_dir
 from llmos_cli.errors import UserError
 
 FORMATS = ("hf", "onnx", "gguf")
-PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "SEQ_2_SEQ_LM": "seq2seq"}
 
 
 @dataclass
@@ -80,18 +71,18 @@ def run(
     Raises UserError for unsupported combinations, VerificationFailed when logits differ beyond tolerance.
     """
     formats = _check_formats(formats, gguf_dtype)
-    model_dir = resolve_model_dir(model)
+    info = describe_model(model)
+    model_dir, adapter, config = info.path, info.is_adapter, info.config
     check_weights(model_dir, allow_pickle)
-    adapter = is_adapter_dir(model_dir)
-    config, task = _config_and_task(model_dir)
+    task = info.task or "other"  # causal-lm, classification, seq2seq; a bare encoder is "other"
     _check_supported(formats, config, task)
     targets = _targets(formats, Path(out))
     for target in targets.values():
         _check_target(target)
 
     console.info(f"loading {model_dir}")
-    model_obj = load_model(model_dir, task if task != "other" else None, allow_pickle=allow_pickle)
-    tokenizer = _source_tokenizer(model_dir, adapter)
+    model_obj = info.load(allow_pickle=allow_pickle)
+    tokenizer = info.load_tokenizer() if info.tokenizer_dir is not None else None
     prompts = check.encode_prompts(
         tokenizer, config.vocab_size, min(64, getattr(config, "max_position_embeddings", 64))
     )
@@ -236,37 +227,6 @@ def _check_formats(formats: list[str], gguf_dtype: str) -> list[str]:
     if "gguf" in chosen and gguf_dtype not in GGUF_DTYPES:
         raise UserError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not '{gguf_dtype}'")
     return chosen
-
-
-def _config_and_task(model_dir: Path) -> tuple[Any, str]:
-    """The model config (the base's for an adapter) and its task: causal-lm, classification, seq2seq, other."""
-    from transformers import AutoConfig
-
-    if is_adapter_dir(model_dir):
-        base = resolve_model_dir(adapter_base(model_dir))
-        config = AutoConfig.from_pretrained(str(base))
-        peft_task = json.loads((model_dir / "adapter_config.json").read_text()).get("task_type")
-        if peft_task in PEFT_TASKS:
-            return config, PEFT_TASKS[peft_task]
-    else:
-        config = AutoConfig.from_pretrained(str(model_dir))
-    archs = getattr(config, "architectures", None) or []
-    if getattr(config, "is_encoder_decoder", False):
-        return config, "seq2seq"
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return config, "classification"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return config, "causal-lm"
-    return config, "other"
-
-
-def _source_tokenizer(model_dir: Path, adapter: bool) -> Any:
-    """The model's tokenizer (an adapter's own, else its base's), or None when it has none."""
-    dirs = [model_dir] + ([resolve_model_dir(adapter_base(model_dir))] if adapter else [])
-    for d in dirs:
-        if any((d / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-            return load_tokenizer(d)
-    return None
 
 
 def _saved_dtype(config: Any) -> Any:
