@@ -80,6 +80,37 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
+    def loss_scaling(self, device: torch.device) -> LossScaling:
+        """How backward and the optimizer step run at this precision (fp16 scales the loss)."""
+        return LossScaling(torch.amp.GradScaler(device.type) if self.needs_scaler else None)
+
+
+@dataclass
+class LossScaling:
+    """fp16's gradient scaler, or plain backward and step: the loop calls these the same either way."""
+
+    scaler: Any = None
+
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        """The scaler skips a step whose gradients are not finite (and lowers its scale) by itself."""
+        return self.scaler is not None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before clipping: the gradients in their true scale."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
 
 def cpu_has_fast_bf16() -> bool:
     """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls run 2x+ faster than fp32."""

@@ -16,23 +16,31 @@ LOWER_IS_BETTER = {"loss", "perplexity"}
 
 @dataclass
 class MetricWatch:
+    """Early stopping and the best weights' bookkeeping. Always there: without train.early_stopping or
+    keep_best it watches the validation loss and never stops the run, so the loop has no special case."""
+
     metric: str
     mode: str  # "min" or "max"
-    patience: int | None  # None: keep the best, never stop early
+    patience: int | None  # None: never stop early
     min_delta: float = 0.0
     best: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
+    asked: bool = True  # the recipe asked for early stopping or keep_best (its best is reported)
 
     @classmethod
-    def from_config(cls, cfg: TrainSection) -> MetricWatch | None:
-        """The watch a recipe asks for (early_stopping and/or keep_best), or None."""
+    def from_config(cls, cfg: TrainSection) -> MetricWatch:
+        """The watch a recipe asks for (early_stopping and/or keep_best), else a passive one."""
         es = cfg.early_stopping
-        if es is None and not cfg.keep_best:
-            return None
         metric = es.metric if es else "loss"
         mode = es.mode if es and es.mode != "auto" else ("min" if metric in LOWER_IS_BETTER else "max")
-        return cls(metric, mode, es.patience if es else None, es.min_delta if es else 0.0)
+        asked = es is not None or cfg.keep_best
+        return cls(metric, mode, es.patience if es else None, es.min_delta if es else 0.0, asked=asked)
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The watched metric's best value and step, for the run's summary (None when not asked for)."""
+        return {"metric": self.metric, "value": self.best, "step": self.best_step} if self.asked else None
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
         """Record one evaluation; True when it is the best so far."""

@@ -1,0 +1,35 @@
+"""The training log's window: loss, targets and tokens since the last logged step, and its clock."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from llmos_cli.core.distributed import World
+
+
+class LogWindow:
+    """What the loop adds up between two logged steps. The loss stays on the device (no host sync per
+    step); time spent evaluating is not counted, so tokens/s measures training alone."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.targets, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def add_batch(self, batch: dict[str, Any], loss_sum: torch.Tensor) -> None:
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.loss += loss_sum.detach()
+
+    def pause(self, seconds: float) -> None:
+        self.start += seconds
+
+    def close(self, world: World) -> tuple[float, int, float]:
+        """(mean loss per target, tokens, seconds) over every rank since the last close; then start anew."""
+        loss, tokens = float(world.sum(self.loss)), int(world.sum(self.tokens))
+        result = (loss / max(self.targets, 1), tokens, time.perf_counter() - self.start)
+        self.loss.zero_()
+        self.targets, self.tokens, self.start = 0, 0, time.perf_counter()
+        return result
