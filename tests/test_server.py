@@ -265,7 +265,8 @@ def test_disconnect_frees_the_slot(server, runner, monkeypatch):
 
     monkeypatch.setattr(runner.model, "forward", slow_forward)
     before = engine.stats.requests_cancelled
-    body = {"model": "tiny", "prompt": "the quick", "max_tokens": 400, "stream": True}
+    no_eos = {str(t): -100 for t in runner.eos_ids}  # it runs until the client leaves
+    body = {"model": "tiny", "prompt": "the quick", "max_tokens": 400, "stream": True, "logit_bias": no_eos}
     with httpx.stream(
         "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
     ) as r:

@@ -103,8 +103,12 @@ def test_connections_over_the_cap_get_503(url):
 # ---- graceful shutdown of a real `llmos serve`
 
 
-def start_server(tmp_path, port: int) -> subprocess.Popen:
+def start_server(tmp_path, port: int) -> tuple[subprocess.Popen, dict[str, float]]:
+    """`llmos serve` on a tiny model at 127.0.0.1:port; returns it and a logit_bias that rules out EOS."""
+    from transformers import AutoTokenizer
+
     model = build_tiny_llama(tmp_path / "model")
+    no_eos = {str(AutoTokenizer.from_pretrained(model).eos_token_id): -100.0}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("LLMOS_API_KEY", None)
     cmd = [
@@ -128,7 +132,7 @@ def start_server(tmp_path, port: int) -> subprocess.Popen:
             return False
 
     wait_until(healthy, alive=lambda: proc.poll() is None, what="llmos serve did not start", timeout=120)
-    return proc
+    return proc, no_eos
 
 
 def refused(port: int) -> bool:
@@ -141,9 +145,15 @@ def refused(port: int) -> bool:
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     port = free_port()
-    proc = start_server(tmp_path, port)
+    proc, no_eos = start_server(tmp_path, port)
     try:
-        body = {"prompt": "the quick", "max_tokens": 120, "temperature": 0, "stream": True}
+        body = {
+            "prompt": "the quick",
+            "max_tokens": 120,
+            "temperature": 0,
+            "stream": True,
+            "logit_bias": no_eos,
+        }
         lines, refused_while_streaming = [], False
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -167,9 +177,15 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
 @pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path):
     port = free_port()
-    proc = start_server(tmp_path, port)
+    proc, no_eos = start_server(tmp_path, port)
     try:
-        body = {"prompt": "the quick", "max_tokens": 480, "temperature": 0, "stream": True}
+        body = {
+            "prompt": "the quick",
+            "max_tokens": 480,
+            "temperature": 0,
+            "stream": True,
+            "logit_bias": no_eos,
+        }
         lines = []
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
             try:
