@@ -2,7 +2,7 @@
 
 Same model (a random llama, built as bench/tiny_model.py does), same token rows, same run:
 - baseline: one forward per row, summed next-token cross-entropy (tests/test_eval.py's `reference_loss`);
-- llmos: `llmos_cli.core.evaluate.dataset_loss` (length-sorted batches, padded per batch, CAUSAL_LM).
+- llmos: `llmos_cli.core.eval.loss.dataset_loss` (length-sorted batches, padded per batch, CAUSAL_LM).
 
 Two kinds of rows: documents of uneven length (stdlib modules cut at top-level definitions, truncated to
 the block length), where length sorting keeps padding small, and packed blocks (the documents' token
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from bench.bench_train import stdlib_documents
 from bench.tiny_model import build_tiny_llama
 from llmos_cli.core.allocator import retain_freed_memory
-from llmos_cli.core.batches import causal_lm_collate
-from llmos_cli.core.evaluate import dataset_loss
-from llmos_cli.core.objectives import CAUSAL_LM
+from llmos_cli.core.eval.loss import dataset_loss
 from llmos_cli.core.runtime import Precision
+from llmos_cli.core.train.batches import causal_lm_collate
+from llmos_cli.core.train.objectives import CAUSAL_LM
 
 TITLE = "Evaluation throughput (scored tokens/s)"
 

@@ -1,7 +1,7 @@
 """Batch `generate` (continuous batching, shared KV cache) against a plain per-prompt HF `generate` loop.
 
 Also times transformers' own continuous-batching manager (`model.generate_batch`) on the same prompts: the
-reason core/infer.py runs its own batch. The loop and llmos alternate over the repeats; each figure is
+reason core/serve/runners.py runs its own batch. The loop and llmos alternate over the repeats; each figure is
 the median. `run(quick)` returns the rows for bench/run.py; `python -m bench.bench_generate` prints them.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.infer import Runner, SamplingParams
+from llmos_cli.core.serve.runners import Runner, SamplingParams
 
 TITLE = "Batch generation (generated tokens/s)"
 

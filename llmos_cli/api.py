@@ -145,7 +145,7 @@ class Model:
 
     @cached_property
     def _runner(self) -> Any:
-        from llmos_cli.core.infer import RUNNERS
+        from llmos_cli.core.serve.runners import RUNNERS
 
         if not self.info.generates:
             raise ValueError(
@@ -167,7 +167,7 @@ class Model:
         batch_size: int = 16,
     ) -> str | list[str]:
         """Complete one prompt (returns a str) or a list of prompts (batched; returns a list)."""
-        from llmos_cli.core.infer import SamplingParams
+        from llmos_cli.core.serve.runners import SamplingParams
 
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -189,10 +189,10 @@ class Model:
         if labels is None:
             if self.kind != "classifier":
                 raise ValueError("this model has no classification head: pass labels=[...] for zero-shot")
-            from llmos_cli.core.infer import EncoderRunner
+            from llmos_cli.core.serve.runners import EncoderRunner
 
             return EncoderRunner(self.model, self.tokenizer).classify([text])[0]
-        from llmos_cli.core.zeroshot import zero_shot_scores
+        from llmos_cli.core.eval.zeroshot import zero_shot_scores
 
         return dict(zero_shot_scores(self.model, self.tokenizer, text, labels, template=template))
 
@@ -209,7 +209,7 @@ class Model:
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Mean-pooled, L2-normalised sentence embeddings."""
-        from llmos_cli.core.infer import embed
+        from llmos_cli.core.serve.runners import embed
 
         return embed(self.model, self.tokenizer, texts).tolist()
 

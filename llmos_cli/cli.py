@@ -363,7 +363,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help=DeviceOpt.help),
 ) -> None:
     """One completion to stdout, or a batch from --input prompts.jsonl to --output (default stdout)."""
-    from llmos_cli.core.infer import SamplingParams
+    from llmos_cli.core.serve.runners import SamplingParams
     from llmos_cli.stages import generate as stage
 
     params = SamplingParams(

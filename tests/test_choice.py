@@ -9,7 +9,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from llmos_cli.core.choice import choice_loglikelihoods, encode_pair, load_choice_items, score_choices
+from llmos_cli.core.eval.multiple_choice import (
+    choice_loglikelihoods,
+    encode_pair,
+    load_choice_items,
+    score_choices,
+)
 from llmos_cli.errors import UserError
 
 CORPUS = [

@@ -173,8 +173,8 @@ def test_index_past_the_data_is_a_user_error(tmp_path: Path, model: Path) -> Non
 
 def test_runner_stops_on_the_chat_end_of_turn(model: Path) -> None:
     """Serving stops where a chat fine-tune learned to close its turn, not only on EOS."""
-    from llmos_cli.core.infer import Runner, chat_end_of_turn
     from llmos_cli.core.models import load_model, load_tokenizer
+    from llmos_cli.core.serve.runners import Runner, chat_end_of_turn
 
     tok = load_tokenizer(model)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmos_cli.core.batches import mask_document_starts
 from llmos_cli.core.data.clean import clean_text, fix_mojibake, token_drop_reason
 from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.dedup import NearDedup
 from llmos_cli.core.data.pack import Packer
 from llmos_cli.core.data.read import BadRows, field_text, list_files, read_rows
+from llmos_cli.core.train.batches import mask_document_starts
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import CleanSection
 

@@ -216,7 +216,7 @@ def test_other_input_kinds(tmp_path: Path, fmt: str) -> None:
 
 def test_reset_positions_flow_into_training(tiny_recipe, run_cli) -> None:
     """Packed documents keep their own positions through collate and training; their starts carry no loss."""
-    from llmos_cli.core.batches import causal_lm_collate
+    from llmos_cli.core.train.batches import causal_lm_collate
 
     batch = causal_lm_collate(0)([{"input_ids": [5, 6, 1, 7, 8], "position_ids": [0, 1, 2, 0, 1]}])
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and "attention_mask" not in batch

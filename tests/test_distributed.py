@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmos_cli.core.batches import ResumableBatchSampler
 from llmos_cli.core.distributed import ShardedBatchSampler, World, torchrun_command
+from llmos_cli.core.train.batches import ResumableBatchSampler
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import load_recipe
 from llmos_cli.stages import pretrain

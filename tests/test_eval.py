@@ -143,11 +143,11 @@ def test_compare_three_runs_deltas_against_the_first_and_a_plot(tmp_path: Path, 
 
 def test_dataset_loss_shards_add_up_to_the_whole() -> None:
     """The validation share of each of 3 processes sums to the one-process loss and target count."""
-    from llmos_cli.core.batches import causal_lm_collate
-    from llmos_cli.core.evaluate import dataset_loss
+    from llmos_cli.core.eval.loss import dataset_loss
     from llmos_cli.core.models import build_model
-    from llmos_cli.core.objectives import CAUSAL_LM
     from llmos_cli.core.runtime import pick_precision
+    from llmos_cli.core.train.batches import causal_lm_collate
+    from llmos_cli.core.train.objectives import CAUSAL_LM
     from tests.conftest import TINY_MODEL
 
     torch.manual_seed(0)

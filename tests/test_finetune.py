@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmos_cli.core.adapters import apply_lora, auto_target_modules
+from llmos_cli.core.train.adapters import apply_lora, auto_target_modules
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import FinetuneSection, validate_recipe
 from llmos_cli.stages import evaluate, finetune
@@ -329,7 +329,7 @@ def test_trackers_that_are_not_installed_are_a_clear_error(tmp_path: Path) -> No
     import importlib.util
 
     from llmos_cli.core.rundir import RunDir
-    from llmos_cli.core.tracking import Trackers
+    from llmos_cli.core.train.tracking import Trackers
 
     if importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed here")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llmos_cli.core.batches import IGNORE_INDEX
 from llmos_cli.core.data.formats import prepare_task_dataset
+from llmos_cli.core.train.batches import IGNORE_INDEX
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import validate_recipe
 from tests.finetune_fixtures import chat_rows, minilm_dir, write_jsonl

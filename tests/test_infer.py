@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.infer import GenSequence, Runner, SamplingParams, pick_tokens
+from llmos_cli.core.serve.runners import GenSequence, Runner, SamplingParams, pick_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

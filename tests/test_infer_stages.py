@@ -8,7 +8,7 @@ import os
 import pytest
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.infer import Runner, SamplingParams
+from llmos_cli.core.serve.runners import Runner, SamplingParams
 from llmos_cli.errors import UserError
 from llmos_cli.stages import chat, generate, serve
 

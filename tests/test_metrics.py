@@ -159,7 +159,7 @@ def test_the_packaged_evaluate_modules_give_the_plain_functions_numbers(names, p
 def test_training_macro_f1_is_the_eval_macro_f1():
     import torch
 
-    from llmos_cli.core.classify import accuracy_and_f1
+    from llmos_cli.core.eval.classification import accuracy_and_f1
 
     pred, true = [0, 1, 1, 2, 0, 3], [0, 1, 2, 2, 1, 1]
     names = list(range(5))  # label 4 is in neither: it counts 0, as eval's does

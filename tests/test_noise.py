@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from llmos_cli import LLMOS
-from llmos_cli.core.batches import classification_collate, seq2seq_collate
+from llmos_cli.core.train.batches import classification_collate, seq2seq_collate
 from tests.conftest import write_recipe
 from tests.finetune_fixtures import instruction_rows, sentiment_rows, tiny_bert, tiny_llama, write_jsonl
 

@@ -66,7 +66,7 @@ def test_auto_precision_is_fp32_on_cpu_and_hints_at_bf16(monkeypatch, capsys, fa
 
 
 def test_length_grouped_batches_cut_padding_and_stay_resumable() -> None:
-    from llmos_cli.core.batches import ResumableBatchSampler
+    from llmos_cli.core.train.batches import ResumableBatchSampler
 
     lengths = [8 + (i * 37) % 120 for i in range(400)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.image as mpimg
 import pytest
 
-from llmos_cli.core.plots import save_confusion_matrix_png, save_histogram_png, save_loss_curves_png
+from llmos_cli.core.eval.plots import save_confusion_matrix_png, save_histogram_png, save_loss_curves_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

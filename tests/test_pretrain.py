@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmos_cli.core.checkpoint import complete_checkpoints
+from llmos_cli.core.train.checkpoint import complete_checkpoints
 from llmos_cli.recipe import load_recipe
 from llmos_cli.stages import pretrain
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llmos_cli.core.checkpoint import complete_checkpoints, save_checkpoint
-from llmos_cli.core.objectives import CAUSAL_LM, Objective
-from llmos_cli.core.train import NonFiniteGuard
+from llmos_cli.core.train.checkpoint import complete_checkpoints, save_checkpoint
+from llmos_cli.core.train.loop import NonFiniteGuard
+from llmos_cli.core.train.objectives import CAUSAL_LM, Objective
 from llmos_cli.errors import RunFailed
 from llmos_cli.recipe import load_recipe
 from llmos_cli.stages import pretrain

@@ -11,8 +11,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.infer import EncoderRunner, Runner, SamplingParams, Seq2SeqRunner, load_runner
 from llmos_cli.core.models import describe_model, model_kind
+from llmos_cli.core.serve.runners import EncoderRunner, Runner, SamplingParams, Seq2SeqRunner, load_runner
 from llmos_cli.errors import UserError
 from llmos_cli.stages import serve
 from tests.finetune_fixtures import minilm_dir, tiny_t5
@@ -227,7 +227,7 @@ def test_on_a_gpu_every_inference_entry_point_puts_the_model_and_inputs_there(
     llama_dir, t5_dir, tmp_path
 ) -> None:
     from llmos_cli import LLMOS
-    from llmos_cli.core.infer import open_runner
+    from llmos_cli.core.serve.runners import open_runner
     from llmos_cli.stages import evaluate
 
     seen: list[torch.device] = []

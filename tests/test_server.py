@@ -20,9 +20,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.batching import Engine, QueueFull
-from llmos_cli.core.infer import EncoderRunner, Runner, SamplingParams
-from llmos_cli.core.server import create_app
+from llmos_cli.core.serve import create_app
+from llmos_cli.core.serve.engine import Engine, QueueFull
+from llmos_cli.core.serve.runners import EncoderRunner, Runner, SamplingParams
 from llmos_cli.recipe import ServeLimits
 from llmos_cli.stages.serve import app_limits, server_config
 from tests.conftest import wait_until

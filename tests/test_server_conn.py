@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.batching import Engine
+from llmos_cli.core.serve.engine import Engine
 from tests.conftest import wait_until
 from tests.test_server import KEY, free_port, runner, serve_in_thread  # noqa: F401 - runner is a fixture
 

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from llmos_cli.core.batching import Engine, QueueFull
-from llmos_cli.core.infer import Completion, SamplingParams, SequenceError
-from llmos_cli.core.server import create_app
+from llmos_cli.core.serve import create_app
+from llmos_cli.core.serve.engine import Engine, QueueFull
+from llmos_cli.core.serve.runners import Completion, SamplingParams, SequenceError
 from tests.conftest import wait_until
 from tests.test_server import KEY, gated, runner, serve_in_thread  # noqa: F401 - runner is a fixture
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llmos_cli.core.batching import Engine
+from llmos_cli.core.serve.engine import Engine
 from tests.test_server import KEY, runner, serve_in_thread  # noqa: F401 - runner is a fixture
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -17,9 +17,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.batching import Engine
-from llmos_cli.core.infer import Runner
-from llmos_cli.core.server.schema import MAX_PROMPTS
+from llmos_cli.core.serve.engine import Engine
+from llmos_cli.core.serve.protocol import MAX_PROMPTS
+from llmos_cli.core.serve.runners import Runner
 from tests.test_server import KEY, serve_in_thread
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -69,7 +69,7 @@ def classifier(tmp_path_factory):
     """A tiny BERT sequence classifier (minilm's tokenizer) on loopback uvicorn; yields its URL."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from llmos_cli.core.infer import EncoderRunner
+    from llmos_cli.core.serve.runners import EncoderRunner
     from tests.test_server import minilm_dir
 
     path = tmp_path_factory.mktemp("clf")
@@ -102,6 +102,9 @@ def check_generated_requests(api_schema, url: str, examples: int, operations=OPE
         @given(case=operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
         def send(case):
             response = case.call(base_url=url, headers=AUTH, timeout=30)
+            if response.status_code == 413:  # over serve.limits.max_body_bytes: refused before validation
+                assert response.json()["error"]["code"] == "request_too_large"
+                return
             case.validate_response(response, checks=CHECKS)
             valid_requests_are_served(response, case)
 

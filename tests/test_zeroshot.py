@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmos_cli.core.zeroshot import embed, model_kind, zero_shot_scores
+from llmos_cli.core.eval.zeroshot import embed, model_kind, zero_shot_scores
 from tests.conftest import TINY_MODEL, toy_documents
 
 TOPICS = ["sports", "politics", "cooking", "finance"]

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from llmos_cli.console import configure, out
-from llmos_cli.core.batches import ResumableBatchSampler
 from llmos_cli.core.runtime import Precision
-from llmos_cli.core.signals import StopRequest
+from llmos_cli.core.train.batches import ResumableBatchSampler
+from llmos_cli.core.train.signals import StopRequest
 from llmos_cli.errors import UserError
 
 # Rank 0 may prepare data while the others wait in a barrier; allow for a long preparation.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from llmos_cli.core.infer import Runner, SamplingParams, open_runner
 from llmos_cli.core.models import describe_model
+from llmos_cli.core.serve.runners import Runner, SamplingParams, open_runner
 from llmos_cli.errors import UserError
 
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"

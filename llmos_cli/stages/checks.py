@@ -18,7 +18,7 @@ def check_train(recipe: Recipe) -> None:
     """What every training stage needs before it writes recipe.yaml: its trackers installed, and its
     run.name free in the model library (or already this run directory's)."""
     from llmos_cli.core.registry import check_name_free
-    from llmos_cli.core.tracking import check_trackers
+    from llmos_cli.core.train.tracking import check_trackers
 
     check_trackers(recipe.train.log_to)
     try:

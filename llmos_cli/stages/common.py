@@ -12,9 +12,9 @@ import torch
 from llmos_cli.console import out
 from llmos_cli.core.allocator import retain_freed_memory
 from llmos_cli.core.distributed import current_world
-from llmos_cli.core.full_state import full_state_dict
 from llmos_cli.core.rundir import RunDir
 from llmos_cli.core.runtime import Precision, cpu_has_fast_bf16, pick_device, pick_precision
+from llmos_cli.core.train.full_state import full_state_dict
 from llmos_cli.recipe import Recipe
 
 
@@ -71,7 +71,7 @@ def plot_losses(run: RunDir, title: str) -> None:
     if not current_world().is_main:
         return
     try:
-        from llmos_cli.core.plots import save_loss_curves_png
+        from llmos_cli.core.eval.plots import save_loss_curves_png
 
         save_loss_curves_png(run.read_metrics(), run.loss_plot, title=title)
     except ImportError:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from llmos_cli.console import out
-from llmos_cli.core.batches import IGNORE_INDEX
 from llmos_cli.core.data import formats
 from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.pack import Packer
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.core.models import load_tokenizer, resolve_model_dir
+from llmos_cli.core.train.batches import IGNORE_INDEX
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
 from llmos_cli.stages.data import tokenizer_source
@@ -106,7 +106,7 @@ def stop_ids(recipe: Recipe, tokenizer: Any) -> list[int]:
     """The token ids generation stops on, as `Runner` picks them (`stop_token_ids`), from config files only."""
     from transformers import AutoConfig, GenerationConfig
 
-    from llmos_cli.core.infer import stop_token_ids
+    from llmos_cli.core.serve.runners import stop_token_ids
 
     eos: Any = None
     model_dir = _model_dir(recipe.model.name_or_path)
@@ -131,7 +131,7 @@ def _model_dir(path: str | None) -> Path | None:
 
 def _serving_runner(tokenizer: Any) -> Any:
     """A Runner holding only the tokenizer: its `encode`/`encode_chat` are what serve, chat and generate call."""
-    from llmos_cli.core.infer import Runner
+    from llmos_cli.core.serve.runners import Runner
 
     runner = Runner.__new__(Runner)
     runner.tokenizer = tokenizer

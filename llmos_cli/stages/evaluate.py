@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 from llmos_cli.console import out
 from llmos_cli.core.allocator import retain_freed_memory
-from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.data.read import list_files
 from llmos_cli.core.data.report import DataReport
-from llmos_cli.core.evaluate import dataset_loss, loss_metrics
+from llmos_cli.core.eval.loss import dataset_loss, loss_metrics
+from llmos_cli.core.eval.plots import save_confusion_matrix_png
 from llmos_cli.core.metrics import check_metrics, compute_metrics
 from llmos_cli.core.models import ModelInfo, describe_recipe_model
-from llmos_cli.core.objectives import CAUSAL_LM
-from llmos_cli.core.plots import save_confusion_matrix_png
 from llmos_cli.core.rundir import RunDir, write_atomic
 from llmos_cli.core.runtime import Precision, inference_dtype, pick_device
+from llmos_cli.core.train.batches import causal_lm_collate
+from llmos_cli.core.train.objectives import CAUSAL_LM
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages import data as data_stage
@@ -133,7 +133,7 @@ def compare(runs: list[Path], plot: Path | None = None) -> dict[str, Any]:
     )
     result: dict[str, Any] = {"runs": [str(r) for r in runs], "labels": labels, "metrics": rows}
     if plot is not None and rows:
-        from llmos_cli.core.plots import save_comparison_png
+        from llmos_cli.core.eval.plots import save_comparison_png
 
         result["plot"] = str(save_comparison_png(labels, {r["metric"]: r["values"] for r in rows}, plot))
         out.info(f"eval: wrote {plot}")
@@ -195,7 +195,7 @@ def _perplexity(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dic
 
 def _multiple_choice(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
     """lm-evaluation-harness style log-likelihood scoring of JSONL {question, choices, answer}."""
-    from llmos_cli.core.choice import load_choice_items, score_choices
+    from llmos_cli.core.eval.multiple_choice import load_choice_items, score_choices
 
     if not recipe.eval.data:
         raise UserError(f"{recipe.source}: eval.data: multiple_choice needs a JSONL file of items")
@@ -220,7 +220,7 @@ def _classification(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any],
     """Predictions from the model's classification head; accuracy, F1, confusion matrix (+ PNG)."""
     from llmos_cli.core.data.formats import label_key
     from llmos_cli.core.data.read import field_text
-    from llmos_cli.core.infer import EncoderRunner
+    from llmos_cli.core.serve.runners import EncoderRunner
 
     d = recipe.data
     model = target.load("classification")
@@ -262,7 +262,7 @@ def _classification(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any],
 
 def _generation(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
     """Prompt -> generate -> score (exact_match, bleu, chrf, rouge) for causal LMs and seq2seq models."""
-    from llmos_cli.core.infer import RUNNERS, SamplingParams
+    from llmos_cli.core.serve.runners import RUNNERS, SamplingParams
 
     names = [m for m in recipe.eval.metrics if m not in LOSS_METRICS]
     rows, data_name = _example_rows(recipe)

@@ -8,14 +8,14 @@ from typing import Any
 import torch
 
 from llmos_cli.console import out
-from llmos_cli.core.adapters import apply_lora, parameter_counts, quantized_load_kwargs
-from llmos_cli.core.batches import causal_lm_collate, classification_collate, seq2seq_collate
-from llmos_cli.core.classify import accuracy_and_f1, predict_labels
 from llmos_cli.core.distributed import init_distributed
+from llmos_cli.core.eval.classification import accuracy_and_f1, predict_labels
 from llmos_cli.core.models import ModelInfo, describe_recipe_model, load_tokenizer
-from llmos_cli.core.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
 from llmos_cli.core.runtime import set_seed
-from llmos_cli.core.train import TrainJob, train
+from llmos_cli.core.train.adapters import apply_lora, parameter_counts, quantized_load_kwargs
+from llmos_cli.core.train.batches import causal_lm_collate, classification_collate, seq2seq_collate
+from llmos_cli.core.train.loop import TrainJob, train
+from llmos_cli.core.train.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe

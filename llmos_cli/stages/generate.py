@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from llmos_cli.console import out
-from llmos_cli.core.infer import Runner, SamplingParams, open_runner
 from llmos_cli.core.models import describe_model
 from llmos_cli.core.rundir import write_atomic
+from llmos_cli.core.serve.runners import Runner, SamplingParams, open_runner
 from llmos_cli.errors import UserError
 
 

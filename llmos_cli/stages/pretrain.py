@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from llmos_cli.console import out
-from llmos_cli.core.batches import causal_lm_collate
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
-from llmos_cli.core.objectives import CAUSAL_LM
 from llmos_cli.core.runtime import set_seed
-from llmos_cli.core.train import TrainJob, train
+from llmos_cli.core.train.batches import causal_lm_collate
+from llmos_cli.core.train.loop import TrainJob, train
+from llmos_cli.core.train.objectives import CAUSAL_LM
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.recipe import Recipe
 from llmos_cli.stages import data as data_stage

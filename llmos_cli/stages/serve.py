@@ -27,7 +27,7 @@ def run(
 ) -> None:
     """Serve `model` on host:port until SIGTERM/Ctrl-C: in-flight requests get `limits.shutdown_grace_s` to
     finish, a second signal ends that at once; exit 0 either way."""
-    from llmos_cli.core.server.listen import GracefulServer
+    from llmos_cli.core.serve.listen import GracefulServer
 
     limits = limits or ServeLimits()
     api_key = os.environ.get(api_key_env) or None
@@ -61,7 +61,7 @@ def server_config(app: Any, *, host: str, port: int, limits: ServeLimits, log_le
     it) and the shutdown grace period."""
     import uvicorn
 
-    from llmos_cli.core.server.listen import header_deadline_protocol
+    from llmos_cli.core.serve.listen import header_deadline_protocol
 
     return uvicorn.Config(
         app,
@@ -99,10 +99,10 @@ def build_app(
 ):  # noqa: ANN201 - FastAPI, imported lazily
     """Load `model` on `device` and wrap it: a causal LM or seq2seq model gets the generation engine, an
     encoder or classifier its endpoints."""
-    from llmos_cli.core.batching import Engine
-    from llmos_cli.core.infer import Runner, open_runner
     from llmos_cli.core.models import describe_model
-    from llmos_cli.core.server import create_app
+    from llmos_cli.core.serve import create_app
+    from llmos_cli.core.serve.engine import Engine
+    from llmos_cli.core.serve.runners import Runner, open_runner
 
     info = describe_model(model)
     runner = open_runner(info, device=device, precision=precision, keys=("serve.device", "serve.precision"))

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-from llmos_cli.core.infer import LOGIT_BIAS_RANGE, PENALTY_RANGE, REPETITION_PENALTY_RANGE
+from llmos_cli.core.serve.runners import LOGIT_BIAS_RANGE, PENALTY_RANGE, REPETITION_PENALTY_RANGE
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_INPUTS = 2048  # texts in one /v1/embeddings or /v1/classify request (OpenAI's limit)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from llmos_cli.console import out
-from llmos_cli.core import full_state
-from llmos_cli.core.checkpoint import check_compatible, latest_checkpoint
 from llmos_cli.core.distributed import World
 from llmos_cli.core.rundir import RunDir, write_atomic
-from llmos_cli.core.watch import MetricWatch
+from llmos_cli.core.train import full_state
+from llmos_cli.core.train.checkpoint import check_compatible, latest_checkpoint
+from llmos_cli.core.train.early_stopping import MetricWatch
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import TrainSection
 

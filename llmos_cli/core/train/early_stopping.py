@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmos_cli.core import distributed, full_state
+from llmos_cli.core import distributed
 from llmos_cli.core.distributed import World
+from llmos_cli.core.train import full_state
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import TrainSection
 

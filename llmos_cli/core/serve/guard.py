@@ -8,8 +8,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmos_cli.core.server.metrics import Metrics
-from llmos_cli.core.server.schema import error_bytes
+from llmos_cli.core.serve.metrics import Metrics
+from llmos_cli.core.serve.protocol import error_bytes
 
 
 class Guard:

@@ -20,11 +20,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from llmos_cli.core.batching import Engine
-from llmos_cli.core.infer import EncoderRunner, SamplingParams
-from llmos_cli.core.server.guard import Guard
-from llmos_cli.core.server.metrics import Metrics
-from llmos_cli.core.server.schema import (
+from llmos_cli.core.serve.engine import Engine
+from llmos_cli.core.serve.guard import Guard
+from llmos_cli.core.serve.metrics import Metrics
+from llmos_cli.core.serve.protocol import (
     SSE,
     ApiError,
     ChatBody,
@@ -40,7 +39,8 @@ from llmos_cli.core.server.schema import (
     errors,
     pin_openapi,
 )
-from llmos_cli.core.server.stream import complete, finish_reason, stream_events, usage_of, wants_usage
+from llmos_cli.core.serve.runners import EncoderRunner, SamplingParams
+from llmos_cli.core.serve.stream import complete, finish_reason, stream_events, usage_of, wants_usage
 
 GENERATE_ERRORS = errors(400, 401, 413, 500, 503)
 ENCODE_ERRORS = errors(400, 401, 413)

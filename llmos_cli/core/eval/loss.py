@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from llmos_cli.core.batches import Collate, to_device
-from llmos_cli.core.objectives import Objective
 from llmos_cli.core.runtime import Precision
+from llmos_cli.core.train.batches import Collate, to_device
+from llmos_cli.core.train.objectives import Objective
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmos_cli.core.infer import (
+from llmos_cli.core.serve.runners import (
     Completion,
     DecodeBatch,
     GenSequence,

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP server: `create_app` builds it; `llmos serve` runs it under uvicorn."""
 
-from llmos_cli.core.server.app import create_app
+from llmos_cli.core.serve.app import create_app
 
 __all__ = ["create_app"]

@@ -14,9 +14,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from llmos_cli.core.batching import Engine, EngineRestarted, EngineUnavailable, QueueFull
-from llmos_cli.core.infer import Completion, SamplingParams, SequenceError
-from llmos_cli.core.server.schema import ApiError, SamplingBody
+from llmos_cli.core.serve.engine import Engine, EngineRestarted, EngineUnavailable, QueueFull
+from llmos_cli.core.serve.protocol import ApiError, SamplingBody
+from llmos_cli.core.serve.runners import Completion, SamplingParams, SequenceError
 
 
 def finish_reason(c: Completion) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmos_cli.core.batching import Engine
+from llmos_cli.core.serve.engine import Engine
 
 
 class Histogram:

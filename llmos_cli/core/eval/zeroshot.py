@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from llmos_cli.core.infer import embed, model_device
 from llmos_cli.core.models import model_kind
+from llmos_cli.core.serve.runners import embed, model_device
 
 __all__ = ["embed", "model_kind", "zero_shot_scores"]
 

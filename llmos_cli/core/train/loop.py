@@ -18,18 +18,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmos_cli.console import out
-from llmos_cli.core import distributed, full_state
-from llmos_cli.core.batches import Collate, ResumableBatchSampler, to_device
-from llmos_cli.core.checkpoint import latest_checkpoint
-from llmos_cli.core.evaluate import dataset_loss, loss_metrics
-from llmos_cli.core.objectives import Objective
-from llmos_cli.core.resume import last_logged, resume, training_settings
+from llmos_cli.core import distributed
+from llmos_cli.core.eval.loss import dataset_loss, loss_metrics
 from llmos_cli.core.rundir import RunDir
 from llmos_cli.core.runtime import LossScaling, Precision
-from llmos_cli.core.signals import StopRequest
-from llmos_cli.core.tracking import open_trackers
-from llmos_cli.core.train_log import LogWindow
-from llmos_cli.core.watch import MetricWatch, load_trained_weights, save_trained_weights
+from llmos_cli.core.train import full_state
+from llmos_cli.core.train.batches import Collate, ResumableBatchSampler, to_device
+from llmos_cli.core.train.checkpoint import latest_checkpoint
+from llmos_cli.core.train.early_stopping import MetricWatch, load_trained_weights, save_trained_weights
+from llmos_cli.core.train.log_window import LogWindow
+from llmos_cli.core.train.objectives import Objective
+from llmos_cli.core.train.resume import last_logged, resume, training_settings
+from llmos_cli.core.train.signals import StopRequest
+from llmos_cli.core.train.tracking import open_trackers
 from llmos_cli.errors import RunFailed, UserError
 from llmos_cli.recipe import TrainSection
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from llmos_cli.core.batches import Collate, to_device
 from llmos_cli.core.runtime import Precision
+from llmos_cli.core.train.batches import Collate, to_device
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmos_cli.core.batches import IGNORE_INDEX, count_targets
+from llmos_cli.core.train.batches import IGNORE_INDEX, count_targets
 
 Batch = dict[str, torch.Tensor]
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from llmos_cli.core.checkpoint import load_checkpoint as load_checkpoint_files
-from llmos_cli.core.checkpoint import save_checkpoint as save_checkpoint_files
 from llmos_cli.core.distributed import World, current_world, is_sharded
+from llmos_cli.core.train.checkpoint import load_checkpoint as load_checkpoint_files
+from llmos_cli.core.train.checkpoint import save_checkpoint as save_checkpoint_files
 
 
 class _StateSnapshot:

@@ -1,0 +1,1 @@
+"""Evaluation: loss and perplexity, classification, multiple choice, zero-shot scoring, plots."""
