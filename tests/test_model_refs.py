@@ -194,8 +194,8 @@ def test_a_pipeline_fingerprints_the_files_of_a_registered_base(quickstart: Path
 
 
 def test_model_tokenizer_follows_the_same_rule_without_the_hub(quickstart: Path, tmp_path: Path) -> None:
+    from llmos_cli.core.data.prepare import tokenizer_source
     from llmos_cli.recipe import load_recipe
-    from llmos_cli.stages.data import tokenizer_source
 
     def recipe_with(tokenizer: str):
         return load_recipe(write_recipe(tmp_path / "r.yaml", {"model": {"tokenizer": tokenizer}}))

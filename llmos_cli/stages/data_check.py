@@ -27,12 +27,12 @@ from llmos_cli.console import out
 from llmos_cli.core.data import formats
 from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.pack import Packer
+from llmos_cli.core.data.prepare import tokenizer_source
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.core.models import load_tokenizer, resolve_model_dir
 from llmos_cli.core.train.batches import IGNORE_INDEX
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
-from llmos_cli.stages.data import tokenizer_source
 
 CONTEXT_TOKENS = 6  # tokens shown either side of a mismatch
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmos_cli.console import out
 from llmos_cli.core.allocator import retain_freed_memory
+from llmos_cli.core.data import prepare as data_pipeline
 from llmos_cli.core.data.read import list_files
 from llmos_cli.core.data.report import DataReport
 from llmos_cli.core.eval.loss import dataset_loss, loss_metrics
@@ -23,7 +24,6 @@ from llmos_cli.core.train.batches import causal_lm_collate
 from llmos_cli.core.train.objectives import CAUSAL_LM
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
-from llmos_cli.stages import data as data_stage
 from llmos_cli.stages.common import trained_model_path
 
 if TYPE_CHECKING:
@@ -369,11 +369,11 @@ def _lm_rows(recipe: Recipe, tokenizer: Any) -> tuple[Any, str]:
     source = recipe.eval.data or recipe.data.validation
     if source:
         files = list_files(source, recipe.data.include)
-        docs = data_stage.read_documents(recipe, files, DataReport())[: recipe.eval.max_examples]
-        blocks, _ = data_stage.tokenize_and_pack(docs, tokenizer, recipe.data.max_seq_len, "eval")
+        docs = data_pipeline.read_documents(recipe, files, DataReport())[: recipe.eval.max_examples]
+        blocks, _ = data_pipeline.tokenize_and_pack(docs, tokenizer, recipe.data.max_seq_len, "eval")
         return Dataset.from_dict({"input_ids": blocks}).with_format("numpy"), str(source)
     if not recipe.data.train:
         raise UserError(f"{recipe.source}: eval.data: no evaluation data (set eval.data or data.validation)")
-    prepared = data_stage.run(recipe)
+    prepared = data_pipeline.prepare(recipe)
     split = load_from_disk(str(prepared.path))["validation"].with_format("numpy")
     return split, str(Path(prepared.path) / "validation")

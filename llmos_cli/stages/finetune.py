@@ -132,9 +132,9 @@ def task_data(recipe: Recipe) -> tuple[Any, dict[str, Any], Path]:
     folder they were encoded with (a chat recipe's template included)."""
     from datasets import load_from_disk
 
-    from llmos_cli.stages import data as data_stage
+    from llmos_cli.core.data.prepare import prepare
 
-    prepared = data_stage.run(recipe)
+    prepared = prepare(recipe)
     info = (
         {"format": "text", "fingerprint": prepared.fingerprint}
         if recipe.data.format == "text"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmos_cli.console import out
+from llmos_cli.core.data.prepare import prepare
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.runtime import set_seed
@@ -13,7 +14,6 @@ from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.recipe import Recipe
-from llmos_cli.stages import data as data_stage
 from llmos_cli.stages.checks import check_pretrain
 from llmos_cli.stages.common import (
     best_row,
@@ -31,7 +31,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     ensure_dir(recipe.output_dir, "run.output_dir")  # an unwritable run dir fails now, not after the data
     world = init_distributed()  # joins torchrun's process group; one process otherwise
     with world.main_first():  # rank 0 prepares the data, the others reuse it
-        prepared = data_stage.run(recipe)
+        prepared = prepare(recipe)
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     set_seed(recipe.run.seed)
     special = {
