@@ -227,6 +227,7 @@ def test_on_a_gpu_every_inference_entry_point_puts_the_model_and_inputs_there(
     llama_dir, t5_dir, tmp_path
 ) -> None:
     from llmos_cli import LLMOS
+    from llmos_cli.core.eval import tasks
     from llmos_cli.core.serve.runners import open_runner
     from llmos_cli.stages import evaluate
 
@@ -259,5 +260,5 @@ def test_on_a_gpu_every_inference_entry_point_puts_the_model_and_inputs_there(
         },
         "<test>",
     )
-    assert evaluate.EvalTarget.of(recipe).device.type == "cuda"
+    assert tasks.EvalTarget.of(recipe, str(llama_dir)).device.type == "cuda"
     assert evaluate.run(recipe)["metrics"]["perplexity"] > 1
