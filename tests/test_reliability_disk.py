@@ -92,7 +92,7 @@ def test_disk_full_while_saving_the_final_model(tmp_path, tiny_recipe, run_cli, 
 
 
 def test_disk_full_while_preparing_data(tmp_path, tiny_recipe, run_cli, monkeypatch):
-    from llmos_cli.stages import data
+    from llmos_cli.core.data import prepare as data
 
     monkeypatch.setattr(data, "write_rows", disk_full)
     result = run_cli("data", tiny_recipe)
