@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llmos_cli.core.eval.multiple_choice import choice_loglikelihoods
 from llmos_cli.core.models import model_kind
 from llmos_cli.core.serve.runners import embed, model_device
 
@@ -64,36 +65,15 @@ def _causal_scores(model: Any, tokenizer: Any, text: str, labels: list[str], tem
     stripped = context.rstrip(" ")
     lead = context[len(stripped) :]
     context_ids = tokenizer(stripped)["input_ids"]
-    sequences, spans = [], []
-    for label in labels:
-        label_ids = tokenizer(lead + label + tail.format(text=text), add_special_tokens=False)["input_ids"]
-        sequences.append(context_ids + label_ids)
-        spans.append((len(context_ids), len(context_ids) + len(label_ids)))
-    return _continuation_logprobs(model, tokenizer, sequences, spans)
-
-
-def _continuation_logprobs(
-    model: Any, tokenizer: Any, sequences: list[list[int]], spans: list[tuple[int, int]]
-) -> list[float]:
-    """Mean log-prob of tokens [start, end) of each sequence, each predicted from those before it."""
-    device = model_device(model)
-    width = max(len(s) for s in sequences)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(sequences):  # right padding keeps every real token at its own position
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    scores = []
-    for i, (start, end) in enumerate(spans):
-        if start == 0:
-            raise ValueError("the prompt before {label} must not be empty for a causal LM")
-        targets = ids[i, start:end].to(device)
-        picked = logprobs[i, start - 1 : end - 1].gather(-1, targets.unsqueeze(-1))
-        scores.append(float(picked.mean()))
-    return scores
+    if not context_ids:
+        raise ValueError("the prompt before {label} must not be empty for a causal LM")
+    labels_ids = [
+        tokenizer(lead + label + tail.format(text=text), add_special_tokens=False)["input_ids"]
+        for label in labels
+    ]
+    # the same log-likelihood scorer multiple choice uses: the context once, each label as its continuation
+    sums = choice_loglikelihoods(model, context_ids, labels_ids, batch_size=len(labels_ids))
+    return [total / len(ids) for total, ids in zip(sums, labels_ids, strict=True)]
 
 
 def _seq2seq_scores(model: Any, tokenizer: Any, text: str, labels: list[str], template: str) -> list[float]:
