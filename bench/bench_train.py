@@ -147,20 +147,20 @@ class Experiment:
         """Write the corpus, run `llmos data` on it and save the Trainer's rows: documents and blocks."""
         from datasets import load_from_disk
 
+        from llmos_cli.core.data.prepare import prepare, read_documents
         from llmos_cli.core.data.read import list_files
         from llmos_cli.core.data.report import DataReport
         from llmos_cli.core.models import load_tokenizer
         from llmos_cli.recipe import load_recipe
-        from llmos_cli.stages import data as data_stage
 
         corpus = work / "corpus.jsonl"
         if (work / "rows.json").exists():
             return
         write_corpus(corpus, setting.max_files)
         recipe = load_recipe(RECIPE, recipe_overrides(setting, corpus, work))
-        prepared = data_stage.run(recipe)
+        prepared = prepare(recipe)
         tokenizer = load_tokenizer(prepared.tokenizer_dir)
-        docs = data_stage.read_documents(recipe, list_files(str(corpus)), DataReport())
+        docs = read_documents(recipe, list_files(str(corpus)), DataReport())
         eos, limit = tokenizer.eos_token_id, recipe.data.max_seq_len
         ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
         saved = {

@@ -395,3 +395,16 @@ def test_a_second_finetune_on_unchanged_inputs_encodes_nothing(tmp_path: Path, b
     )
     encoded.clear()
     assert finetune.run(recipe)["data"]["fingerprint"] != tuned["data"]["fingerprint"] and encoded
+
+
+def test_a_finetune_without_validation_rows_trains_from_the_prepared_data(tmp_path: Path, bases) -> None:
+    recipe = recipe_for(
+        tmp_path,
+        bases["llama"],
+        instruction_rows(20),
+        data={"format": "instruction", "template": "Q: {prompt}\nA: ", "validation_split": 0.0},
+        train={"max_steps": 2},
+    )
+    summary = finetune.run(recipe)
+    assert summary["steps"] == 2 and summary["validation"] is None
+    assert summary["data"]["validation"]["examples"] == 0

@@ -140,7 +140,10 @@ def task_data(recipe: Recipe) -> tuple[Any, dict[str, Any], Path]:
         if recipe.data.format == "text"
         else prepared.report
     )
-    return load_from_disk(str(prepared.path)), info, prepared.tokenizer_dir
+    splits = load_from_disk(str(prepared.path))
+    if "validation" not in splits:  # no validation rows (the prepared data leaves an empty split out)
+        splits["validation"] = splits["train"].select([])
+    return splits, info, prepared.tokenizer_dir
 
 
 def load_base(recipe: Recipe, base: ModelInfo, info: dict[str, Any], kwargs: dict[str, Any]) -> Any:

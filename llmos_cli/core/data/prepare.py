@@ -267,7 +267,8 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     staged = staging_dir(target, "data.output")
     try:
         with disk_full_is_clear(target):
-            DatasetDict(splits).save_to_disk(str(staged))
+            # an empty split does not survive save_to_disk/load_from_disk: it is left out (loaders add it back)
+            DatasetDict({k: v for k, v in splits.items() if len(v)}).save_to_disk(str(staged))
             tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
             (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
     except BaseException:
