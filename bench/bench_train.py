@@ -276,9 +276,11 @@ VARIANTS = ("padded-fp32", "packed-fp32", "packed-bf16", "llmos-fp32", "llmos-bf
 
 
 def child_env() -> dict[str, str]:
-    """Environment of a benchmark's child process: offline, this checkout, this process's torch threads."""
+    """Environment of a benchmark's child process: offline, this checkout, this process's torch threads,
+    and a model library of its own (runs register themselves; the user's library stays untouched)."""
     return {
         **os.environ,
+        "LLMOS_HOME": tempfile.mkdtemp(prefix="llmos-bench-home-"),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
