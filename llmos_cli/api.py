@@ -120,7 +120,9 @@ class Model:
         from llmos_cli.core.models import describe_model
         from llmos_cli.core.runtime import pick_device
 
-        self.info = path if isinstance(path, ModelInfo) else describe_model(path)
+        self.info = (
+            path if isinstance(path, ModelInfo) else describe_model(path, trust_remote_code=trust_remote_code)
+        )
         self.path = self.info.path
         self.device = pick_device(device, key="device")
         self._load_kwargs = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}

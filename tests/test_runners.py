@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from bench.tiny_model import build_tiny_llama
-from llmos_cli.core.models import describe_model, model_kind
+from llmos_cli.core.models import context_window, describe_model, model_kind
 from llmos_cli.core.serve.runners import EncoderRunner, Runner, SamplingParams, Seq2SeqRunner, load_runner
 from llmos_cli.errors import UserError
 from llmos_cli.stages import serve
@@ -73,7 +73,7 @@ def test_the_model_description_names_each_kind(t5_dir, llama_dir, tmp_path) -> N
     for f in llama_dir.iterdir():
         (run / "final" / f.name).write_bytes(f.read_bytes())
     info = describe_model(run)
-    assert info.path == run / "final" and info.name == "myrun" and info.context_window == 512
+    assert info.path == run / "final" and info.name == "myrun" and context_window(info.config) == 512
 
 
 def test_seq2seq_runner_equals_transformers_greedy_generate(t5_dir) -> None:
@@ -262,3 +262,19 @@ def test_on_a_gpu_every_inference_entry_point_puts_the_model_and_inputs_there(
     )
     assert tasks.EvalTarget.of(recipe, str(llama_dir)).device.type == "cuda"
     assert evaluate.run(recipe)["metrics"]["perplexity"] > 1
+
+
+def test_the_description_reads_a_remote_code_config_only_when_trusted(llama_dir, monkeypatch) -> None:
+    from transformers import AutoConfig
+
+    seen: list[bool] = []
+    real = AutoConfig.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", False))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", spy)
+    describe_model(llama_dir)
+    describe_model(llama_dir, trust_remote_code=True)
+    assert seen == [False, True]

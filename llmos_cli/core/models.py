@@ -280,10 +280,6 @@ class ModelInfo:
         """The recipe task that trains this kind (None for a bare encoder)."""
         return TASK_OF_KIND.get(self.kind)
 
-    @property
-    def context_window(self) -> int | None:
-        return None if self.kind == "seq2seq" else context_window(self.config)
-
     def load(
         self,
         task: str | None = None,
@@ -337,30 +333,39 @@ class ModelInfo:
 
 
 def describe_model(
-    ref: str | Path, *, hub: bool = False, key: str | None = None, base_dir: Path | None = None
+    ref: str | Path,
+    *,
+    hub: bool = False,
+    key: str | None = None,
+    base_dir: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelInfo:
-    """Resolve `ref` by the rule of `resolve_model_dir` and describe the model it names."""
-    return _describe(resolve_model_dir(ref, hub=hub, key=key, base_dir=base_dir), str(ref), base_dir)
+    """Resolve `ref` by the rule of `resolve_model_dir` and describe the model it names (a config with
+    remote code is read only when `trust_remote_code`)."""
+    model_dir = resolve_model_dir(ref, hub=hub, key=key, base_dir=base_dir)
+    return _describe(model_dir, str(ref), base_dir, trust_remote_code)
 
 
-def describe_recipe_model(ref: str, source: str | None, key: str = "model.name_or_path") -> ModelInfo:
+def describe_recipe_model(
+    ref: str, source: str | None, key: str = "model.name_or_path", *, trust_remote_code: bool = False
+) -> ModelInfo:
     """The model a recipe key names (`source` is the recipe file), the hub included."""
     folder = Path(source).parent if source and Path(source).is_file() else None
-    return _describe(recipe_model_dir(ref, source, key), ref, folder)
+    return _describe(recipe_model_dir(ref, source, key), ref, folder, trust_remote_code)
 
 
-def _describe(model_dir: Path, ref: str, base_dir: Path | None) -> ModelInfo:
+def _describe(model_dir: Path, ref: str, base_dir: Path | None, trust_remote_code: bool) -> ModelInfo:
     from transformers import AutoConfig
 
     name = _display_name(model_dir, ref, base_dir)
     if is_adapter_dir(model_dir):
-        base = describe_model(adapter_base(model_dir))
+        base = describe_model(adapter_base(model_dir), trust_remote_code=trust_remote_code)
         peft_task = _read_json(model_dir / "adapter_config.json").get("task_type")
         kind = PEFT_KINDS.get(peft_task, base.kind)
         tokenizer_dir = tokenizer_folder(model_dir) or base.tokenizer_dir
         return ModelInfo(model_dir, kind, base.config, tokenizer_dir, name, base)
     try:
-        config = AutoConfig.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{model_dir}/config.json: cannot read the model config: {err}") from err
     return ModelInfo(model_dir, kind_of(config), config, tokenizer_folder(model_dir), name)

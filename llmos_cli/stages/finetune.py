@@ -34,7 +34,9 @@ from llmos_cli.stages.common import (
 def run(recipe: Recipe) -> dict[str, Any]:
     check_finetune(recipe)  # before the run dir exists: a refused run leaves nothing behind
     ensure_dir(recipe.output_dir, "run.output_dir")  # an unwritable run dir fails now, not after the data
-    base_model = resolve_base(recipe.model.name_or_path, recipe.source)  # resolved once, here
+    base_model = resolve_base(
+        recipe.model.name_or_path, recipe.source, trust_remote_code=recipe.model.trust_remote_code
+    )  # resolved once, here
     base = base_model.path.resolve()
     load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
     set_seed(recipe.run.seed)
@@ -116,14 +118,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return summary
 
 
-def resolve_base(name: str | None, source: str | None) -> ModelInfo:
+def resolve_base(name: str | None, source: str | None, *, trust_remote_code: bool = False) -> ModelInfo:
     """The base model: a HF dir, an llmos run dir, `builtin:NAME`, a registered name or a hub id (see
     `describe_recipe_model`)."""
     if not name:
         raise UserError(
             f"{source}: model.name_or_path: finetune needs a base model (a directory, a registered name or a hub id)"
         )
-    return describe_recipe_model(name, source)
+    return describe_recipe_model(name, source, trust_remote_code=trust_remote_code)
 
 
 def task_data(recipe: Recipe) -> tuple[Any, dict[str, Any], Path]:

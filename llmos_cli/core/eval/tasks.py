@@ -54,7 +54,7 @@ class EvalTarget:
     @classmethod
     def of(cls, recipe: Recipe, model: str) -> EvalTarget:
         """`model` (a reference in the recipe's terms) on the recipe's eval.device, in eval.precision."""
-        info = describe_recipe_model(model, recipe.source)
+        info = describe_recipe_model(model, recipe.source, trust_remote_code=recipe.model.trust_remote_code)
         device = pick_device(recipe.eval.device, "eval.device")
         if device.type == "cpu":
             retain_freed_memory()
