@@ -66,7 +66,7 @@ def task_fingerprint(recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None 
 
 
 def prepare_task_dataset(
-    recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None = None
+    recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None = None, known_fingerprint: str | None = None
 ) -> tuple[Any, dict[str, Any]]:
     """Read, split and encode `data.train`/`data.validation` for the recipe's task and format.
 
@@ -76,7 +76,7 @@ def prepare_task_dataset(
     from datasets import Dataset, DatasetDict
 
     d = recipe.data
-    fp = task_fingerprint(recipe, tokenizer, tokenizer_dir)
+    fp = known_fingerprint or task_fingerprint(recipe, tokenizer, tokenizer_dir)
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
     decoding, masked = Decoding(d.encoding), Counter()

@@ -263,7 +263,7 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     if cached and not force:
         out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
         return cached
-    splits, info = prepare_task_dataset(recipe, tokenizer, src)
+    splits, info = prepare_task_dataset(recipe, tokenizer, src, known_fingerprint=fp)
     staged = staging_dir(target, "data.output")
     try:
         with disk_full_is_clear(target):
