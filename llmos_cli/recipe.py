@@ -135,6 +135,11 @@ class DataSection(Section):
         "auto", description="tokenising processes; auto: every core, at most one per 256 documents"
     )
     output: str | None = Field(None, description="default runs/data/<run.name>")
+    keep_versions: int = Field(
+        2,
+        ge=0,
+        description="earlier prepared versions kept beside data.output, reused when settings switch back",
+    )
     checks: ChecksSection = Field(default_factory=ChecksSection)
     label: LabelSection = Field(default_factory=LabelSection)
     template: str | None = Field(

@@ -130,3 +130,8 @@ def pick_precision(name: str, device: torch.device) -> Precision:
         raise UserError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(name, dtype)
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model's weights are (the CPU for one without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from llmos_cli.console import out
+from llmos_cli.core.data.prepare import plan_steps
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.eval.classification import accuracy_and_f1, predict_labels
 from llmos_cli.core.models import ModelInfo, describe_recipe_model, load_tokenizer
@@ -229,3 +230,17 @@ def save_finetuned(run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, bas
         config.base_model_name_or_path = str(base)
     save_final(run_dir, model, tokenizer)
     return "adapter"
+
+
+def plan(recipe: Recipe) -> list[str]:
+    """--dry-run: what `run` would do, refused as the run would refuse it."""
+    check_finetune(recipe)
+    ft = recipe.finetune
+    how = ft.method + (" + DoRA" if ft.dora else "") + (" (4-bit QLoRA)" if ft.qlora else "")
+    length = recipe.train.max_steps or f"{recipe.train.epochs} epochs"
+    return [
+        f"load base model {recipe.model.name_or_path} for {recipe.task}",
+        *plan_steps(recipe),
+        f"{how} fine-tune for {length} steps into {recipe.output_dir}",
+        f"save {recipe.output_dir / 'final'}",
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmos_cli.console import out
-from llmos_cli.core.data.prepare import prepare
+from llmos_cli.core.data.prepare import plan_steps, prepare
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.runtime import set_seed
@@ -89,3 +89,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
         rows.append(best_row(result.best))
     out.table("pretrain", ["what", "value"], rows)
     return summary
+
+
+def plan(recipe: Recipe) -> list[str]:
+    """--dry-run: what `run` would do, refused as the run would refuse it."""
+    check_pretrain(recipe)
+    length = recipe.train.max_steps or f"{recipe.train.epochs} epochs"
+    return [
+        *plan_steps(recipe),
+        f"build {recipe.model.arch} from model.config",
+        f"train {length} steps into {recipe.output_dir}",
+        f"save {recipe.output_dir / 'final'}",
+    ]

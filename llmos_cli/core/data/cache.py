@@ -14,9 +14,9 @@ from llmos_cli.core.writable import ensure_dir, match_umask
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection
 
-FINGERPRINT_VERSION = 4  # bump when the prepared layout or its report changes
+FINGERPRINT_VERSION = 5  # bump when the prepared layout or its report changes
 # where the dataset goes, how fast it is built and what it is checked against: not what it holds
-NOT_FINGERPRINTED = {"output", "num_proc", "train", "validation", "checks"}
+NOT_FINGERPRINTED = {"output", "keep_versions", "num_proc", "train", "validation", "checks"}
 
 
 def data_settings(d: DataSection) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llmos_cli.console import out
+from llmos_cli.core.runtime import model_device
 from llmos_cli.errors import UserError
 
 
@@ -103,7 +104,7 @@ def choice_loglikelihoods(
     """Summed log-probability of each continuation after the context; the context is run once."""
     if any(not c for c in continuations):
         raise ValueError("a choice tokenised to nothing; every choice needs at least one token")
-    device = next(model.parameters()).device
+    device = model_device(model)
     longest = max(len(c) for c in continuations)
     limit = _max_positions(model)
     if limit is not None and len(context_ids) + longest - 1 > limit:

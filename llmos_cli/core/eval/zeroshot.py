@@ -18,7 +18,8 @@ import torch
 
 from llmos_cli.core.eval.multiple_choice import choice_loglikelihoods
 from llmos_cli.core.models import model_kind
-from llmos_cli.core.serve.runners import embed, model_device
+from llmos_cli.core.runtime import model_device
+from llmos_cli.core.serve.runners import embed
 
 __all__ = ["embed", "model_kind", "zero_shot_scores"]
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmos_cli.core.runtime import model_device
+
 if TYPE_CHECKING:
     from llmos_cli.core.models import ModelInfo
 
@@ -734,8 +736,3 @@ def _load_as(cls: type, ref: str | Path, kwargs: dict[str, Any]) -> Any:
         what = "generates text" if cls is Runner else "embeds or classifies text"
         raise UserError(f"{info.path} is a {info.kind} model; this runner {what}")
     return load_runner(info, **kwargs)
-
-
-def model_device(model: Any) -> torch.device:
-    """Where a model's weights are (the CPU for one without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
