@@ -89,6 +89,7 @@ def run_trl(base: Path, train_file: Path, out: Path, s: dict[str, Any]) -> float
         use_cpu=True,
         seed=s["seed"],
         dataloader_num_workers=0,
+        gradient_checkpointing=False,  # as llmos (finetune.gradient_checkpointing defaults to false)
     )
     peft_config = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
