@@ -259,10 +259,11 @@ class Model:
     def finetune(
         self,
         *,
-        task: str,
+        task: str = "causal-lm",
         train_data: str | Path,
         validation_data: str | Path | None = None,
         method: str = "full",
+        objective: str = "sft",
         epochs: float | None = None,
         max_steps: int | None = None,
         lr: float | None = None,
@@ -271,10 +272,11 @@ class Model:
         format: str | None = None,
         overrides: list[str] | None = None,
     ) -> Model:
-        """Fine-tune this model through the same stage as `llmos finetune`; returns the fine-tuned model."""
+        """Fine-tune this model through the same stage as `llmos finetune`; returns the fine-tuned model.
+        `objective="dpo"` or `"orpo"` trains on preference pairs (format preference by default)."""
         from llmos_cli.stages import finetune
 
-        name = f"{self.path.parent.name if self.path.name == 'final' else self.path.name}-{task}"
+        name = f"{self.path.parent.name if self.path.name == 'final' else self.path.name}-{task if objective == 'sft' else objective}"
         train: dict[str, Any] = {
             k: v
             for k, v in {"epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size}.items()
@@ -286,10 +288,11 @@ class Model:
             "model": {"name_or_path": str(self.path), **self._load_kwargs},
             "data": {
                 "train": str(Path(train_data).resolve()),
-                "format": format or DEFAULT_FORMAT.get(task, "text"),
+                "format": format
+                or ("preference" if objective != "sft" else DEFAULT_FORMAT.get(task, "text")),
                 **({"validation": str(Path(validation_data).resolve())} if validation_data else {}),
             },
-            "finetune": {"method": method},
+            "finetune": {"method": method, "objective": objective},
             "train": train,
         }
         recipe = _with_overrides(raw, overrides or [])

@@ -17,6 +17,7 @@ from llmos_cli.core.train.adapters import apply_lora, parameter_counts, quantize
 from llmos_cli.core.train.batches import causal_lm_collate, classification_collate, seq2seq_collate
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
+from llmos_cli.core.train.preference import frozen_reference, preference_collate, preference_objective
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
@@ -65,7 +66,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     device, precision = device_and_precision(recipe, training=True)
     train_rows = splits["train"].with_format("numpy")
     val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
-    objective, collate = task_objective(recipe, info, tokenizer.pad_token_id)
+    objective, collate = task_objective(recipe, info, tokenizer.pad_token_id, model, device)
     job = TrainJob(
         model=model,
         train_rows=train_rows,
@@ -99,6 +100,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         "base_model": str(base),
         "task": recipe.task,
         "method": recipe.finetune.method,
+        "objective": recipe.finetune.objective,
         "steps": result.steps,
         "tokens": result.tokens,
         "parameters": total,
@@ -179,7 +181,14 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
-def task_objective(recipe: Recipe, info: dict[str, Any], pad_id: int) -> tuple[Objective, Any]:
+def task_objective(
+    recipe: Recipe, info: dict[str, Any], pad_id: int, model: Any, device: torch.device
+) -> tuple[Objective, Any]:
+    """The loss and collator for the task; DPO's reference is the model as it starts (see frozen_reference)."""
+    if recipe.finetune.objective != "sft":
+        dpo = recipe.finetune.objective == "dpo"
+        reference = frozen_reference(model, device) if dpo else None
+        return preference_objective(recipe.finetune, reference), preference_collate(pad_id)
     if recipe.task == "classification":
         return classification_objective(class_weights(recipe, info)), classification_collate(pad_id)
     if recipe.task == "seq2seq":

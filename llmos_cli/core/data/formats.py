@@ -58,7 +58,7 @@ def task_fingerprint(recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None 
     if not d.train:
         raise UserError(f"{recipe.source}: data.train: no training data given")
     template = None
-    if d.format == "chat":  # the template encoding will apply (set_chat_template's choice)
+    if d.format in ("chat", "preference"):  # the template encoding will apply (set_chat_template's choice)
         template = d.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     files = list_files(d.train, d.include) + (list_files(d.validation, d.include) if d.validation else [])
     if d.label.model:  # a labelling step's model decides the labels
@@ -138,6 +138,10 @@ def prepare_task_dataset(
             lengths = np.array([len(x) for x in columns["input_ids"]], dtype=np.int64)
             info[name]["tokens"] = int(lengths.sum())
             info[name]["example_tokens"] = length_summary(lengths)
+        if d.format == "preference":
+            from llmos_cli.core.data.preference import preference_lengths
+
+            info[name].update(preference_lengths(columns))
     if len(splits["train"]) == 0:
         raise UserError(f"data.train: every row was dropped ({info['train']['dropped']})")
     if d.format == "classification":
@@ -423,8 +427,15 @@ def pairs_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
     return encode
 
 
+def _preference_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
+    from llmos_cli.core.data.preference import preference_encoder  # it builds on this module
+
+    return preference_encoder(tokenizer, d)
+
+
 _ENCODERS: dict[str, Callable[[Any, DataSection], Callable[[Row], Encoded]]] = {
     "instruction": instruction_encoder,
     "chat": chat_encoder,
     "pairs": pairs_encoder,
+    "preference": _preference_encoder,
 }

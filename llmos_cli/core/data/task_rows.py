@@ -21,6 +21,7 @@ CONTENT_FIELDS: dict[str, Callable[[DataSection], list[str]]] = {
     "chat": lambda d: [d.messages_field],
     "classification": lambda d: [d.text_field],
     "pairs": lambda d: [d.source_field, d.target_field],
+    "preference": lambda d: [d.prompt_field, d.messages_field, d.chosen_field, d.rejected_field],
 }
 
 
