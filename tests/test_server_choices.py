@@ -120,15 +120,18 @@ def test_n_choices_differ_and_reproduce(client, runner):
 
 def test_n_choices_streamed(client, runner):
     args = dict(model="tiny", max_tokens=6, temperature=1.0, seed=3, n=2)
-    whole = client.completions.create(prompt="a", **args)
-    texts = ["", ""]
+    whole = client.completions.create(prompt="a", logprobs=1, **args)
+    texts, logprobs = ["", ""], [[], []]
     stream = client.completions.create(
-        prompt="a", stream=True, stream_options={"include_usage": True}, **args
+        prompt="a", logprobs=1, stream=True, stream_options={"include_usage": True}, **args
     )
     *chunks, usage = list(stream)
     for c in chunks:
         texts[c.choices[0].index] += c.choices[0].text
+        if c.choices[0].logprobs:
+            logprobs[c.choices[0].index] += c.choices[0].logprobs.token_logprobs
     assert texts == [c.text for c in whole.choices] and usage.usage == whole.usage
+    assert logprobs == [c.logprobs.token_logprobs for c in whole.choices]  # every token's, streamed once
     chat = client.chat.completions.create(messages=MESSAGES, stream=True, **args)
     roles = [c.choices[0].index for c in chat if c.choices[0].delta.role == "assistant"]
     assert roles == [0, 1]

@@ -265,7 +265,9 @@ def create_app(
                 n=body.n,
                 first=[],
                 delta=lambda i, d: chunk(d.text, None, i, logprobs(d.logprobs)),
-                last=lambda i, c, rest: chunk("", finish_reason(c), i, logprobs(rest, len(c.text))),
+                last=lambda i, c, rest: chunk(
+                    "", finish_reason(c), i, logprobs(rest, len(c.text)) if rest else None
+                ),
             )
         results = await complete(eng, ids, params, request, retry_after_s)
         out = chunk("", None)

@@ -108,7 +108,8 @@ class SamplingParams:
         )
 
     def for_row(self, row: int) -> SamplingParams:
-        """The parameters of the `row`-th prompt of a request: seeded rows differ, and each reproduces."""
+        """The parameters of a request's `row`-th sequence (a prompt, or one of its `n` choices): seeded rows
+        differ, and each reproduces."""
         return self if self.seed is None or row == 0 else replace(self, seed=self.seed + row)
 
 
