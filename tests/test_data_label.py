@@ -197,3 +197,17 @@ def test_batched_labels_equal_one_text_at_a_time(tmp_path: Path, api_model) -> N
         assert [r["label"] for r in got] == [max(s, key=s.get) for s in alone]
         assert [r["label_score"] for r in got] == pytest.approx([max(s.values()) for s in alone], abs=1e-5)
     assert api_model.predict(texts, TOPICS, batch_size=5) == api_model.predict(texts, TOPICS, batch_size=1)
+
+
+def test_the_label_batch_size_is_not_part_of_the_dataset_fingerprint() -> None:
+    """The same labels come out at any batch size: changing it re-encodes nothing."""
+    from llmos_cli.core.data.cache import data_settings
+    from llmos_cli.recipe import DataSection
+
+    label = {"model": "builtin:all-MiniLM-L6-v2", "labels": ["a", "b"]}
+    assert data_settings(DataSection(label={**label, "batch_size": 4})) == data_settings(
+        DataSection(label=label)
+    )
+    assert data_settings(DataSection(label=label)) != data_settings(
+        DataSection(label={**label, "min_score": 0.1})
+    )
