@@ -84,8 +84,8 @@ class EngineStats:
 class Engine:
     """Serve generation requests from a bounded queue with continuous batching on one background thread.
 
-    `max_queue` bounds the requests waiting for a slot; those that get one of the `max_batch_size` slots at once
-    do not count against it."""
+    `max_queue` bounds the requests waiting for a slot (an HTTP request with several prompts or `n` choices is one
+    engine request per sequence); those that get one of the `max_batch_size` slots at once do not count against it."""
 
     def __init__(
         self,
