@@ -60,9 +60,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    logprobs: int | None = (
-        None  # None: no log-probs; k >= 0: each token's, and its k most likely alternatives
-    )
+    # None: no log-probs; k >= 0: each generated token's log-prob and its k most likely alternatives
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
