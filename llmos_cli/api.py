@@ -185,28 +185,49 @@ class Model:
         return done[0] if isinstance(prompt, str) else done
 
     def scores(
-        self, text: str, labels: list[str] | None = None, *, template: str | None = None
-    ) -> dict[str, float]:
-        """Label -> score: the fine-tuned head's probabilities, or zero-shot scores when `labels` are given."""
+        self,
+        text: str | list[str],
+        labels: list[str] | None = None,
+        *,
+        template: str | None = None,
+        batch_size: int = 16,
+    ) -> dict[str, float] | list[dict[str, float]]:
+        """Label -> score for `text` (or for each text of a list, `batch_size` per forward pass): the fine-tuned
+        head's probabilities, or zero-shot scores when `labels` are given."""
+        texts = [text] if isinstance(text, str) else list(text)
         if labels is None:
             if self.kind != "classifier":
                 raise ValueError("this model has no classification head: pass labels=[...] for zero-shot")
             from llmos_cli.core.serve.runners import EncoderRunner
 
-            return EncoderRunner(self.model, self.tokenizer).classify([text])[0]
-        from llmos_cli.core.eval.zeroshot import zero_shot_scores
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            runner = EncoderRunner(self.model, self.tokenizer)
+            found = [
+                s
+                for i in range(0, len(texts), batch_size)
+                for s in runner.classify(texts[i : i + batch_size])
+            ]
+        else:
+            from llmos_cli.core.eval.zeroshot import zero_shot_batch
 
-        return dict(zero_shot_scores(self.model, self.tokenizer, text, labels, template=template))
+            found = zero_shot_batch(
+                self.model, self.tokenizer, texts, labels, template=template, batch_size=batch_size
+            )
+        return found[0] if isinstance(text, str) else found
 
     def predict(
-        self, text: str | list[str], labels: list[str] | None = None, *, template: str | None = None
+        self,
+        text: str | list[str],
+        labels: list[str] | None = None,
+        *,
+        template: str | None = None,
+        batch_size: int = 16,
     ) -> str | list[str]:
         """The best label for `text` (or for each text of a list)."""
         texts = [text] if isinstance(text, str) else list(text)
-        best = [
-            max(s.items(), key=lambda kv: kv[1])[0]
-            for s in (self.scores(t, labels, template=template) for t in texts)
-        ]
+        found = self.scores(texts, labels, template=template, batch_size=batch_size)
+        best = [max(s.items(), key=lambda kv: kv[1])[0] for s in found]
         return best[0] if isinstance(text, str) else best
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -225,6 +246,7 @@ class Model:
         min_score: float | None = None,
         review: str | Path | None = None,
         template: str | None = None,
+        batch_size: int = 16,
     ) -> dict[str, Any]:
         """Label every row of `data` into `out` as `llmos data label` does: `label` and `label_score`
         from `scores`; rows under `min_score` go to a review file. Returns the summary."""
@@ -241,6 +263,7 @@ class Model:
             min_score=min_score,
             review=Path(review) if review else None,
             template=template,
+            batch_size=batch_size,
         )
         return asdict(result)
 

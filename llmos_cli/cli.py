@@ -194,6 +194,7 @@ def data_label(
     template: str | None = typer.Option(
         None, "--template", help='Zero-shot template, e.g. "This text is about {label}."'
     ),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts scored per forward pass."),
 ) -> None:
     """Label rows with a model: `label` and `label_score` per row; low scores to a review file."""
     from dataclasses import asdict
@@ -213,6 +214,7 @@ def data_label(
         min_score=min_score,
         review=review,
         template=template,
+        batch_size=batch_size,
     )
     show(result)
     review_note = f", {result.review} to review in {result.review_file}" if result.review else ""

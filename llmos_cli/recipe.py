@@ -103,6 +103,7 @@ class LabelSection(Section):
     labels: list[str] | None = Field(None, description="zero-shot labels; default a classifier's own")
     min_score: float | None = Field(None, description="rows scoring under this are left out")
     template: str | None = None
+    batch_size: int = Field(16, ge=1, description="texts scored per forward pass")
 
 
 class DataSection(Section):

@@ -64,6 +64,7 @@ def dpo_recipe(tmp_path: Path, base: Path, rows: list[dict], name: str = "run", 
             "validation_split": 0.1,
             "max_seq_len": 64,
             "output": str(tmp_path / "data"),
+            "clean": {"dedup": False, "decontaminate": False},  # 20 distinct pairs, sampled over and over
         },
         "finetune": {"method": "lora", "objective": "dpo", "lora": {"r": 8, "alpha": 64, "dropout": 0.0}},
         "train": {"max_steps": 2, "batch_size": 8, "lr": 1e-2, "log_every": 1, **sections.pop("train", {})},
