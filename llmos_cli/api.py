@@ -134,7 +134,11 @@ class Model:
     def model(self) -> Any:
         from llmos_cli.core.runtime import inference_dtype
 
-        return self.info.load(device=self.device, dtype=inference_dtype(self.device), **self._load_kwargs)
+        return self.info.load(
+            device=self.device,
+            dtype=inference_dtype(self.device, config=self.info.config),
+            **self._load_kwargs,
+        )
 
     @cached_property
     def tokenizer(self) -> Any:

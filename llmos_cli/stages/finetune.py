@@ -63,7 +63,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
 
     run_dir = open_run(recipe)
-    device, precision = device_and_precision(recipe, training=True)
+    device, precision = device_and_precision(recipe, config=model.config, run=run_dir)
     train_rows = splits["train"].with_format("numpy")
     val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
     objective, collate = task_objective(recipe, info, tokenizer.pad_token_id, model, device)
@@ -85,7 +85,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
             "model": config_hash([str(base), recipe.task, recipe.finetune.model_dump(mode="json")]),
         },
         group_by_length=recipe.data.format != "text",  # unpacked rows: batch similar lengths together
-        metrics=classification_metrics(val_rows, collate, recipe, info, device, precision)
+        metrics=classification_metrics(val_rows, tokenizer.pad_token_id, recipe, info, device, precision)
         if recipe.task == "classification" and val_rows is not None
         else None,
     )
@@ -212,11 +212,11 @@ def class_weights(recipe: Recipe, info: dict[str, Any]) -> torch.Tensor | None:
 
 
 def classification_metrics(
-    rows: Any, collate: Any, recipe: Recipe, info: dict[str, Any], device: torch.device, precision: Any
+    rows: Any, pad_id: int, recipe: Recipe, info: dict[str, Any], device: torch.device, precision: Any
 ) -> Any:
     def metrics(model: Any) -> dict[str, float]:
         pred, true = predict_labels(
-            model, rows, collate, batch_size=recipe.train.batch_size, device=device, precision=precision
+            model, rows, pad_id=pad_id, batch_size=recipe.train.batch_size, device=device, precision=precision
         )
         return accuracy_and_f1(pred, true, len(info["label_names"]))
 

@@ -47,7 +47,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     splits = load_from_disk(str(prepared.path)).with_format("numpy")
     run_dir = open_run(recipe)
-    device, precision = device_and_precision(recipe, training=True)
+    device, precision = device_and_precision(recipe, config=model.config, run=run_dir)
     job = TrainJob(
         model=model,
         train_rows=splits["train"],

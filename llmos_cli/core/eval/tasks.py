@@ -60,7 +60,7 @@ class EvalTarget:
         device = pick_device(recipe.eval.device, "eval.device")
         if device.type == "cpu":
             retain_freed_memory()
-        dtype = inference_dtype(device, recipe.eval.precision, "eval.precision")
+        dtype = inference_dtype(device, recipe.eval.precision, "eval.precision", info.config)
         return cls(info, device, dtype, recipe.model.allow_pickle, recipe.model.trust_remote_code)
 
     def load(self, task: str | None = None) -> Any:

@@ -714,6 +714,28 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+@torch.inference_mode()
+def class_logits(model: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """A sequence classifier's logits (fp32, on the CPU) for token-id rows, in their order; the rows are
+    batched in length order, so a batch pads little. The one classification inference: the runner's
+    labels and scores, `llmos eval` and the validation metrics of a classification fine-tune."""
+    device = model_device(model)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    found: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            batch[row, : len(ids[i])] = torch.as_tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        for row, i in enumerate(chunk):
+            found[i] = logits[row]
+    return torch.stack(found)
+
+
 class EncoderRunner:
     """An encoder (embeddings) or sequence classifier (labels and scores) and its tokenizer."""
 
@@ -744,10 +766,11 @@ class EncoderRunner:
         """Mean-pooled, L2-normalised last hidden states."""
         return embed(self.model, self.tokenizer, texts, max_length=self.max_length).tolist()
 
-    @torch.inference_mode()
-    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+    def classify(self, texts: list[str], batch_size: int = 32) -> list[dict[str, float]]:
         """Label -> probability for each text, from the classification head."""
-        probs = self.model(**self._batch(texts)).logits.float().softmax(-1)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        probs = class_logits(self.model, ids, pad_id, batch_size).softmax(-1)
         labels = self.model.config.id2label
         return [{str(labels.get(j, j)): float(p) for j, p in enumerate(row)} for row in probs.tolist()]
 
@@ -788,7 +811,8 @@ def open_runner(
     from llmos_cli.core.runtime import inference_dtype, pick_device
 
     where = pick_device(device, keys[0])
-    return load_runner(info, device=where, dtype=inference_dtype(where, precision, keys[1]), **load_kwargs)
+    dtype = inference_dtype(where, precision, keys[1], info.config)
+    return load_runner(info, device=where, dtype=dtype, **load_kwargs)
 
 
 def _load_as(cls: type, ref: str | Path, kwargs: dict[str, Any]) -> Any:
