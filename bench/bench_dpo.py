@@ -117,6 +117,7 @@ def run_llmos(base: Path, train_file: Path, out: Path, s: dict[str, Any]) -> flo
                 "validation_split": 0.0,
                 "max_seq_len": s["max_len"],
                 "output": str(out / "data"),
+                "clean": {"dedup": False},  # the rows TRL trains on, repeats included
             },
             "finetune": {
                 "method": "lora",

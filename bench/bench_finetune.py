@@ -163,6 +163,7 @@ def run_llmos(train_file: Path, out: Path, s: dict[str, Any]) -> tuple[float, fl
                 "format": "classification",
                 "validation_split": 0.0,
                 "max_seq_len": s["max_len"],
+                "clean": {"dedup": False},  # the rows HF Trainer trains on, repeats included
             },
             "finetune": {"method": "full"},
             "train": {

@@ -249,7 +249,7 @@ HTTP_CASES = {
         400,
         "max_tokens",
     ),
-    "n over the bound": ("/v1/completions", {**COMPLETION, "n": 3}, AUTH, 400, "n"),
+    "n over the bound": ("/v1/completions", {**COMPLETION, "n": 17}, AUTH, 400, "n"),
     "max_tokens wrong type": (
         "/v1/completions",
         {**COMPLETION, "max_tokens": "four"},
