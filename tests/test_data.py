@@ -143,7 +143,9 @@ def test_data_cache_reused_then_rebuilt_when_input_changes(tiny_recipe: Path, tm
     with (tmp_path / "corpus.jsonl").open("a") as fh:
         fh.write('{"text": "a brand new document about owls"}\n')
     assert not data_stage.run(load_recipe(tiny_recipe, ["data.max_seq_len=16"])).reused
-    assert not list(tmp_path.glob(".data.*"))  # no staging leftovers
+    # no staging leftovers: only the shelf of earlier versions (data.keep_versions: 2) beside data.output
+    assert [p.name for p in tmp_path.glob(".data.*")] == [".data.versions"]
+    assert len(list((tmp_path / ".data.versions").iterdir())) == 2
 
 
 def test_missing_field_names_file_line_and_field(tiny_recipe: Path, tmp_path: Path, run_cli) -> None:
