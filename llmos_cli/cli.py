@@ -282,7 +282,7 @@ def finetune(
 
         check_finetune(r)
         ft = r.finetune
-        how = ft.method + (" + DoRA" if ft.dora else "") + (" (4-bit QLoRA)" if ft.qlora else "")
+        how = ("qlora (4-bit NF4 base)" if ft.qlora else ft.method) + (" + DoRA" if ft.dora else "")
         data = (
             _data_steps(r)
             if r.data.format == "text"

@@ -8,11 +8,17 @@ from typing import Any
 import torch
 
 from llmos_cli.console import out
-from llmos_cli.core.distributed import init_distributed
+from llmos_cli.core.distributed import current_world, init_distributed
 from llmos_cli.core.eval.classification import accuracy_and_f1, predict_labels
 from llmos_cli.core.models import ModelInfo, describe_recipe_model, load_tokenizer
 from llmos_cli.core.runtime import set_seed
-from llmos_cli.core.train.adapters import apply_lora, parameter_counts, quantized_load_kwargs
+from llmos_cli.core.train.adapters import (
+    apply_lora,
+    parameter_counts,
+    quantization_config,
+    quantized_load_kwargs,
+    save_adapter_quantization,
+)
 from llmos_cli.core.train.batches import causal_lm_collate, classification_collate, seq2seq_collate
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
@@ -38,7 +44,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
         recipe.model.name_or_path, recipe.source, trust_remote_code=recipe.model.trust_remote_code
     )  # resolved once, here
     base = base_model.path.resolve()
-    load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
+    device, precision = device_and_precision(recipe, training=True)
+    quantization = quantization_config(recipe.finetune) if recipe.finetune.qlora else None
+    load_kwargs = quantized_load_kwargs(
+        quantization, device
+    )  # QLoRA's 4-bit base; fails fast without a backend
     set_seed(recipe.run.seed)
 
     world = init_distributed()  # joins torchrun's process group; one process otherwise
@@ -52,7 +62,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     model = load_base(recipe, base_model, info, load_kwargs)
     if recipe.finetune.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if recipe.finetune.method == "lora":
+    if recipe.finetune.adapters:
         model = apply_lora(model, recipe.finetune, recipe.task)
     trainable, total = parameter_counts(model)
     out.info(
@@ -61,7 +71,6 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
 
     run_dir = open_run(recipe)
-    device, precision = device_and_precision(recipe, training=True)
     train_rows = splits["train"].with_format("numpy")
     val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
     objective, collate = task_objective(recipe, info, tokenizer.pad_token_id)
@@ -88,7 +97,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         else None,
     )
     result = train(job)
-    saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base)
+    saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base, quantization)
     plot_losses(run_dir, f"{recipe.run.name}: loss")
     register_trained(run_dir, recipe, parent=str(base), data_fingerprint=info["fingerprint"], result=result)
     summary = {
@@ -213,13 +222,16 @@ def classification_metrics(
     return metrics
 
 
-def save_finetuned(run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, base: Path) -> str:
-    """final/: the full model, or for LoRA the adapter naming its base by absolute path.
+def save_finetuned(
+    run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, base: Path, quantization: dict[str, Any] | None
+) -> str:
+    """final/: the full model, or for LoRA the adapter naming its base by absolute path (QLoRA's also
+    says how its base is quantised, so every later load sees the model as trained).
 
     A LoRA classifier is merged into a plain model, so final/ carries its head and label map in
     config.json and loads with AutoModelForSequenceClassification alone.
     """
-    if recipe.finetune.method != "lora":
+    if not recipe.finetune.adapters:
         save_final(run_dir, model, tokenizer)
         return "model"
     if recipe.task == "classification" and not recipe.finetune.qlora:
@@ -228,4 +240,6 @@ def save_finetuned(run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, bas
     for config in model.peft_config.values():
         config.base_model_name_or_path = str(base)
     save_final(run_dir, model, tokenizer)
+    if quantization and current_world().is_main:
+        save_adapter_quantization(run_dir.final, quantization)
     return "adapter"
