@@ -253,6 +253,7 @@ def pretrain(
     r = _load(recipe, set_)
     if dry_run:
         from llmos_cli.stages.checks import check_pretrain
+        from llmos_cli.stages.common import memory_plan, pretrain_config
 
         check_pretrain(r)
         return _plan(
@@ -261,6 +262,7 @@ def pretrain(
                 *_data_steps(r),
                 f"build {r.model.arch} from model.config",
                 f"train {r.train.max_steps or str(r.train.epochs) + ' epochs'} steps into {r.output_dir}",
+                *memory_plan(r, lambda: pretrain_config(r)),
                 f"save {r.output_dir / 'final'}",
             ],
         )
@@ -278,7 +280,9 @@ def finetune(
     """Train from a pretrained model: full or LoRA; causal LM, classification or seq2seq."""
     r = _load(recipe, set_)
     if dry_run:
+        from llmos_cli.core.models import describe_recipe_model
         from llmos_cli.stages.checks import check_finetune
+        from llmos_cli.stages.common import memory_plan
 
         check_finetune(r)
         ft = r.finetune
@@ -295,6 +299,7 @@ def finetune(
                 f"load base model {r.model.name_or_path} for {r.task}",
                 *data,
                 f"{how} fine-tune for {length} steps into {r.output_dir}",
+                *memory_plan(r, lambda: describe_recipe_model(r.model.name_or_path, r.source).config),
                 f"save {r.output_dir / 'final'}",
             ],
         )

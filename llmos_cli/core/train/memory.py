@@ -155,3 +155,38 @@ def is_cuda_oom(err: BaseException) -> bool:
 
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+def training_memory_plan(
+    config: Any,
+    task: str,
+    *,
+    method: str,
+    lora_rank: int,
+    batch_size: int,
+    seq_len: int,
+    precision: str,
+    gradient_checkpointing: bool,
+    device: Any,
+) -> str:
+    """One line for a GPU `--dry-run`: the estimated peak of a step next to the card's free memory."""
+    parameters = count_parameters(config, task)
+    hidden, layers, vocab = model_dims(config)
+    estimate = estimate_training_memory(
+        parameters,
+        trainable_share(method, parameters, hidden, layers, lora_rank),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        hidden_size=hidden,
+        layers=layers,
+        vocab_size=vocab,
+        activation_bytes=4 if precision == "fp32" else 2,
+        quantized=method == "qlora",
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    free, total = free_gpu_memory(device)
+    verdict = "fits" if estimate.total < free else "does NOT fit: see docs/gpu.md (memory)"
+    return (
+        f"memory: estimated peak {estimate.describe()} for {parameters / 1e6:.1f}M parameters at batch "
+        f"{batch_size} x {seq_len} tokens; {device} has {free / GIB:.1f} of {total / GIB:.1f} GiB free ({verdict})"
+    )
