@@ -57,6 +57,22 @@ def use_tf32(device: torch.device) -> torch.device:
     return device
 
 
+def use_varlen_attention(model: Any, device: torch.device) -> bool:
+    """Switch a model to flash attention 2 where it can run (CUDA, the flash-attn package, a model that
+    supports it): its varlen kernels take packed rows flattened, padding-free. Elsewhere the model keeps
+    SDPA, which masks packed documents block-diagonally from their position ids. True when switched."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if (
+        device.type != "cuda"
+        or not is_flash_attn_2_available()
+        or not getattr(model, "_supports_flash_attn", False)
+    ):
+        return False
+    model.set_attn_implementation("flash_attention_2")
+    return True
+
+
 def inference_dtype(device: torch.device, precision: str = "auto", key: str = "precision") -> torch.dtype:
     """The dtype inference loads weights in: `auto` is bf16 on GPUs that support it, else fp16 on a GPU,
     and fp32 on the CPU; `fp32`, `bf16` and `fp16` are explicit choices (fp16 needs a GPU)."""

@@ -11,7 +11,7 @@ from llmos_cli.console import out
 from llmos_cli.core.distributed import current_world, init_distributed
 from llmos_cli.core.eval.classification import accuracy_and_f1, predict_labels
 from llmos_cli.core.models import ModelInfo, describe_recipe_model, load_tokenizer
-from llmos_cli.core.runtime import set_seed
+from llmos_cli.core.runtime import set_seed, use_varlen_attention
 from llmos_cli.core.train.adapters import (
     apply_lora,
     parameter_counts,
@@ -73,7 +73,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     run_dir = open_run(recipe)
     train_rows = splits["train"].with_format("numpy")
     val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
-    objective, collate = task_objective(recipe, info, tokenizer.pad_token_id)
+    objective, collate = task_objective(
+        recipe, info, tokenizer.pad_token_id, use_varlen_attention(model, device)
+    )
     job = TrainJob(
         model=model,
         train_rows=train_rows,
@@ -187,12 +189,15 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
-def task_objective(recipe: Recipe, info: dict[str, Any], pad_id: int) -> tuple[Objective, Any]:
+def task_objective(
+    recipe: Recipe, info: dict[str, Any], pad_id: int, flatten: bool = False
+) -> tuple[Objective, Any]:
+    """The task's loss and collator; `flatten`: packed rows padding-free, for varlen flash attention."""
     if recipe.task == "classification":
         return classification_objective(class_weights(recipe, info)), classification_collate(pad_id)
     if recipe.task == "seq2seq":
         return SEQ2SEQ, seq2seq_collate(pad_id)
-    return CAUSAL_LM, causal_lm_collate(pad_id)
+    return CAUSAL_LM, causal_lm_collate(pad_id, flatten=flatten)
 
 
 def class_weights(recipe: Recipe, info: dict[str, Any]) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from llmos_cli.console import out
 from llmos_cli.core.data.prepare import prepare
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
-from llmos_cli.core.runtime import set_seed
+from llmos_cli.core.runtime import set_seed, use_varlen_attention
 from llmos_cli.core.train.batches import causal_lm_collate
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM
@@ -53,7 +53,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         train_rows=splits["train"],
         val_rows=splits["validation"] if len(splits["validation"]) else None,
         objective=CAUSAL_LM,
-        collate=causal_lm_collate(tokenizer.pad_token_id),
+        collate=causal_lm_collate(tokenizer.pad_token_id, flatten=use_varlen_attention(model, device)),
         cfg=recipe.train,
         run=run_dir,
         seed=recipe.run.seed,

@@ -261,6 +261,7 @@ def _log_step(
         "grad_norm": round(float(grad_norm), 4),
         "tokens": state["tokens"],
         "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "padding": round(window.padding, 4),  # the share of positions computed for pads
     }
     if world.is_main:
         job.run.log(row)
