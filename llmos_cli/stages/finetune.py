@@ -185,8 +185,10 @@ def enable_gradient_checkpointing(model: Any) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"finetune.gradient_checkpointing: {type(model).__name__} does not support it")
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    model.config.use_cache = False
+    enable({"use_reentrant": False})  # non-reentrant: works with frozen inputs (LoRA), no warning
+    for module in model.modules():  # an encoder-decoder's stacks keep configs of their own
+        if getattr(getattr(module, "config", None), "use_cache", None):
+            module.config.use_cache = False
 
 
 def task_objective(
