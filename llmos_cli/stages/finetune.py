@@ -44,14 +44,12 @@ def run(recipe: Recipe) -> dict[str, Any]:
         recipe.model.name_or_path, recipe.source, trust_remote_code=recipe.model.trust_remote_code
     )  # resolved once, here
     base = base_model.path.resolve()
-    device, precision = device_and_precision(recipe, training=True)
-    quantization = quantization_config(recipe.finetune) if recipe.finetune.qlora else None
-    load_kwargs = quantized_load_kwargs(
-        quantization, device
-    )  # QLoRA's 4-bit base; fails fast without a backend
     set_seed(recipe.run.seed)
 
-    world = init_distributed()  # joins torchrun's process group; one process otherwise
+    world = init_distributed()  # joins torchrun's process group (each rank on its GPU); one process otherwise
+    device, precision = device_and_precision(recipe, training=True)
+    quantization = quantization_config(recipe.finetune) if recipe.finetune.qlora else None
+    load_kwargs = quantized_load_kwargs(quantization, device)  # QLoRA's 4-bit base; fails before the data
     with world.main_first():  # rank 0 prepares the data, the others reuse it
         splits, info, encoded_with = task_data(recipe)
     tokenizer = load_tokenizer(
