@@ -63,19 +63,7 @@ def test_build_wheels_resolves_once_then_downloads_each_pin_for_the_box(tmp_path
     assert "--no-index" in install and install[install.index("--find-links") + 1] == str(tmp_path / "wheels")
 
 
-def test_the_cuda_selection_is_skipped_not_failed_on_cpu() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    assert gpu_check.cuda_test_command()[1:5] == ["-m", "pytest", "-m", "cuda"]
-    outcome = gpu_check.run_cuda_tests(gpu_check.CUDA_TESTS)
-    assert outcome["exit_code"] == 0 and outcome.get("failed", 0) == 0
-    assert outcome["skipped"] >= len(set(gpu_check.CUDA_STAGES.values()))
-
-
-@pytest.mark.slow
-def test_collect_only_lists_a_cuda_test_for_every_stage() -> None:
+def collected_cuda_tests(*paths: str) -> list[str]:
     done = subprocess.run(
         [
             sys.executable,
@@ -87,17 +75,35 @@ def test_collect_only_lists_a_cuda_test_for_every_stage() -> None:
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests",
+            *paths,
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
-    collected = [line for line in done.stdout.splitlines() if "::" in line]
-    missing = [
-        stage for stage, test in gpu_check.CUDA_STAGES.items() if not any(test in c for c in collected)
-    ]
-    assert not missing, f"no cuda test for: {missing}"
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def missing_stages(collected: list[str]) -> list[str]:
+    return [stage for stage, test in gpu_check.CUDA_STAGES.items() if not any(test in c for c in collected)]
+
+
+def test_the_gpu_checks_test_files_hold_a_cuda_test_for_every_stage() -> None:
+    collected = collected_cuda_tests(*gpu_check.CUDA_TESTS)
+    assert collected and not missing_stages(collected)
+    assert gpu_check.cuda_test_command()[1:5] == ["-m", "pytest", "-m", "cuda"]
+
+
+@pytest.mark.slow
+def test_collect_only_lists_a_cuda_test_for_every_stage_and_cpu_skips_them() -> None:
+    import torch
+
+    assert not missing_stages(collected_cuda_tests("tests"))
+    if torch.cuda.is_available():
+        return
+    outcome = gpu_check.run_cuda_tests(gpu_check.CUDA_TESTS)
+    assert outcome["exit_code"] == 0 and outcome.get("failed", 0) == 0
+    assert outcome["skipped"] >= len(set(gpu_check.CUDA_STAGES.values()))
 
 
 @pytest.mark.slow
