@@ -134,7 +134,11 @@ class Model:
     def model(self) -> Any:
         from llmos_cli.core.runtime import inference_dtype
 
-        return self.info.load(device=self.device, dtype=inference_dtype(self.device), **self._load_kwargs)
+        return self.info.load(
+            device=self.device,
+            dtype=inference_dtype(self.device, config=self.info.config),
+            **self._load_kwargs,
+        )
 
     @cached_property
     def tokenizer(self) -> Any:
@@ -185,28 +189,49 @@ class Model:
         return done[0] if isinstance(prompt, str) else done
 
     def scores(
-        self, text: str, labels: list[str] | None = None, *, template: str | None = None
-    ) -> dict[str, float]:
-        """Label -> score: the fine-tuned head's probabilities, or zero-shot scores when `labels` are given."""
+        self,
+        text: str | list[str],
+        labels: list[str] | None = None,
+        *,
+        template: str | None = None,
+        batch_size: int = 16,
+    ) -> dict[str, float] | list[dict[str, float]]:
+        """Label -> score for `text` (or for each text of a list, `batch_size` per forward pass): the fine-tuned
+        head's probabilities, or zero-shot scores when `labels` are given."""
+        texts = [text] if isinstance(text, str) else list(text)
         if labels is None:
             if self.kind != "classifier":
                 raise ValueError("this model has no classification head: pass labels=[...] for zero-shot")
             from llmos_cli.core.serve.runners import EncoderRunner
 
-            return EncoderRunner(self.model, self.tokenizer).classify([text])[0]
-        from llmos_cli.core.eval.zeroshot import zero_shot_scores
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            runner = EncoderRunner(self.model, self.tokenizer)
+            found = [
+                s
+                for i in range(0, len(texts), batch_size)
+                for s in runner.classify(texts[i : i + batch_size])
+            ]
+        else:
+            from llmos_cli.core.eval.zeroshot import zero_shot_batch
 
-        return dict(zero_shot_scores(self.model, self.tokenizer, text, labels, template=template))
+            found = zero_shot_batch(
+                self.model, self.tokenizer, texts, labels, template=template, batch_size=batch_size
+            )
+        return found[0] if isinstance(text, str) else found
 
     def predict(
-        self, text: str | list[str], labels: list[str] | None = None, *, template: str | None = None
+        self,
+        text: str | list[str],
+        labels: list[str] | None = None,
+        *,
+        template: str | None = None,
+        batch_size: int = 16,
     ) -> str | list[str]:
         """The best label for `text` (or for each text of a list)."""
         texts = [text] if isinstance(text, str) else list(text)
-        best = [
-            max(s.items(), key=lambda kv: kv[1])[0]
-            for s in (self.scores(t, labels, template=template) for t in texts)
-        ]
+        found = self.scores(texts, labels, template=template, batch_size=batch_size)
+        best = [max(s.items(), key=lambda kv: kv[1])[0] for s in found]
         return best[0] if isinstance(text, str) else best
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -225,6 +250,7 @@ class Model:
         min_score: float | None = None,
         review: str | Path | None = None,
         template: str | None = None,
+        batch_size: int = 16,
     ) -> dict[str, Any]:
         """Label every row of `data` into `out` as `llmos data label` does: `label` and `label_score`
         from `scores`; rows under `min_score` go to a review file. Returns the summary."""
@@ -241,6 +267,7 @@ class Model:
             min_score=min_score,
             review=Path(review) if review else None,
             template=template,
+            batch_size=batch_size,
         )
         return asdict(result)
 
@@ -259,10 +286,11 @@ class Model:
     def finetune(
         self,
         *,
-        task: str,
+        task: str = "causal-lm",
         train_data: str | Path,
         validation_data: str | Path | None = None,
         method: str = "full",
+        objective: str = "sft",
         epochs: float | None = None,
         max_steps: int | None = None,
         lr: float | None = None,
@@ -271,10 +299,11 @@ class Model:
         format: str | None = None,
         overrides: list[str] | None = None,
     ) -> Model:
-        """Fine-tune this model through the same stage as `llmos finetune`; returns the fine-tuned model."""
+        """Fine-tune this model through the same stage as `llmos finetune`; returns the fine-tuned model.
+        `objective="dpo"` or `"orpo"` trains on preference pairs (format preference by default)."""
         from llmos_cli.stages import finetune
 
-        name = f"{self.path.parent.name if self.path.name == 'final' else self.path.name}-{task}"
+        name = f"{self.path.parent.name if self.path.name == 'final' else self.path.name}-{task if objective == 'sft' else objective}"
         train: dict[str, Any] = {
             k: v
             for k, v in {"epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size}.items()
@@ -286,10 +315,11 @@ class Model:
             "model": {"name_or_path": str(self.path), **self._load_kwargs},
             "data": {
                 "train": str(Path(train_data).resolve()),
-                "format": format or DEFAULT_FORMAT.get(task, "text"),
+                "format": format
+                or ("preference" if objective != "sft" else DEFAULT_FORMAT.get(task, "text")),
                 **({"validation": str(Path(validation_data).resolve())} if validation_data else {}),
             },
-            "finetune": {"method": method},
+            "finetune": {"method": method, "objective": objective},
             "train": train,
         }
         recipe = _with_overrides(raw, overrides or [])

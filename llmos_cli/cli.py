@@ -116,28 +116,6 @@ def _plan(recipe: Any, steps: list[str]) -> None:
         print(recipe.to_yaml(), end="")
 
 
-def _data_steps(recipe: Any) -> list[str]:
-    d = recipe.data
-    tok = (
-        "use the model's tokenizer"
-        if recipe.model.tokenizer or recipe.model.name_or_path
-        else (f"train a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size})")
-    )
-    checks = d.checks.model_dump(exclude_none=True)
-    return [
-        f"read {d.train} (format {d.format})",
-        "clean and deduplicate",
-        tok,
-        f"tokenize and pack into blocks of {d.max_seq_len}",
-        f"split and save to {recipe.data_output} (reused if its fingerprint matches)",
-        *(
-            [f"check {', '.join(f'{k}={v}' for k, v in checks.items())}; exit 3 if one fails"]
-            if checks
-            else []
-        ),
-    ]
-
-
 @data_app.command("prepare")
 def data(
     recipe: Path = RecipeArg,
@@ -147,14 +125,11 @@ def data(
 ) -> None:
     """Read, clean, deduplicate, train a tokenizer, tokenize, pack, split; write data.output; judge
     data.checks (exit 3 when a gate fails, after writing the report)."""
-    r = _load(recipe, set_)
-    if dry_run:
-        from llmos_cli.stages.checks import check_data
-
-        check_data(r)
-        return _plan(r, _data_steps(r))
     from llmos_cli.stages import data as stage
 
+    r = _load(recipe, set_)
+    if dry_run:
+        return _plan(r, stage.plan(r))
     out.emit(stage.run(r, force=force).summary())  # a failed data gate exits 3, the report written
 
 
@@ -219,6 +194,7 @@ def data_label(
     template: str | None = typer.Option(
         None, "--template", help='Zero-shot template, e.g. "This text is about {label}."'
     ),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Texts scored per forward pass."),
 ) -> None:
     """Label rows with a model: `label` and `label_score` per row; low scores to a review file."""
     from dataclasses import asdict
@@ -238,6 +214,7 @@ def data_label(
         min_score=min_score,
         review=review,
         template=template,
+        batch_size=batch_size,
     )
     show(result)
     review_note = f", {result.review} to review in {result.review_file}" if result.review else ""
@@ -250,26 +227,13 @@ def pretrain(
     recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt, nproc: int = NprocOpt
 ) -> None:
     """Train a model from scratch (model.arch + model.config)."""
-    r = _load(recipe, set_)
-    if dry_run:
-        from llmos_cli.stages.checks import check_pretrain
-        from llmos_cli.stages.common import memory_plan, pretrain_config
-
-        check_pretrain(r)
-        return _plan(
-            r,
-            [
-                *_data_steps(r),
-                f"build {r.model.arch} from model.config",
-                f"train {r.train.max_steps or str(r.train.epochs) + ' epochs'} steps into {r.output_dir}",
-                *memory_plan(r, lambda: pretrain_config(r)),
-                f"save {r.output_dir / 'final'}",
-            ],
-        )
-    if nproc > 1:
-        _relaunch(nproc, "pretrain", recipe, set_)
     from llmos_cli.stages import pretrain as stage
 
+    r = _load(recipe, set_)
+    if dry_run:
+        return _plan(r, stage.plan(r))
+    if nproc > 1:
+        _relaunch(nproc, "pretrain", recipe, set_)
     out.emit(stage.run(r))
 
 
@@ -278,35 +242,13 @@ def finetune(
     recipe: Path = RecipeArg, set_: list[str] = SetOpt, dry_run: bool = DryRunOpt, nproc: int = NprocOpt
 ) -> None:
     """Train from a pretrained model: full or LoRA; causal LM, classification or seq2seq."""
-    r = _load(recipe, set_)
-    if dry_run:
-        from llmos_cli.core.models import describe_recipe_model
-        from llmos_cli.stages.checks import check_finetune
-        from llmos_cli.stages.common import memory_plan
-
-        check_finetune(r)
-        ft = r.finetune
-        how = ("qlora (4-bit NF4 base)" if ft.qlora else ft.method) + (" + DoRA" if ft.dora else "")
-        data = (
-            _data_steps(r)
-            if r.data.format == "text"
-            else [f"read {r.data.train} (format {r.data.format}) and encode it for {r.task}"]
-        )
-        length = r.train.max_steps or f"{r.train.epochs} epochs"
-        return _plan(
-            r,
-            [
-                f"load base model {r.model.name_or_path} for {r.task}",
-                *data,
-                f"{how} fine-tune for {length} steps into {r.output_dir}",
-                *memory_plan(r, lambda: describe_recipe_model(r.model.name_or_path, r.source).config),
-                f"save {r.output_dir / 'final'}",
-            ],
-        )
-    if nproc > 1:
-        _relaunch(nproc, "finetune", recipe, set_)
     from llmos_cli.stages import finetune as stage
 
+    r = _load(recipe, set_)
+    if dry_run:
+        return _plan(r, stage.plan(r))
+    if nproc > 1:
+        _relaunch(nproc, "finetune", recipe, set_)
     out.emit(stage.run(r))
 
 
@@ -335,15 +277,7 @@ def eval_(
         raise UserError("eval: give one RECIPE (or --compare RUN RUN...)")
     r = _load(paths[0], [*set_, *([f"eval.device={device}"] if device else [])])
     if dry_run:
-        return _plan(
-            r,
-            [
-                f"load the model ({r.output_dir / 'final'} or model.name_or_path)",
-                f"{stage.eval_task(r)}: score {r.eval.data or r.data.validation or 'the validation split'} "
-                f"on {', '.join(r.eval.metrics)}",
-                f"write {r.output_dir / 'eval.json'}",
-            ],
-        )
+        return _plan(r, stage.plan(r))
     out.emit(stage.run(r))
 
 

@@ -15,7 +15,7 @@ from llmos_cli.errors import UserError
 Task = Literal["causal-lm", "classification", "seq2seq"]
 # What each task trains on: plain text (causal-lm only) or one of the task formats.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal-lm": ("instruction", "chat"),
+    "causal-lm": ("instruction", "chat", "preference"),
     "classification": ("classification",),
     "seq2seq": ("pairs",),
 }
@@ -25,6 +25,8 @@ VALIDATION_METRICS: dict[str, tuple[str, ...]] = {
     "seq2seq": ("loss", "perplexity"),
     "classification": ("loss", "accuracy", "f1"),
 }
+# What a preference objective (finetune.objective dpo or orpo) adds to a causal LM's validation rows.
+PREFERENCE_METRICS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 BUILTIN_SOURCES = {"python-stdlib": lambda: sysconfig.get_paths()["stdlib"]}
 
 
@@ -101,13 +103,14 @@ class LabelSection(Section):
     labels: list[str] | None = Field(None, description="zero-shot labels; default a classifier's own")
     min_score: float | None = Field(None, description="rows scoring under this are left out")
     template: str | None = None
+    batch_size: int = Field(16, ge=1, description="texts scored per forward pass")
 
 
 class DataSection(Section):
     train: str | list[str] | None = None
     validation: str | list[str] | None = None
     validation_split: float = Field(0.05, ge=0.0, lt=1.0)
-    format: Literal["text", "instruction", "chat", "classification", "pairs"] = "text"
+    format: Literal["text", "instruction", "chat", "classification", "pairs", "preference"] = "text"
     text_field: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
@@ -115,6 +118,8 @@ class DataSection(Section):
     label_field: str = "label"
     source_field: str = "source"
     target_field: str = "target"
+    chosen_field: str = Field("chosen", description="preference: the preferred response (text or messages)")
+    rejected_field: str = Field("rejected", description="preference: the dispreferred response")
     include: list[str] = Field(default_factory=list, description="glob patterns picking files in folders")
     text_unit: Literal["document", "line"] = "document"
     encoding: str = Field(
@@ -135,6 +140,11 @@ class DataSection(Section):
         "auto", description="tokenising processes; auto: every core, at most one per 256 documents"
     )
     output: str | None = Field(None, description="default runs/data/<run.name>")
+    keep_versions: int = Field(
+        2,
+        ge=0,
+        description="earlier prepared versions kept beside data.output, reused when settings switch back",
+    )
     checks: ChecksSection = Field(default_factory=ChecksSection)
     label: LabelSection = Field(default_factory=LabelSection)
     template: str | None = Field(
@@ -169,10 +179,27 @@ class LoraSection(Section):
     target_modules: str | list[str] = "auto"
 
 
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference")
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid: the share of flipped labels (cDPO)"
+    )
+
+
+class OrpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="the weight of the odds-ratio term beside the SFT loss")
+
+
 class FinetuneSection(Section):
     method: Literal["full", "lora", "qlora"] = Field(
         "full", description="qlora: LoRA on a frozen 4-bit NF4 base (bitsandbytes: CUDA, or its CPU backend)"
     )
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="dpo and orpo train on data.format preference"
+    )
+    dpo: DpoSection = Field(default_factory=DpoSection)
+    orpo: OrpoSection = Field(default_factory=OrpoSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     dora: bool = Field(False, description="lora: weight-decomposed LoRA (DoRA)")
     double_quant: bool = Field(
@@ -268,7 +295,9 @@ class GenerationSection(Section):
 
 
 class EvalSection(Section):
-    task: Literal["auto", "perplexity", "multiple_choice", "generation", "classification"] = "auto"
+    task: Literal["auto", "perplexity", "multiple_choice", "generation", "classification", "preference"] = (
+        "auto"
+    )
     data: str | None = None
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity"])
     batch_size: int = Field(8, ge=1)
@@ -277,6 +306,10 @@ class EvalSection(Section):
         " ", description="multiple_choice: what joins the context and each choice (lm-evaluation-harness's)"
     )
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    reference: str | None = Field(
+        None,
+        description="preference: the DPO reference model; default a LoRA run's base, else the starting model",
+    )
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     precision: InferencePrecision = Field(
         "auto", description="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU"
@@ -386,8 +419,23 @@ def _class_weights_need_classification(r: Recipe) -> None:
         raise RuleError("train.class_weights", f"only classification uses class weights (task is '{r.task}')")
 
 
+def _objective_fits_data(r: Recipe) -> None:
+    """dpo and orpo train a causal LM on preference pairs, and preference pairs need one of them."""
+    objective = r.finetune.objective
+    if objective != "sft" and r.task != "causal-lm":
+        raise RuleError("finetune.objective", f"'{objective}' trains causal LMs (task is '{r.task}')")
+    if objective != "sft" and r.data.format != "preference":
+        raise RuleError(
+            "finetune.objective", f"'{objective}' trains on data.format preference (got '{r.data.format}')"
+        )
+    if objective == "sft" and r.data.format == "preference":
+        raise RuleError("data.format", "preference pairs train with finetune.objective dpo or orpo (got sft)")
+
+
 def _watched_metric_exists(r: Recipe) -> None:
     es, available = r.train.early_stopping, VALIDATION_METRICS[r.task]
+    if r.finetune.objective != "sft":
+        available = ("loss", *PREFERENCE_METRICS)
     if es is not None and es.metric not in available:
         raise RuleError(
             "train.early_stopping.metric",
@@ -401,6 +449,7 @@ def _watched_metric_exists(r: Recipe) -> None:
 CROSS_KEY_RULES = (
     _format_fits_task,
     _class_weights_need_classification,
+    _objective_fits_data,
     _watched_metric_exists,
 )
 
@@ -663,6 +712,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             setattr(d, key, [_resolve_input(v, base) for v in value])
     if recipe.eval.data:
         recipe.eval.data = _resolve_input(recipe.eval.data, base)
+    ref = recipe.eval.reference
+    if ref and (base / ref).exists() and not Path(ref).is_absolute():
+        recipe.eval.reference = str(base / ref)
     for key in ("name_or_path", "tokenizer"):
         value = getattr(recipe.model, key)
         if value and (base / value).exists() and not Path(value).is_absolute():

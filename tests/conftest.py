@@ -52,6 +52,14 @@ def _llmos_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _no_bf16_gain(request, monkeypatch):
+    """`precision: auto` on a CPU measures bf16 against fp32, and some CPUs pick bf16: the tests compare
+    numbers with fp32 references, so the probe measures no gain unless a test is marked `precision_probe`."""
+    if request.node.get_closest_marker("precision_probe") is None:
+        monkeypatch.setattr("llmos_cli.core.precision_probe.measure_bf16_speedup", lambda shape: 1.0)
+
+
+@pytest.fixture(autouse=True)
 def _plain_console():
     """`--json` / `--quiet` set the process-wide output mode: every test starts from the default."""
     from llmos_cli.console import configure

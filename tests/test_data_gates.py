@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_a_gate_that_cannot_be_measured_fails() -> None:
 
 
 def test_classification_measures(run_cli, tmp_path: Path) -> None:
-    """Labels, truncation, overlap and duplicates for a task format (rows compared whole)."""
+    """Labels, truncation, overlap and duplicates for a task format (rows compared by their text)."""
     rows = [{"text": f"good movie number {i}", "label": "pos"} for i in range(8)]
     rows += [{"text": "bad " * 40, "label": "neg"}, {"text": "good movie number 0", "label": "pos"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -119,6 +120,7 @@ def test_classification_measures(run_cli, tmp_path: Path) -> None:
                 "format": "classification",
                 "max_seq_len": 16,
                 "output": str(tmp_path / "cls"),
+                "clean": {"decontaminate": False},  # keep the overlap so its gate can fail
                 "checks": {
                     "max_label_share": 0.8,
                     "max_train_validation_overlap": 0,
@@ -131,11 +133,11 @@ def test_classification_measures(run_cli, tmp_path: Path) -> None:
     assert res.code == 3
     measures = json.loads(res.stdout)["report"]["measures"]
     assert measures == {
-        "rows": 12,
-        "duplicate_share": pytest.approx(2 / 12, abs=1e-6),  # row 0 twice in train, row 1 again in validation
-        "truncated_share": pytest.approx(1 / 12, abs=1e-6),  # the long "bad bad ..." row
-        "train_validation_overlap": 1,
-        "label_share": pytest.approx(9 / 10, abs=1e-6),
+        "rows": 11,  # the repeat of row 0 dropped
+        "duplicate_share": pytest.approx(1 / 12, abs=1e-6),  # row 0 twice in train
+        "truncated_share": pytest.approx(1 / 11, abs=1e-6),  # the long "bad bad ..." row
+        "train_validation_overlap": 1,  # row 1 again in validation
+        "label_share": pytest.approx(8 / 9, abs=1e-6),
         "dropped_share": 0.0,
     }
     assert {c["gate"]: c["passed"] for c in json.loads(res.stdout)["report"]["checks"]} == {
@@ -143,3 +145,57 @@ def test_classification_measures(run_cli, tmp_path: Path) -> None:
         "max_train_validation_overlap": False,
         "max_truncated_share": True,
     }
+
+
+def test_task_rows_are_deduplicated_and_decontaminated(run_cli, tmp_path: Path) -> None:
+    """Classification rows repeated ten times: the repeats go before the split, so no validation row is
+    also in train; an explicit validation file's rows found in train (exactly, or near with near_dedup)
+    are removed; the report counts each decision and draws the length plot."""
+    words = [
+        "film",
+        "plot",
+        "actor",
+        "scene",
+        "music",
+        "story",
+        "ending",
+        "camera",
+        "light",
+        "script",
+        "pace",
+        "voice",
+    ]
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choices(words, k=14)), "label": i % 2} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({**r, "id": k}) + "\n" for k in range(10) for r in rows)
+    )
+    base = {
+        "task": "classification",
+        "model": {"name_or_path": str(minilm_dir())},
+        "data": {"train": "train.jsonl", "format": "classification", "validation_split": 0.25},
+    }
+    split = write_recipe(
+        tmp_path / "split.yaml", {**base, "data": {**base["data"], "output": str(tmp_path / "a")}}
+    )
+    res = run_cli("--json", "data", str(split))
+    assert res.code == 0, res.stderr
+    report = json.loads(res.stdout)["report"]
+    assert report["duplicates_exact"] == 360  # the id column does not make a repeat new
+    assert (report["train"]["examples"], report["validation"]["examples"]) == (30, 10)
+    assert report["validation_overlap"] == 0 and report["measures"]["duplicate_share"] == 0.9
+    assert (tmp_path / "a" / "lengths.png").stat().st_size > 1000 and report["histogram"] == "lengths.png"
+
+    val = [rows[0], rows[1], {**rows[2], "text": rows[2]["text"] + "!"}, {"text": "a new review", "label": 1}]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    data = {**base["data"], "validation": "val.jsonl", "output": str(tmp_path / "b")}
+    exact = write_recipe(tmp_path / "exact.yaml", {**base, "data": data})
+    report = json.loads(run_cli("--json", "data", str(exact)).stdout)["report"]
+    assert (report["validation_overlap"], report["validation_overlap_removed"]) == (2, 2)
+    assert report["validation"]["examples"] == 2 and report["measures"]["train_validation_overlap"] == 0
+
+    near = {**data, "output": str(tmp_path / "c"), "clean": {"near_dedup": True}}
+    report = json.loads(
+        run_cli("--json", "data", str(write_recipe(tmp_path / "near.yaml", {**base, "data": near}))).stdout
+    )["report"]
+    assert report["validation_overlap_removed"] == 3 and report["validation"]["examples"] == 1

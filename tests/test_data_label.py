@@ -172,9 +172,42 @@ def test_a_fine_tuned_classifier_labels_with_its_own_labels(run_cli, tmp_path: P
     tok.save_pretrained(str(tmp_path / "clf"))
     texts = [t for t, _ in ROWS[:5]]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    res = run_cli("data", "label", tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--model", tmp_path / "clf")
+    out = tmp_path / "out.jsonl"
+    res = run_cli(
+        "data", "label", tmp_path / "in.jsonl", out, "--model", tmp_path / "clf", "--batch-size", "2"
+    )
     assert res.code == 0, res.stderr
-    got = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in out.read_text().splitlines()]
     head = LLMOS().load_model(tmp_path / "clf")
     assert [r["label"] for r in got] == head.predict(texts)  # the head's own labels, no --labels
     assert all(0.5 <= r["label_score"] <= 1 for r in got)  # the winning class probability
+    alone = [head.scores(t) for t in texts]  # batches of 2 padded texts score as one text at a time
+    assert [r["label"] for r in got] == [max(s, key=s.get) for s in alone]
+    assert [r["label_score"] for r in got] == pytest.approx([max(s.values()) for s in alone], abs=1e-5)
+
+
+def test_batched_labels_equal_one_text_at_a_time(tmp_path: Path, api_model) -> None:
+    texts = [t for t, _ in ROWS]
+    alone = [api_model.scores(t, TOPICS) for t in texts]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for batch_size in (1, 5):
+        api_model.label(src, tmp_path / f"out{batch_size}.jsonl", TOPICS, batch_size=batch_size)
+        got = [json.loads(x) for x in (tmp_path / f"out{batch_size}.jsonl").read_text().splitlines()]
+        assert [r["label"] for r in got] == [max(s, key=s.get) for s in alone]
+        assert [r["label_score"] for r in got] == pytest.approx([max(s.values()) for s in alone], abs=1e-5)
+    assert api_model.predict(texts, TOPICS, batch_size=5) == api_model.predict(texts, TOPICS, batch_size=1)
+
+
+def test_the_label_batch_size_is_not_part_of_the_dataset_fingerprint() -> None:
+    """The same labels come out at any batch size: changing it re-encodes nothing."""
+    from llmos_cli.core.data.cache import data_settings
+    from llmos_cli.recipe import DataSection
+
+    label = {"model": "builtin:all-MiniLM-L6-v2", "labels": ["a", "b"]}
+    assert data_settings(DataSection(label={**label, "batch_size": 4})) == data_settings(
+        DataSection(label=label)
+    )
+    assert data_settings(DataSection(label=label)) != data_settings(
+        DataSection(label={**label, "min_score": 0.1})
+    )

@@ -242,3 +242,33 @@ def test_data_convert_cli(tmp_path, run_cli) -> None:
     assert res.code == 0, res.stderr
     row = json.loads((tmp_path / "out.jsonl").read_text())
     assert row["messages"][-1] == {"role": "assistant", "content": "hello"}
+
+
+def test_switching_settings_back_reuses_a_kept_version(tmp_path: Path, monkeypatch) -> None:
+    """data.output keeps earlier prepared versions by fingerprint: going back to a setting moves its
+    version into place without encoding; at most data.keep_versions wait on the shelf."""
+    from datasets import load_from_disk
+
+    from llmos_cli.core.data import prepare as pipeline
+    from llmos_cli.core.data.versions import versions_dir
+
+    _write_jsonl(tmp_path / "train.jsonl", toy_documents(200))
+    path = _recipe(tmp_path, {})
+    short = data_stage.run(load_recipe(path))
+    blocks = load_from_disk(str(short.path))["train"]["input_ids"]
+    long = data_stage.run(load_recipe(path, ["data.max_seq_len=64"]))
+    assert not long.reused and long.fingerprint != short.fingerprint
+
+    encodes = []
+    monkeypatch.setattr(pipeline, "encode_documents", lambda *a: encodes.append(a) or 0)
+    back = data_stage.run(load_recipe(path, ["data.max_seq_len=32"]))
+    assert back.reused and back.fingerprint == short.fingerprint and not encodes
+    assert load_from_disk(str(back.path))["train"]["input_ids"] == blocks
+    assert [p.name for p in versions_dir(back.path).iterdir()] == [long.fingerprint]
+    monkeypatch.undo()
+
+    for n in (40, 48, 56):
+        data_stage.run(load_recipe(path, [f"data.max_seq_len={n}"]))
+    assert len(list(versions_dir(back.path).iterdir())) == 2  # data.keep_versions
+    data_stage.run(load_recipe(path, ["data.max_seq_len=24", "data.keep_versions=0"]))
+    assert len(list(versions_dir(back.path).iterdir())) == 2  # the replaced version went, not shelved

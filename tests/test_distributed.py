@@ -49,6 +49,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
             },
             "train": {
                 "max_steps": STEPS,
+                "precision": "fp32",  # subprocesses measure auto themselves; the curves compare fp32
                 "batch_size": 8,
                 "grad_accum": 2,
                 "lr": 3e-3,

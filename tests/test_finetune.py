@@ -35,6 +35,9 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 def recipe_for(tmp_path: Path, base: Path, rows: list[dict], **sections) -> object:
     data = write_jsonl(tmp_path / "train.jsonl", rows)
+    settings = sections.pop("data", {})
+    # the fixtures sample a few examples over and over to learn them: repeats are the point here
+    clean = {"dedup": False, "decontaminate": False, **settings.pop("clean", {})}
     body = {
         "run": {"name": "ft", "output_dir": str(tmp_path / "run"), "seed": 0},
         "model": {"name_or_path": str(base)},
@@ -43,7 +46,8 @@ def recipe_for(tmp_path: Path, base: Path, rows: list[dict], **sections) -> obje
             "validation_split": 0.1,
             "max_seq_len": 64,
             "output": str(tmp_path / "data"),
-            **sections.pop("data", {}),
+            "clean": clean,
+            **settings,
         },
         "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-2, "log_every": 5, **sections.pop("train", {})},
         **sections,

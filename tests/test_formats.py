@@ -43,7 +43,14 @@ def test_instruction_loss_only_on_response_and_eos(tmp_path: Path, bpe) -> None:
         row["input_ids"]
     )
     assert row["labels"][: len(row["labels"]) // 2] == [IGNORE_INDEX] * (len(row["labels"]) // 2)
-    assert info["train"] == {"examples": 1, "dropped": {}, "truncated": 0, "tokens": len(row["input_ids"])}
+    n = len(row["input_ids"])
+    assert info["train"] == {
+        "examples": 1,
+        "dropped": {},
+        "truncated": 0,
+        "tokens": n,
+        "example_tokens": {"mean": float(n), "p50": float(n), "p90": float(n), "p99": float(n), "max": n},
+    }
 
     ds, _ = prepare(tmp_path, bpe, rows, format="instruction", train_on_prompt=True)
     assert ds["train"][0]["labels"] == ds["train"][0]["input_ids"]
@@ -115,7 +122,7 @@ def test_pairs_get_the_task_prefix_and_eos(tmp_path: Path, bpe) -> None:
     row = ds["train"][0]
     assert bpe.decode(row["input_ids"]) == "say: the cat" + bpe.eos_token
     assert bpe.decode(row["labels"]) == "meow" + bpe.eos_token
-    assert info["train"]["examples"] == 4
+    assert info["train"]["examples"] == 1 and info["duplicates_exact"] == 3  # repeats go, as for text
 
 
 def test_format_must_fit_the_task_and_split_is_seeded(tmp_path: Path, bpe) -> None:

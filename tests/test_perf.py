@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,17 +53,77 @@ def test_bench_child_records_a_module_without_run(tmp_path: Path, monkeypatch) -
     assert "defines no run(quick: bool)" in json.loads(rows_out.read_text())["error"]
 
 
-@pytest.mark.parametrize("fast_bf16", [True, False])
-def test_auto_precision_is_fp32_on_cpu_and_hints_at_bf16(monkeypatch, capsys, fast_bf16: bool) -> None:
-    from llmos_cli.recipe import Recipe
-    from llmos_cli.stages.common import device_and_precision
+@pytest.mark.parametrize(("speedup", "chosen"), [(2.5, "bf16"), (1.29, "fp32"), (0.4, "fp32")])
+def test_auto_precision_on_cpu_is_what_the_probe_measures(monkeypatch, speedup: float, chosen: str) -> None:
+    """bf16 autocast where it measures at least 1.3x fp32 at the model's shapes, once per machine, torch
+    version, thread count and shape (cached under LLMOS_HOME); inference follows the same rule."""
+    from transformers import LlamaConfig
 
-    monkeypatch.setattr("llmos_cli.stages.common.cpu_has_fast_bf16", lambda: fast_bf16)
-    recipe = Recipe()
-    recipe.train.device = "cpu"
-    assert device_and_precision(recipe, training=True)[1].name == "fp32"
-    assert ("train.precision=bf16" in capsys.readouterr().err) is fast_bf16
-    assert runtime.pick_precision("bf16", torch.device("cpu")).name == "bf16"
+    from llmos_cli.core import precision_probe
+
+    measured = []
+    monkeypatch.setattr(
+        precision_probe, "measure_bf16_speedup", lambda shape: measured.append(shape) or speedup
+    )
+    config = LlamaConfig(hidden_size=96, intermediate_size=200)
+    cpu = torch.device("cpu")
+    first = runtime.pick_precision("auto", cpu, config)
+    assert (first.name, first.measured.speedup, first.measured.shape, first.measured.cached) == (
+        chosen,
+        speedup,
+        (96, 200),
+        False,
+    )
+    again = runtime.pick_precision("auto", cpu, config)
+    assert again.name == chosen and again.measured.cached and measured == [(96, 200)]
+    assert (
+        runtime.inference_dtype(cpu, "auto", config=config)
+        == {"bf16": torch.bfloat16, "fp32": torch.float32}[chosen]
+    )
+    assert runtime.pick_precision("fp32", cpu, config).name == "fp32"  # explicit choices measure nothing
+    assert runtime.pick_precision("bf16", cpu, config).name == "bf16" and measured == [(96, 200)]
+    assert runtime.pick_precision("auto", cpu).name == "fp32"  # shapes unknown: nothing to measure
+
+
+@pytest.mark.precision_probe
+def test_the_probe_measures_a_real_ratio() -> None:
+    from llmos_cli.core.precision_probe import measure_bf16_speedup
+
+    ratio = measure_bf16_speedup((64, 128), tokens=32)
+    assert 0 < ratio < float("inf")
+
+
+def test_a_run_records_what_auto_chose_and_a_resume_keeps_it(tiny_recipe: Path, monkeypatch) -> None:
+    from llmos_cli.core import precision_probe
+    from llmos_cli.recipe import load_recipe
+    from llmos_cli.stages import pretrain
+
+    monkeypatch.setattr(precision_probe, "measure_bf16_speedup", lambda shape: 2.0)
+    first = pretrain.run(load_recipe(tiny_recipe, ["train.max_steps=10"]))
+    run = Path(first["run_dir"])
+    assert first["precision"] == "bf16"
+    record = json.loads((run / "precision.json").read_text())
+    assert record == {
+        "requested": "auto",
+        "precision": "bf16",
+        "device": "cpu",
+        "bf16_speedup": 2.0,
+        "probed_shape": [32, 64],
+    }
+    assert (
+        (run / "recipe.yaml")
+        .read_text()
+        .rstrip()
+        .splitlines()[-1]
+        .startswith("# train.precision auto chose bf16: bf16 autocast measured 2.00x fp32")
+    )
+    # another machine (or a cleared cache) measures no gain: the resumed run still trains in bf16
+    monkeypatch.setattr(precision_probe, "measure_bf16_speedup", lambda shape: 1.0)
+    (Path(os.environ["LLMOS_HOME"]) / "precision-probe.json").unlink()
+    resumed = pretrain.run(load_recipe(tiny_recipe, ["train.max_steps=20"]))
+    assert resumed["precision"] == "bf16" and resumed["steps"] == 20
+    fresh = pretrain.run(load_recipe(tiny_recipe, ["train.max_steps=20", "train.resume=never"]))
+    assert fresh["precision"] == "fp32"
 
 
 def test_length_grouped_batches_cut_padding_and_stay_resumable() -> None:

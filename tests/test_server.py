@@ -135,7 +135,7 @@ def test_auth_failure(server):
         ({"temperature": -1}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"model": "gpt-4"}, "model"),
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"presence_penalty": -2.1}, "presence_penalty"),
@@ -150,7 +150,7 @@ def test_auth_failure(server):
         ({"logit_bias": {"the": 1}}, "logit_bias"),
         ({"logit_bias": {"99999": 1}}, "logit_bias"),
         ({"prompt": []}, "prompt"),
-        ({"logprobs": 3}, "logprobs"),
+        ({"logprobs": 6}, "logprobs"),
     ],
 )
 def test_bad_parameters(client, kwargs, param):

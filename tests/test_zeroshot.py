@@ -119,3 +119,55 @@ def test_seq2seq_scores_are_the_mean_label_log_likelihood(bpe) -> None:
         with torch.no_grad():
             expected = -float(model(**src, labels=tgt).loss)
         assert ranked[label] == pytest.approx(expected, abs=1e-5)
+
+
+BATCH_TEXTS = [
+    "the cat sat on the mat.",
+    "a dog",
+    "the quick brown fox jumps over the lazy dog and runs far away into the woods",
+    "fish",
+    "the bird sang a song in the morning",
+]
+
+
+def tiny_causal(bpe):
+    from llmos_cli.core.models import build_model
+
+    torch.manual_seed(0)
+    special = {
+        "bos_token_id": bpe.bos_token_id,
+        "eos_token_id": bpe.eos_token_id,
+        "pad_token_id": bpe.pad_token_id,
+    }
+    return build_model("llama", TINY_MODEL, len(bpe), special).eval()
+
+
+def tiny_seq2seq(bpe):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(bpe), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+        pad_token_id=bpe.pad_token_id, eos_token_id=bpe.eos_token_id, decoder_start_token_id=bpe.pad_token_id,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal", "seq2seq"])
+def test_batched_scores_equal_one_text_at_a_time(kind, minilm, bpe) -> None:
+    """Texts of different lengths padded into one batch score as each does alone (within 1e-5)."""
+    from llmos_cli.core.eval.zeroshot import zero_shot_batch
+
+    model, tokenizer = {
+        "encoder": lambda: minilm,
+        "causal": lambda: (tiny_causal(bpe), bpe),
+        "seq2seq": lambda: (tiny_seq2seq(bpe), bpe),
+    }[kind]()
+    labels = ["cat", "the big dog", "fish on a log"]
+    alone = [dict(zero_shot_scores(model, tokenizer, t, labels)) for t in BATCH_TEXTS]
+    for batch_size in (2, len(BATCH_TEXTS)):
+        batched = zero_shot_batch(model, tokenizer, BATCH_TEXTS, labels, batch_size=batch_size)
+        assert len(batched) == len(BATCH_TEXTS)
+        for got, want in zip(batched, alone, strict=True):
+            assert list(got) == labels and got == pytest.approx(want, abs=1e-5)
+            assert max(got, key=got.get) == max(want, key=want.get)

@@ -42,6 +42,10 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     @property
+    def precision_file(self) -> Path:
+        return self.path / "precision.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from llmos_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from llmos_cli.core.precision_probe import PrecisionChoice
 
 
 def set_seed(seed: int) -> None:
@@ -73,13 +76,18 @@ def use_varlen_attention(model: Any, device: torch.device) -> bool:
     return True
 
 
-def inference_dtype(device: torch.device, precision: str = "auto", key: str = "precision") -> torch.dtype:
-    """The dtype inference loads weights in: `auto` is bf16 on GPUs that support it, else fp16 on a GPU,
-    and fp32 on the CPU; `fp32`, `bf16` and `fp16` are explicit choices (fp16 needs a GPU)."""
+def inference_dtype(
+    device: torch.device, precision: str = "auto", key: str = "precision", config: Any = None
+) -> torch.dtype:
+    """The dtype inference loads weights in: `auto` is bf16 on GPUs that support it, else fp16 on a GPU;
+    on the CPU, bf16 where the probe measures it at least 1.3x faster at the model's shapes (`config`),
+    else fp32. `fp32`, `bf16` and `fp16` are explicit choices (fp16 needs a GPU)."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.float32
+        if device.type == "mps":
+            return torch.float16
+        return torch.bfloat16 if _cpu_auto(config) == "bf16" else torch.float32
     if precision == "fp16" and device.type == "cpu":
         raise UserError(f"{key}: fp16 needs a GPU; use fp32 or bf16 on CPU")
     try:
@@ -90,12 +98,22 @@ def inference_dtype(device: torch.device, precision: str = "auto", key: str = "p
         ) from None
 
 
+def _cpu_auto(config: Any) -> str:
+    """`auto` on the CPU: what the probe picks at the model's shapes (fp32 when they are unknown)."""
+    if config is None:
+        return "fp32"
+    from llmos_cli.core.precision_probe import choose_cpu_precision, model_shape
+
+    return choose_cpu_precision(model_shape(config)).precision
+
+
 @dataclass(frozen=True)
 class Precision:
     """How to run forward passes: autocast dtype (None = fp32) and whether fp16 needs loss scaling."""
 
     name: str
     autocast_dtype: torch.dtype | None
+    measured: PrecisionChoice | None = None  # what `auto` measured on this CPU to choose `name`
 
     @property
     def needs_scaler(self) -> bool:
@@ -138,21 +156,27 @@ class LossScaling:
             self.scaler.update()
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls run 2x+ faster than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def pick_precision(name: str, device: torch.device) -> Precision:
-    """`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU, the safe default (on CPUs
-    with native bf16 math, `bf16` trains faster: the training stages say so)."""
+def pick_precision(name: str, device: torch.device, config: Any = None) -> Precision:
+    """`auto`: bf16 on GPUs that support it, else fp16 on a GPU; on the CPU, bf16 autocast (fp32 master
+    weights) where a probe at the model's shapes (`config`) measures it at least 1.3x faster than fp32,
+    else fp32 (core/precision_probe.py)."""
+    measured = None
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and config is not None:
+            from llmos_cli.core.precision_probe import choose_cpu_precision, model_shape
+
+            measured = choose_cpu_precision(model_shape(config))
+            name = measured.precision
         else:
             name = "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UserError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    return Precision(name, dtype)
+    return Precision(name, dtype, measured)
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model's weights are (the CPU for one without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -13,8 +13,8 @@ import torch
 from llmos_cli.console import out
 from llmos_cli.core.allocator import retain_freed_memory
 from llmos_cli.core.distributed import current_world
-from llmos_cli.core.rundir import RunDir
-from llmos_cli.core.runtime import Precision, cpu_has_fast_bf16, pick_device, pick_precision
+from llmos_cli.core.rundir import RunDir, write_atomic
+from llmos_cli.core.runtime import Precision, pick_device, pick_precision
 from llmos_cli.core.train.full_state import full_state_dict
 from llmos_cli.recipe import Recipe
 
@@ -25,18 +25,53 @@ def open_run(recipe: Recipe) -> RunDir:
     return run.create(recipe.to_yaml()) if current_world().is_main else run
 
 
-def device_and_precision(recipe: Recipe, *, training: bool = False) -> tuple[torch.device, Precision]:
-    """The stage's device and precision; on CPU, freed host buffers are kept for the next step."""
+def device_and_precision(
+    recipe: Recipe, *, config: Any = None, run: RunDir | None = None
+) -> tuple[torch.device, Precision]:
+    """The stage's device and precision (`auto` on a CPU measures at `config`'s shapes); on CPU, freed
+    host buffers are kept for the next step. With the training `run`: a resumed run keeps the precision
+    it started with, and what `auto` chose is recorded in its precision.json and recipe.yaml."""
     device = pick_device(recipe.train.device)
     if device.type == "cpu":
         retain_freed_memory()
-    precision = pick_precision(recipe.train.precision, device)
-    if training and recipe.train.precision == "auto" and device.type == "cpu" and cpu_has_fast_bf16():
-        out.info(
-            "train: this CPU has native bf16 math: --set train.precision=bf16 trains about 1.4x faster "
-            "here (fp32 stays the default: exact and reproducible)"
-        )
+    started = _started_with(recipe, run)
+    precision = pick_precision(started or recipe.train.precision, device, config)
+    chosen = current_world().broadcast(precision.name)  # every rank trains as rank 0 measured
+    if chosen != precision.name:
+        precision = pick_precision(chosen, device)
+    if started:
+        out.info(f"train: precision auto: keeping {started}, which this run started with")
+    elif run is not None and recipe.train.precision == "auto":
+        _record_precision(run, recipe, precision, device)
     return device, precision
+
+
+def _started_with(recipe: Recipe, run: RunDir | None) -> str | None:
+    """The precision `auto` chose when this run started, if it is about to resume from a checkpoint."""
+    from llmos_cli.core.train.checkpoint import latest_checkpoint
+
+    if run is None or recipe.train.precision != "auto" or recipe.train.resume == "never":
+        return None
+    if not (run.precision_file.exists() and latest_checkpoint(run.checkpoints)):
+        return None
+    return json.loads(run.precision_file.read_text()).get("precision")
+
+
+def _record_precision(run: RunDir, recipe: Recipe, precision: Precision, device: torch.device) -> None:
+    """precision.json (which the lock and a resume read) and a comment in recipe.yaml: what auto chose, and
+    on a CPU the measured bf16 speed-up that decided it."""
+    record: dict[str, Any] = {"requested": "auto", "precision": precision.name, "device": str(device)}
+    why = f"on {device}"
+    if precision.measured is not None:
+        record.update(precision.measured.record())
+        h, i = precision.measured.shape
+        why = f"bf16 autocast measured {precision.measured.speedup:.2f}x fp32 at {h}x{i} on this CPU"
+    if current_world().is_main:
+        write_atomic(run.precision_file, json.dumps(record, indent=2) + "\n")
+        write_atomic(
+            run.recipe_file, recipe.to_yaml() + f"# train.precision auto chose {precision.name}: {why}\n"
+        )
+    out.info(f"train: precision auto: {precision.name} ({why})")
 
 
 def config_hash(obj: Any) -> str:

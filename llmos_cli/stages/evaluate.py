@@ -41,6 +41,16 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return result
 
 
+def plan(recipe: Recipe) -> list[str]:
+    """--dry-run: what `run` would do."""
+    data = recipe.eval.data or recipe.data.validation or "the validation split"
+    return [
+        f"load the model ({recipe.output_dir / 'final'} or model.name_or_path)",
+        f"{eval_task(recipe)}: score {data} on {', '.join(recipe.eval.metrics)}",
+        f"write {recipe.output_dir / 'eval.json'}",
+    ]
+
+
 def compare(runs: list[Path], plot: Path | None = None) -> dict[str, Any]:
     """Two or more eval.json files (or the run dirs holding them) side by side, with each run's deltas
     against the first; a bar chart per metric to `plot`. A metric a run lacks shows as "-"."""

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from llmos_cli.console import out
+from llmos_cli.core.data.prepare import plan_steps
 from llmos_cli.core.distributed import current_world, init_distributed
 from llmos_cli.core.eval.classification import accuracy_and_f1, predict_labels
 from llmos_cli.core.models import ModelInfo, describe_recipe_model, load_tokenizer
-from llmos_cli.core.runtime import set_seed, use_varlen_attention
+from llmos_cli.core.runtime import pick_device, set_seed, use_varlen_attention
 from llmos_cli.core.train.adapters import (
     apply_lora,
     parameter_counts,
@@ -22,6 +23,7 @@ from llmos_cli.core.train.adapters import (
 from llmos_cli.core.train.batches import causal_lm_collate, classification_collate, seq2seq_collate
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
+from llmos_cli.core.train.preference import frozen_reference, preference_collate, preference_objective
 from llmos_cli.core.writable import ensure_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import Recipe
@@ -30,6 +32,7 @@ from llmos_cli.stages.common import (
     best_row,
     config_hash,
     device_and_precision,
+    memory_plan,
     open_run,
     plot_losses,
     register_trained,
@@ -47,9 +50,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     set_seed(recipe.run.seed)
 
     world = init_distributed()  # joins torchrun's process group (each rank on its GPU); one process otherwise
-    device, precision = device_and_precision(recipe, training=True)
     quantization = quantization_config(recipe.finetune) if recipe.finetune.qlora else None
-    load_kwargs = quantized_load_kwargs(quantization, device)  # QLoRA's 4-bit base; fails before the data
+    # QLoRA's 4-bit base, on the device the run trains on; refused here, before the data, without a backend
+    load_kwargs = quantized_load_kwargs(quantization, pick_device(recipe.train.device))
     with world.main_first():  # rank 0 prepares the data, the others reuse it
         splits, info, encoded_with = task_data(recipe)
     tokenizer = load_tokenizer(
@@ -69,11 +72,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
 
     run_dir = open_run(recipe)
+    device, precision = device_and_precision(recipe, config=model.config, run=run_dir)
     train_rows = splits["train"].with_format("numpy")
     val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
-    objective, collate = task_objective(
-        recipe, info, tokenizer.pad_token_id, use_varlen_attention(model, device)
-    )
+    objective, collate = task_objective(recipe, info, tokenizer.pad_token_id, model, device)
     job = TrainJob(
         model=model,
         train_rows=train_rows,
@@ -92,7 +94,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
             "model": config_hash([str(base), recipe.task, recipe.finetune.model_dump(mode="json")]),
         },
         group_by_length=recipe.data.format != "text",  # unpacked rows: batch similar lengths together
-        metrics=classification_metrics(val_rows, collate, recipe, info, device, precision)
+        metrics=classification_metrics(val_rows, tokenizer.pad_token_id, recipe, info, device, precision)
         if recipe.task == "classification" and val_rows is not None
         else None,
     )
@@ -107,6 +109,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         "base_model": str(base),
         "task": recipe.task,
         "method": recipe.finetune.method,
+        "objective": recipe.finetune.objective,
         "steps": result.steps,
         "tokens": result.tokens,
         "parameters": total,
@@ -190,14 +193,19 @@ def enable_gradient_checkpointing(model: Any) -> None:
 
 
 def task_objective(
-    recipe: Recipe, info: dict[str, Any], pad_id: int, flatten: bool = False
+    recipe: Recipe, info: dict[str, Any], pad_id: int, model: Any, device: torch.device
 ) -> tuple[Objective, Any]:
-    """The task's loss and collator; `flatten`: packed rows padding-free, for varlen flash attention."""
+    """The loss and collator for the task; DPO's reference is the model as it starts (see
+    frozen_reference); packed rows go padding-free where the model runs varlen flash attention."""
+    if recipe.finetune.objective != "sft":
+        dpo = recipe.finetune.objective == "dpo"
+        reference = frozen_reference(model, device) if dpo else None
+        return preference_objective(recipe.finetune, reference), preference_collate(pad_id)
     if recipe.task == "classification":
         return classification_objective(class_weights(recipe, info)), classification_collate(pad_id)
     if recipe.task == "seq2seq":
         return SEQ2SEQ, seq2seq_collate(pad_id)
-    return CAUSAL_LM, causal_lm_collate(pad_id, flatten=flatten)
+    return CAUSAL_LM, causal_lm_collate(pad_id, flatten=use_varlen_attention(model, device))
 
 
 def class_weights(recipe: Recipe, info: dict[str, Any]) -> torch.Tensor | None:
@@ -216,11 +224,11 @@ def class_weights(recipe: Recipe, info: dict[str, Any]) -> torch.Tensor | None:
 
 
 def classification_metrics(
-    rows: Any, collate: Any, recipe: Recipe, info: dict[str, Any], device: torch.device, precision: Any
+    rows: Any, pad_id: int, recipe: Recipe, info: dict[str, Any], device: torch.device, precision: Any
 ) -> Any:
     def metrics(model: Any) -> dict[str, float]:
         pred, true = predict_labels(
-            model, rows, collate, batch_size=recipe.train.batch_size, device=device, precision=precision
+            model, rows, pad_id=pad_id, batch_size=recipe.train.batch_size, device=device, precision=precision
         )
         return accuracy_and_f1(pred, true, len(info["label_names"]))
 
@@ -248,3 +256,18 @@ def save_finetuned(
     if quantization and current_world().is_main:
         save_adapter_quantization(run_dir.final, quantization)
     return "adapter"
+
+
+def plan(recipe: Recipe) -> list[str]:
+    """--dry-run: what `run` would do, refused as the run would refuse it."""
+    check_finetune(recipe)
+    ft = recipe.finetune
+    how = ("qlora (4-bit NF4 base)" if ft.qlora else ft.method) + (" + DoRA" if ft.dora else "")
+    length = recipe.train.max_steps or f"{recipe.train.epochs} epochs"
+    return [
+        f"load base model {recipe.model.name_or_path} for {recipe.task}",
+        *plan_steps(recipe),
+        f"{how} fine-tune for {length} steps into {recipe.output_dir}",
+        *memory_plan(recipe, lambda: describe_recipe_model(recipe.model.name_or_path, recipe.source).config),
+        f"save {recipe.output_dir / 'final'}",
+    ]

@@ -380,6 +380,9 @@ def write_lock(recipe: Recipe, fingerprints: dict[str, str], hashes: FileHashes)
         "inputs": inputs,
         "stages": fingerprints,
     }
+    chosen = RunDir(recipe.output_dir).precision_file
+    if chosen.exists():  # what train.precision auto chose on this machine, and the measurement behind it
+        lock["precision"] = json.loads(chosen.read_text())
     path = recipe.output_dir / "llmos.lock"
     write_atomic(path, json.dumps(lock, indent=2, sort_keys=False) + "\n")
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmos_cli.console import out
-from llmos_cli.core.data.prepare import prepare
+from llmos_cli.core.data.prepare import plan_steps, prepare
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.runtime import set_seed, use_varlen_attention
@@ -19,8 +19,10 @@ from llmos_cli.stages.common import (
     best_row,
     config_hash,
     device_and_precision,
+    memory_plan,
     open_run,
     plot_losses,
+    pretrain_config,
     register_trained,
     save_final,
 )
@@ -47,7 +49,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     splits = load_from_disk(str(prepared.path)).with_format("numpy")
     run_dir = open_run(recipe)
-    device, precision = device_and_precision(recipe, training=True)
+    device, precision = device_and_precision(recipe, config=model.config, run=run_dir)
     job = TrainJob(
         model=model,
         train_rows=splits["train"],
@@ -89,3 +91,16 @@ def run(recipe: Recipe) -> dict[str, Any]:
         rows.append(best_row(result.best))
     out.table("pretrain", ["what", "value"], rows)
     return summary
+
+
+def plan(recipe: Recipe) -> list[str]:
+    """--dry-run: what `run` would do, refused as the run would refuse it."""
+    check_pretrain(recipe)
+    length = recipe.train.max_steps or f"{recipe.train.epochs} epochs"
+    return [
+        *plan_steps(recipe),
+        f"build {recipe.model.arch} from model.config",
+        f"train {length} steps into {recipe.output_dir}",
+        *memory_plan(recipe, lambda: pretrain_config(recipe)),  # on a GPU: the estimated peak
+        f"save {recipe.output_dir / 'final'}",
+    ]

@@ -14,9 +14,12 @@ from llmos_cli.core.writable import ensure_dir, match_umask
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection
 
-FINGERPRINT_VERSION = 4  # bump when the prepared layout or its report changes
-# where the dataset goes, how fast it is built and what it is checked against: not what it holds
-NOT_FINGERPRINTED = {"output", "num_proc", "train", "validation", "checks"}
+FINGERPRINT_VERSION = 5  # bump when the prepared layout or its report changes
+# How the data is read or labelled, not what it is: the label step's batch size gives the same labels.
+NOT_FINGERPRINTED: dict[str, Any] = {
+    **dict.fromkeys(("output", "keep_versions", "num_proc", "train", "validation", "checks"), True),
+    "label": {"batch_size": True},
+}
 
 
 def data_settings(d: DataSection) -> dict[str, Any]:

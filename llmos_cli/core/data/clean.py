@@ -64,6 +64,17 @@ def clean_text(text: str, cfg: CleanSection, masked: Counter | None = None) -> s
     return text
 
 
+def clean_fields(value: Any, cfg: CleanSection, masked: Counter | None = None) -> Any:
+    """`value` with every string inside it (a row, a list of messages, ...) cleaned by `clean_text`."""
+    if isinstance(value, str):
+        return clean_text(value, cfg, masked)
+    if isinstance(value, list):
+        return [clean_fields(v, cfg, masked) for v in value]
+    if isinstance(value, dict):
+        return {k: clean_fields(v, cfg, masked) for k, v in value.items()}
+    return value
+
+
 def drop_reason(text: str, cfg: CleanSection) -> str | None:
     """Why a cleaned document is dropped by its characters, or None to keep it."""
     if not text.strip():

@@ -15,13 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmos_cli.core.data import IGNORE_INDEX
 from llmos_cli.core.data.cache import data_settings, fingerprint
+from llmos_cli.core.data.clean import clean_fields
 from llmos_cli.core.data.decode import Decoding
-from llmos_cli.core.data.dedup import content_hash
 from llmos_cli.core.data.gates import share
-from llmos_cli.core.data.pii import mask_fields, masks_any
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
+from llmos_cli.core.data.report import length_summary
+from llmos_cli.core.data.task_rows import RowCounts, SplitRows, drop_validation_overlap
 from llmos_cli.core.models import recipe_model_dir
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import DataSection, Recipe
@@ -55,7 +58,7 @@ def task_fingerprint(recipe: Recipe, tokenizer: Any, tokenizer_dir: Path | None 
     if not d.train:
         raise UserError(f"{recipe.source}: data.train: no training data given")
     template = None
-    if d.format == "chat":  # the template encoding will apply (set_chat_template's choice)
+    if d.format in ("chat", "preference"):  # the template encoding will apply (set_chat_template's choice)
         template = d.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     files = list_files(d.train, d.include) + (list_files(d.validation, d.include) if d.validation else [])
     if d.label.model:  # a labelling step's model decides the labels
@@ -79,12 +82,16 @@ def prepare_task_dataset(
     fp = known_fingerprint or task_fingerprint(recipe, tokenizer, tokenizer_dir)
     train_files = list_files(d.train, d.include)
     val_files = list_files(d.validation, d.include) if d.validation else []
-    decoding, masked = Decoding(d.encoding), Counter()
-    train_rows = read_examples(train_files, d, decoding, masked)
+    decoding, masked, counts = Decoding(d.encoding), Counter(), RowCounts()
+    seen_train = SplitRows(d)
+    train_rows = seen_train.unique(read_examples(train_files, d, decoding, masked), counts)
     if val_files:
-        val_rows = read_examples(val_files, d, decoding, masked)
+        val_rows = SplitRows(d).unique(read_examples(val_files, d, decoding, masked), counts)
     else:
         train_rows, val_rows = split_rows(train_rows, d.validation_split, recipe.run.seed)
+    val_rows = drop_validation_overlap(
+        train_rows, val_rows, d, counts, seen_train.near if val_files else None
+    )
     if not train_rows:
         raise UserError(f"data.train: {d.train} holds no rows")
     labelled: dict[str, Any] = {}
@@ -106,6 +113,11 @@ def prepare_task_dataset(
         "task": recipe.task,
         "redecoded": dict(decoding.redecoded),
         "masked": dict(masked),
+        "rows_read": counts.read,
+        "duplicates_exact": counts.duplicates_exact,
+        "duplicates_near": counts.duplicates_near,
+        "validation_overlap": counts.validation_overlap,
+        "validation_overlap_removed": counts.validation_overlap_removed,
         **({"labelled": labelled} if labelled else {}),
     }
     if d.format == "chat":
@@ -123,13 +135,19 @@ def prepare_task_dataset(
         splits[name] = Dataset.from_dict(columns)
         info[name] = {"examples": len(splits[name]), "dropped": dict(dropped), "truncated": truncated}
         if "input_ids" in columns:
-            info[name]["tokens"] = int(sum(len(x) for x in columns["input_ids"]))
+            lengths = np.array([len(x) for x in columns["input_ids"]], dtype=np.int64)
+            info[name]["tokens"] = int(lengths.sum())
+            info[name]["example_tokens"] = length_summary(lengths)
+        if d.format == "preference":
+            from llmos_cli.core.data.preference import preference_lengths
+
+            info[name].update(preference_lengths(columns))
     if len(splits["train"]) == 0:
         raise UserError(f"data.train: every row was dropped ({info['train']['dropped']})")
     if d.format == "classification":
-        counts = Counter(splits["train"]["label"])
-        info["class_counts"] = {n: counts.get(i, 0) for i, n in enumerate(info["label_names"])}
-    info["measures"] = task_measures(train_rows, val_rows, info)
+        per_class = Counter(splits["train"]["label"])
+        info["class_counts"] = {n: per_class.get(i, 0) for i, n in enumerate(info["label_names"])}
+    info["measures"] = task_measures(counts, info)
     info["fingerprint"] = fp
     return DatasetDict(splits), info
 
@@ -137,16 +155,14 @@ def prepare_task_dataset(
 def read_examples(
     files: list[Path], d: DataSection, decoding: Decoding | None = None, masked: Counter | None = None
 ) -> list[Row]:
-    """The rows of `files` (up to data.max_documents), for encoding or evaluation, with personal data
-    masked (`data.clean.mask_*`) in every text field and counted in `masked`."""
+    """The rows of `files` (up to data.max_documents), for encoding or evaluation, with every text field
+    cleaned as `data.clean` says (personal data masked and counted per kind in `masked`)."""
     rows = []
-    mask = masks_any(d.clean)
     masked = masked if masked is not None else Counter()
     for row in read_rows(files, d.text_unit, decoding=decoding or Decoding(d.encoding)):
         if d.max_documents is not None and len(rows) >= d.max_documents:
             break
-        if mask:
-            row.data = mask_fields(row.data, d.clean, masked)
+        row.data = clean_fields(row.data, d.clean, masked)
         rows.append(row)
     return rows
 
@@ -177,27 +193,19 @@ def _encode_all(rows: list[Row], encode: Callable[[Row], Encoded]) -> tuple[dict
     return columns, dropped, truncated
 
 
-def task_measures(train: list[Row], validation: list[Row], info: dict[str, Any]) -> dict[str, Any]:
-    """What data gates limit (see core/data/gates.py), for task formats: rows are compared whole."""
-    train_keys = [_row_key(r) for r in train]
-    val_keys = [_row_key(r) for r in validation]
-    in_train = set(train_keys)
-    n_read = len(train_keys) + len(val_keys)
+def task_measures(counts: RowCounts, info: dict[str, Any]) -> dict[str, Any]:
+    """What data gates limit (see core/data/gates.py), for task formats, as for text documents."""
     examples = info["train"]["examples"] + info["validation"]["examples"]
     dropped = sum(sum(info[s]["dropped"].values()) for s in ("train", "validation"))
     classes = info.get("class_counts", {})
     return {
         "rows": examples,
-        "duplicate_share": share(n_read - len(in_train | set(val_keys)), n_read),
+        "duplicate_share": share(counts.duplicates_exact + counts.duplicates_near, counts.read),
         "truncated_share": share(info["train"]["truncated"] + info["validation"]["truncated"], examples),
-        "train_validation_overlap": sum(k in in_train for k in val_keys),
+        "train_validation_overlap": counts.validation_overlap - counts.validation_overlap_removed,
         "label_share": share(max(classes.values()), sum(classes.values())) if classes else None,
-        "dropped_share": share(dropped, n_read),
+        "dropped_share": share(dropped, counts.read),
     }
-
-
-def _row_key(row: Row) -> bytes:
-    return content_hash(json.dumps(row.data, sort_keys=True, ensure_ascii=False, default=str))
 
 
 def tokenizer_hash(tokenizer: Any, chat_template: str | None = None) -> str:
@@ -419,8 +427,15 @@ def pairs_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
     return encode
 
 
+def _preference_encoder(tokenizer: Any, d: DataSection) -> Callable[[Row], Encoded]:
+    from llmos_cli.core.data.preference import preference_encoder  # it builds on this module
+
+    return preference_encoder(tokenizer, d)
+
+
 _ENCODERS: dict[str, Callable[[Any, DataSection], Callable[[Row], Encoded]]] = {
     "instruction": instruction_encoder,
     "chat": chat_encoder,
     "pairs": pairs_encoder,
+    "preference": _preference_encoder,
 }

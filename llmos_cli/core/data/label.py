@@ -52,6 +52,7 @@ def label_file(
     min_score: float | None = None,
     review: Path | None = None,
     template: str | None = None,
+    batch_size: int = 16,
 ) -> Labelled:
     """Label every row of IN with `model` (an `llmos_cli.api.Model`); write OUT and the review file."""
     check_writable_format(out_path, "label")
@@ -63,7 +64,7 @@ def label_file(
         raise UserError(f"label: {in_path} holds no rows")
     kept, low, scores = [], [], []
     texts = [field_text(row, text_field) for row in rows]
-    for row, (best, score) in zip(rows, best_labels(model, texts, labels, template), strict=True):
+    for row, (best, score) in zip(rows, best_labels(model, texts, labels, template, batch_size), strict=True):
         record = {**row.data, LABEL: best, SCORE: round(score, 6)}
         (low if min_score is not None and score < min_score else kept).append(record)
         scores.append(score)
@@ -84,20 +85,23 @@ def label_file(
 
 
 def best_labels(
-    model: Any, texts: list[str], labels: list[str] | None, template: str | None = None
+    model: Any, texts: list[str], labels: list[str] | None, template: str | None = None, batch_size: int = 16
 ) -> list[tuple[str, float]]:
-    """The label `Model.predict` gives each text, with its score (a progress bar on a TTY)."""
+    """The label `Model.predict` gives each text, with its score: `batch_size` texts per forward pass
+    (the scores of one text at a time), a progress bar on a TTY."""
     found = []
     with out.progress("label", total=len(texts)) as bar:
-        for text in texts:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
             try:
-                scores = model.scores(text, labels, template=template)
+                batch = model.scores(chunk, labels, template=template, batch_size=batch_size)
             except ValueError as err:  # no head and no labels, a bad template, duplicate labels
                 hint = "pass labels for zero-shot labelling: --labels a,b,c (data.label.labels in a recipe)"
                 raise UserError(f"label: {err}", hint=hint) from None
-            label = max(scores, key=scores.__getitem__)  # the label `Model.predict` returns
-            found.append((label, float(scores[label])))
-            bar.update(1)
+            for scores in batch:
+                label = max(scores, key=scores.__getitem__)  # the label `Model.predict` returns
+                found.append((label, float(scores[label])))
+            bar.update(len(chunk))
     return found
 
 
@@ -123,7 +127,9 @@ def label_step(rows: list[Row], d: DataSection, source: str | None) -> tuple[lis
     model = Model(recipe_model_dir(step.model, source, "data.label.model"))
     texts = [field_text(row, d.text_field) for row in rows]
     kept = []
-    for row, (best, score) in zip(rows, best_labels(model, texts, step.labels, step.template), strict=True):
+    for row, (best, score) in zip(
+        rows, best_labels(model, texts, step.labels, step.template, step.batch_size), strict=True
+    ):
         if step.min_score is None or score >= step.min_score:
             row.data = {**row.data, d.label_field: best, SCORE: round(score, 6)}
             kept.append(row)

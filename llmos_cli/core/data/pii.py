@@ -14,7 +14,6 @@ import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from llmos_cli.recipe import CleanSection
 
@@ -130,18 +129,3 @@ def mask_personal_data(text: str, cfg: CleanSection, counts: Counter | None = No
         if getattr(cfg, switch):
             text = mask(text, getattr(cfg, token), counts, kind)
     return text
-
-
-def masks_any(cfg: CleanSection) -> bool:
-    return any(getattr(cfg, switch) for switch, _, _ in KINDS.values())
-
-
-def mask_fields(value: Any, cfg: CleanSection, counts: Counter) -> Any:
-    """`value` with personal data masked in every string inside it (a row, a list of messages, ...)."""
-    if isinstance(value, str):
-        return mask_personal_data(value, cfg, counts)
-    if isinstance(value, list):
-        return [mask_fields(v, cfg, counts) for v in value]
-    if isinstance(value, dict):
-        return {k: mask_fields(v, cfg, counts) for k, v in value.items()}
-    return value

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from llmos_cli.console import out
-from llmos_cli.core.data.cache import data_settings, fingerprint, replace_dir, staging_dir
+from llmos_cli.core.data import versions
+from llmos_cli.core.data.cache import data_settings, fingerprint, staging_dir
 from llmos_cli.core.data.collect import Collector
 from llmos_cli.core.data.encode import DOC_BATCH, encode_documents
 from llmos_cli.core.data.gates import evaluate, failure_message, records
@@ -66,6 +67,36 @@ def prepare(recipe: Recipe, *, force: bool = False) -> PreparedData:
     return _enforce_checks(recipe, prepared)
 
 
+def plan_steps(recipe: Recipe) -> list[str]:
+    """What `prepare` would do, for a dry run's plan."""
+    d = recipe.data
+    checks = d.checks.model_dump(exclude_none=True)
+    gates = (
+        [f"check {', '.join(f'{k}={v}' for k, v in checks.items())}; exit 3 if one fails"] if checks else []
+    )
+    save = f"save to {recipe.data_output} (reused if its fingerprint matches this or a kept version)"
+    if d.format != "text":
+        return [
+            f"read {d.train} (format {d.format}), clean and deduplicate",
+            f"encode for {recipe.task} with the model's tokenizer (max_seq_len {d.max_seq_len})",
+            save,
+            *gates,
+        ]
+    tokenizer = (
+        "use the model's tokenizer"
+        if recipe.model.tokenizer or recipe.model.name_or_path
+        else f"train a byte-level BPE tokenizer (vocab {d.tokenizer.vocab_size})"
+    )
+    return [
+        f"read {d.train} (format {d.format})",
+        "clean and deduplicate",
+        tokenizer,
+        f"tokenize and pack into blocks of {d.max_seq_len}",
+        save,
+        *gates,
+    ]
+
+
 def _enforce_checks(recipe: Recipe, prepared: PreparedData) -> PreparedData:
     gates = evaluate(recipe.data.checks, prepared.report.get("measures", {}))
     report_path = prepared.path / "report.json"
@@ -89,9 +120,8 @@ def _prepare_text_format(recipe: Recipe, force: bool) -> PreparedData:
     settings.update(task=recipe.task, seed=recipe.run.seed)
     fp = fingerprint(settings, [*train_files, *val_files], tokenizer_src)
     target = recipe.data_output
-    cached = _cached(target, fp)
-    if cached and not force:
-        out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
+    cached = None if force else _reusable(recipe, target, fp)
+    if cached:
         return cached
 
     staged = staging_dir(target, "data.output")
@@ -101,7 +131,7 @@ def _prepare_text_format(recipe: Recipe, force: bool) -> PreparedData:
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    replace_dir(staged, target)
+    versions.install(staged, target, recipe.data.keep_versions)
     report.show()
     out.info(f"data: wrote {target}")
     return PreparedData(target, fp, target / "tokenizer", report.to_dict(), reused=False)
@@ -259,9 +289,8 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     tokenizer = load_tokenizer(src, trust_remote_code=recipe.model.trust_remote_code)
     target = recipe.data_output
     fp = task_fingerprint(recipe, tokenizer, src)  # before reading or encoding: a hit costs no encode
-    cached = _cached(target, fp)
-    if cached and not force:
-        out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
+    cached = None if force else _reusable(recipe, target, fp)
+    if cached:
         return cached
     splits, info = prepare_task_dataset(recipe, tokenizer, src, known_fingerprint=fp)
     staged = staging_dir(target, "data.output")
@@ -270,12 +299,27 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
             # an empty split does not survive save_to_disk/load_from_disk: it is left out (loaders add it back)
             DatasetDict({k: v for k, v in splits.items() if len(v)}).save_to_disk(str(staged))
             tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
+            lengths = {k: np.array([len(x) for x in v["input_ids"]]) for k, v in splits.items() if len(v)}
+            write_length_histogram(lengths, staged / "lengths.png", recipe.data.max_seq_len)
+            info["histogram"] = "lengths.png"
             (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    replace_dir(staged, target)
-    rows = [(f"{split}: {k}", v) for split in ("train", "validation") for k, v in info[split].items()]
+    versions.install(staged, target, recipe.data.keep_versions)
+    rows = [
+        ("rows read", info["rows_read"]),
+        ("exact duplicates", info["duplicates_exact"]),
+        ("near duplicates", info["duplicates_near"]),
+        ("validation rows also in train", info["validation_overlap"]),
+        ("  removed (decontaminate)", info["validation_overlap_removed"]),
+    ]
+    for split in ("train", "validation"):
+        for k, v in info[split].items():
+            if isinstance(v, dict):
+                rows += [(f"{split}: {k} {stat}", x) for stat, x in v.items()]
+            else:
+                rows.append((f"{split}: {k}", v))
     rows += [(f"class: {k}", v) for k, v in info.get("class_counts", {}).items()]
     rows += [(f"decoded as {k}", v) for k, v in info["redecoded"].items()]
     rows += [(f"masked: {k}", v) for k, v in info["masked"].items()]
@@ -295,14 +339,13 @@ def tokenizer_source(recipe: Recipe) -> Path | None:
     return None
 
 
-def _cached(target: Path, fp: str) -> PreparedData | None:
-    report_path = target / "report.json"
-    if not report_path.exists():
+def _reusable(recipe: Recipe, target: Path, fp: str) -> PreparedData | None:
+    """The prepared dataset with fingerprint `fp`: in `target`, or a kept earlier version moved back."""
+    if versions.stored_fingerprint(target) == fp:
+        out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
+    elif versions.restore(target, fp, recipe.data.keep_versions):
+        out.info(f"data: reusing a kept version of {target} (fingerprint {fp[:12]} matches)")
+    else:
         return None
-    try:
-        report = json.loads(report_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if report.get("fingerprint") != fp:
-        return None
+    report = json.loads((target / "report.json").read_text())
     return PreparedData(target, fp, target / "tokenizer", report, reused=True)

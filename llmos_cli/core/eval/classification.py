@@ -8,32 +8,28 @@ from typing import Any
 import torch
 
 from llmos_cli.core.runtime import Precision
-from llmos_cli.core.train.batches import Collate, to_device
 
 
-@torch.no_grad()
 def predict_labels(
     model: Any,
     rows: Sequence[dict[str, Any]],
-    collate: Collate,
     *,
+    pad_id: int,
     batch_size: int,
     device: torch.device,
     precision: Precision,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted, true) label ids for every row, batched in length order to avoid padding waste."""
+    """(predicted, true) label ids for every encoded row (`input_ids`, `label`), under `precision`."""
+    from llmos_cli.core.serve.runners import class_logits
+
     was_training = model.training
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    preds, labels = [], []
-    for start in range(0, len(order), batch_size):
-        batch = to_device(collate([rows[i] for i in order[start : start + batch_size]]), device)
+    try:
         with precision.autocast(device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        preds.append(logits.argmax(-1).cpu())
-        labels.append(batch["labels"].cpu())
-    model.train(was_training)
-    return torch.cat(preds), torch.cat(labels)
+            logits = class_logits(model, [r["input_ids"] for r in rows], pad_id, batch_size)
+    finally:
+        model.train(was_training)
+    return logits.argmax(-1), torch.as_tensor([int(r["label"]) for r in rows])
 
 
 def accuracy_and_f1(pred: torch.Tensor, true: torch.Tensor, n_labels: int) -> dict[str, float]:

@@ -10,11 +10,19 @@ import torch
 
 from llmos_cli.core.runtime import Precision
 from llmos_cli.core.train.batches import Collate, to_device
-from llmos_cli.core.train.objectives import Objective
+from llmos_cli.core.train.objectives import Objective, summed
+
+
+def dataset_loss(
+    model: Any, rows: Sequence[dict[str, Any]], objective: Objective, collate: Collate, **kwargs: Any
+) -> tuple[float, int]:
+    """Summed loss and target count over `rows` (see `dataset_sums`)."""
+    total, count, _ = dataset_sums(model, rows, objective, collate, **kwargs)
+    return total, count
 
 
 @torch.no_grad()
-def dataset_loss(
+def dataset_sums(
     model: Any,
     rows: Sequence[dict[str, Any]],
     objective: Objective,
@@ -25,8 +33,9 @@ def dataset_loss(
     precision: Precision,
     max_batches: int | None = None,
     shard: tuple[int, int] = (0, 1),
-) -> tuple[float, int]:
-    """Summed loss and target count over `rows`, batched in length order to avoid padding waste.
+) -> tuple[float, int, dict[str, float]]:
+    """Summed loss, target count and the objective's summed metrics over `rows`, batched in length
+    order to avoid padding waste.
 
     `shard=(i, n)` scores only batches i, i + n, i + 2n, ... (one process's share of the work).
     """
@@ -34,7 +43,7 @@ def dataset_loss(
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]), reverse=True)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    count, metrics = 0, {}
     for b, start in enumerate(range(0, len(order), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
@@ -43,14 +52,21 @@ def dataset_loss(
         batch = collate([rows[i] for i in order[start : start + batch_size]])
         count += objective.count(batch)
         with precision.autocast(device):
-            total += objective.loss_sum(model, to_device(batch, device)).double()
+            loss, metric_sums = summed(objective.loss_sum(model, to_device(batch, device)))
+        total += loss.double()
+        for name, value in metric_sums.items():
+            metrics[name] = metrics.get(name, 0) + value.double()
     model.train(was_training)
-    return float(total), count
+    return float(total), count, {k: float(v) for k, v in metrics.items()}
 
 
-def loss_metrics(loss_sum: float, count: int, per_token: bool = True) -> dict[str, float]:
-    """Mean loss, and for token targets perplexity and the token count (else the example count)."""
+def loss_metrics(
+    loss_sum: float, count: int, per_token: bool = True, metric_sums: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Mean loss, and for token targets perplexity and the token count (else the example count); and
+    the mean of each of an objective's summed metrics."""
     loss = loss_sum / max(count, 1)
+    means = {k: v / max(count, 1) for k, v in (metric_sums or {}).items()}
     if not per_token:
-        return {"loss": loss, "examples": count}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+        return {"loss": loss, **means, "examples": count}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), **means, "tokens": count}

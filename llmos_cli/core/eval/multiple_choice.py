@@ -8,7 +8,6 @@ item; every choice is then scored from a copy of that KV cache, choices batched 
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from llmos_cli.console import out
+from llmos_cli.core.runtime import model_device
 from llmos_cli.errors import UserError
 
 
@@ -96,39 +96,66 @@ def _max_positions(model: Any) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-@torch.inference_mode()
 def choice_loglikelihoods(
     model: Any, context_ids: list[int], continuations: list[list[int]], batch_size: int = 8
 ) -> list[float]:
-    """Summed log-probability of each continuation after the context; the context is run once."""
-    if any(not c for c in continuations):
-        raise ValueError("a choice tokenised to nothing; every choice needs at least one token")
-    device = next(model.parameters()).device
-    longest = max(len(c) for c in continuations)
-    limit = _max_positions(model)
-    if limit is not None and len(context_ids) + longest - 1 > limit:
-        # Like the harness, drop the oldest context tokens so the longest choice still fits.
-        context_ids = context_ids[-max(limit - longest + 1, 1) :]
-    context_out = model(input_ids=torch.tensor([context_ids], device=device), use_cache=True)
-    first_logprobs = torch.log_softmax(context_out.logits[0, -1].float(), dim=-1)
+    """Summed log-probability of each continuation after the context, `batch_size` continuations at a time."""
     scores: list[float] = []
     for start in range(0, len(continuations), batch_size):
-        chunk = continuations[start : start + batch_size]
-        width = max(len(c) for c in chunk)
-        # Right padding needs no attention mask: pads come after every real token and causal
-        # attention keeps them out of the positions we read.
-        ids = torch.tensor([c + [0] * (width - len(c)) for c in chunk], device=device)
-        real = torch.tensor([[t < len(c) for t in range(width)] for c in chunk], device=device)
-        logprobs = first_logprobs.expand(len(chunk), 1, -1)
-        if width > 1:
-            # The last token of a continuation predicts nothing we score, so it is not fed.
-            cache = copy.deepcopy(context_out.cache)
-            cache.batch_repeat_interleave(len(chunk))
-            logits = model(input_ids=ids[:, :-1], cache=cache, use_cache=True).logits
-            logprobs = torch.cat([logprobs, torch.log_softmax(logits.float(), dim=-1)], dim=1)
-        token_logprobs = logprobs.gather(2, ids.unsqueeze(-1)).squeeze(-1)
-        scores.extend(token_logprobs.masked_fill(~real, 0.0).sum(dim=1).tolist())
+        (chunk,) = loglikelihoods(model, [(context_ids, continuations[start : start + batch_size])])
+        scores.extend(chunk)
     return scores
+
+
+@torch.inference_mode()
+def loglikelihoods(model: Any, requests: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+    """For each (context, continuations): the summed log-probability of each continuation after its context.
+
+    The contexts run together, left-padded, each once; then every continuation runs from a copy of its
+    context's KV cache, all in one batch. Padding is masked, so a request scores the same alone or batched."""
+    if any(not c for _, conts in requests for c in conts):
+        raise ValueError("a choice tokenised to nothing; every choice needs at least one token")
+    device = model_device(model)
+    limit = _max_positions(model)
+    contexts = []
+    for context_ids, conts in requests:
+        longest = max(len(c) for c in conts)
+        if limit is not None and len(context_ids) + longest - 1 > limit:
+            # Like the harness, drop the oldest context tokens so the longest choice still fits.
+            context_ids = context_ids[-max(limit - longest + 1, 1) :]
+        contexts.append(context_ids)
+    width = max(len(c) for c in contexts)
+    ids = torch.tensor([[0] * (width - len(c)) + c for c in contexts], device=device)
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True
+    )
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # what each context predicts next
+    rows = [(i, c) for i, (_, conts) in enumerate(requests) for c in conts]
+    owner = torch.tensor([i for i, _ in rows], device=device)
+    cont_width = max(len(c) for _, c in rows)
+    # Right padding after each continuation: causal attention keeps it out of the positions we read.
+    cont = torch.tensor([c + [0] * (cont_width - len(c)) for _, c in rows], device=device)
+    real = torch.tensor([[t < len(c) for t in range(cont_width)] for _, c in rows], device=device)
+    logprobs = first[owner].unsqueeze(1)
+    if cont_width > 1:
+        # The last token of a continuation predicts nothing we score, so it is not fed.
+        cache = out.cache
+        cache.batch_select_indices(owner)
+        steps = torch.arange(cont_width - 1, device=device)
+        logits = model(
+            input_ids=cont[:, :-1],
+            attention_mask=torch.cat([mask[owner], mask.new_ones(len(rows), cont_width - 1)], dim=1),
+            position_ids=mask.sum(-1)[owner, None] + steps,
+            cache=cache,
+            use_cache=True,
+        ).logits
+        logprobs = torch.cat([logprobs, torch.log_softmax(logits.float(), dim=-1)], dim=1)
+    sums = logprobs.gather(2, cont.unsqueeze(-1)).squeeze(-1).masked_fill(~real, 0.0).sum(dim=1).tolist()
+    found: list[list[float]] = [[] for _ in requests]
+    for (i, _), total in zip(rows, sums, strict=True):
+        found[i].append(total)
+    return found
 
 
 def score_choices(

@@ -36,6 +36,8 @@ def eval_task(recipe: Recipe) -> str:
         return recipe.eval.task
     if recipe.task == "classification":
         return "classification"
+    if recipe.data.format == "preference":
+        return "preference"
     if set(recipe.eval.metrics) - LOSS_METRICS:
         return "generation"
     return "perplexity"
@@ -58,7 +60,7 @@ class EvalTarget:
         device = pick_device(recipe.eval.device, "eval.device")
         if device.type == "cpu":
             retain_freed_memory()
-        dtype = inference_dtype(device, recipe.eval.precision, "eval.precision")
+        dtype = inference_dtype(device, recipe.eval.precision, "eval.precision", info.config)
         return cls(info, device, dtype, recipe.model.allow_pickle, recipe.model.trust_remote_code)
 
     def load(self, task: str | None = None) -> Any:
@@ -201,8 +203,16 @@ def _generation(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dic
     return metrics, details
 
 
+def _preference(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The preference objective's loss and rewards on preference pairs (see core/eval/preference.py)."""
+    from llmos_cli.core.eval.preference import evaluate_preference
+
+    return evaluate_preference(recipe, target)
+
+
 EVALUATORS = {
     "perplexity": _perplexity,
+    "preference": _preference,
     "multiple_choice": _multiple_choice,
     "classification": _classification,
     "generation": _generation,

@@ -22,8 +22,10 @@ from starlette.exceptions import HTTPException
 
 from llmos_cli.core.serve.engine import Engine
 from llmos_cli.core.serve.guard import Guard
+from llmos_cli.core.serve.logprobs import chat_logprobs, completion_logprobs, token_decoder
 from llmos_cli.core.serve.metrics import Metrics
 from llmos_cli.core.serve.protocol import (
+    MAX_SEQUENCES,
     SSE,
     ApiError,
     ChatBody,
@@ -64,6 +66,7 @@ def create_app(
     encoder = backend if isinstance(backend, EncoderRunner) else None
     window = engine.runner.context_window if engine is not None else None
     vocab = engine.runner.model.config.get_text_config().vocab_size if engine is not None else None
+    decode = token_decoder(engine.runner.tokenizer) if engine is not None else None
     metrics = Metrics()
     encoder_lock = asyncio.Lock()
     created = int(time.time())
@@ -191,6 +194,10 @@ def create_app(
                 param="logit_bias",
                 code="invalid_logit_bias",
             )
+        if isinstance(body, ChatBody) and body.top_logprobs and not body.logprobs:
+            raise ApiError(
+                400, "top_logprobs needs logprobs: true", param="top_logprobs", code="logprobs_required"
+            )
         params = SamplingParams(
             max_new_tokens=max_tokens,
             temperature=body.temperature,
@@ -202,12 +209,22 @@ def create_app(
             logit_bias=bias,
             seed=body.seed,
             stop=body.stops(),
+            logprobs=body.logprob_count(),
         )
         try:
             params.check()
         except ValueError as err:
             raise ApiError(400, str(err)) from err
         return params
+
+    def choices(prompts: int, n: int) -> None:
+        if prompts * n > MAX_SEQUENCES:
+            raise ApiError(
+                400,
+                f"{prompts} prompts x n={n} is {prompts * n} sequences; at most {MAX_SEQUENCES} per request",
+                param="n",
+                code="too_many_choices",
+            )
 
     @app.post(
         "/v1/completions",
@@ -218,17 +235,24 @@ def create_app(
     async def completions(body: CompletionBody, request: Request) -> Response:
         check_model(body.model)
         eng = need_engine()
-        ids = [eng.runner.encode(p) for p in body.prompts()]
-        params = [sampling(body, len(x), body.max_tokens or 16).for_row(i) for i, x in enumerate(ids)]
+        prompts = [eng.runner.encode(p) for p in body.prompts()]
+        choices(len(prompts), body.n)
+        # choice j of prompt i is sequence i * n + j (OpenAI's order), seeded apart by that row
+        ids = [x for x in prompts for _ in range(body.n)]
+        per_prompt = [sampling(body, len(x), body.max_tokens or 16) for x in prompts]
+        params = [per_prompt[row // body.n].for_row(row) for row in range(len(ids))]
         rid = f"cmpl-{uuid.uuid4().hex}"
 
-        def chunk(text: str, finish: str | None, index: int = 0) -> dict[str, Any]:
+        def logprobs(entries: Any, text_len: int | None = None) -> dict[str, Any] | None:
+            return completion_logprobs(entries, decode, text_len) if body.logprobs is not None else None
+
+        def chunk(text: str, finish: str | None, index: int = 0, lp: Any = None) -> dict[str, Any]:
             return {
                 "id": rid,
                 "object": "text_completion",
                 "created": int(time.time()),
                 "model": model_name,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}],
             }
 
         if body.stream:
@@ -238,17 +262,25 @@ def create_app(
                 params,
                 retry_after_s,
                 usage=wants_usage(body),
-                first=None,
-                delta=lambda i, t: chunk(t, None, i),
-                last=lambda i, c: chunk("", finish_reason(c), i),
+                n=body.n,
+                first=[],
+                delta=lambda i, d: chunk(d.text, None, i, logprobs(d.logprobs)),
+                last=lambda i, c, rest: chunk(
+                    "", finish_reason(c), i, logprobs(rest, len(c.text)) if rest else None
+                ),
             )
         results = await complete(eng, ids, params, request, retry_after_s)
         out = chunk("", None)
         out["choices"] = [
-            {"index": i, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c)}
+            {
+                "index": i,
+                "text": c.text,
+                "logprobs": logprobs(c.logprobs or [], len(c.text)),
+                "finish_reason": finish_reason(c),
+            }
             for i, c in enumerate(results)
         ]
-        out["usage"] = usage_of(results)
+        out["usage"] = usage_of(results, body.n)
         return JSONResponse(out)
 
     @app.post(
@@ -266,30 +298,36 @@ def create_app(
             raise ApiError(
                 400, f"the chat template cannot render these messages: {err}", param="messages"
             ) from err
-        params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        choices(1, body.n)
+        base = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        params = [base.for_row(j) for j in range(body.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
-        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        def logprobs(entries: Any) -> dict[str, Any] | None:
+            return chat_logprobs(entries, decode) if body.logprobs else None
+
+        def chunk(delta: dict[str, str], finish: str | None, index: int, lp: Any = None) -> dict[str, Any]:
             return {
                 "id": rid,
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
             }
 
         if body.stream:
             return stream_events(
                 eng,
-                [ids],
-                [params],
+                [ids] * body.n,
+                params,
                 retry_after_s,
                 usage=wants_usage(body),
-                first=chunk({"role": "assistant", "content": ""}, None),
-                delta=lambda _, t: chunk({"content": t}, None),
-                last=lambda _, c: chunk({}, finish_reason(c)),
+                n=body.n,
+                first=[chunk({"role": "assistant", "content": ""}, None, j) for j in range(body.n)],
+                delta=lambda i, d: chunk({"content": d.text}, None, i, logprobs(d.logprobs)),
+                last=lambda i, c, rest: chunk({}, finish_reason(c), i, logprobs(rest) if rest else None),
             )
-        (c,) = await complete(eng, [ids], [params], request, retry_after_s)
+        results = await complete(eng, [ids] * body.n, params, request, retry_after_s)
         return JSONResponse(
             {
                 "id": rid,
@@ -298,13 +336,14 @@ def create_app(
                 "model": model_name,
                 "choices": [
                     {
-                        "index": 0,
+                        "index": j,
                         "message": {"role": "assistant", "content": c.text},
-                        "logprobs": None,
+                        "logprobs": logprobs(c.logprobs or []),
                         "finish_reason": finish_reason(c),
                     }
+                    for j, c in enumerate(results)
                 ],
-                "usage": usage_of([c]),
+                "usage": usage_of(results, body.n),
             }
         )
 

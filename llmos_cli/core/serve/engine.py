@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from llmos_cli.core.serve.runners import (
     Completion,
     DecodeBatch,
+    Delta,
     GenSequence,
     PrefillError,
     Runner,
@@ -51,6 +52,16 @@ class ModelDown(Exception):
 
 
 @dataclass
+class Submission:
+    """What `Engine.submit_all` queues: a prompt, how to sample it and where its results go."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_delta: Callable[[Delta], None] | None
+    on_finish: Callable[[Completion | BaseException], None]
+
+
+@dataclass
 class Request:
     id: str
     seq: GenSequence
@@ -73,8 +84,8 @@ class EngineStats:
 class Engine:
     """Serve generation requests from a bounded queue with continuous batching on one background thread.
 
-    `max_queue` bounds the requests waiting for a slot; those that get one of the `max_batch_size` slots at once
-    do not count against it."""
+    `max_queue` bounds the requests waiting for a slot (an HTTP request with several prompts or `n` choices is one
+    engine request per sequence); those that get one of the `max_batch_size` slots at once do not count against it."""
 
     def __init__(
         self,
@@ -128,22 +139,36 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         *,
-        on_delta: Callable[[str], None] | None = None,
+        on_delta: Callable[[Delta], None] | None = None,
         on_finish: Callable[[Completion | BaseException], None],
     ) -> str:
         """Queue a request and return its id. Raises QueueFull, EngineUnavailable or ValueError (bad params)."""
-        params.check()
+        return self.submit_all([Submission(prompt_ids, params, on_delta, on_finish)])[0]
+
+    def submit_all(self, items: list[Submission]) -> list[str]:
+        """Queue several requests (one HTTP request's prompts and choices) all or none: each is a sequence
+        of its own and counts against `max_queue`. Raises as `submit` does, queueing nothing."""
+        for item in items:
+            item.params.check()
         with self._cv:
             if not self._accepting:
                 raise EngineUnavailable(
                     f"the model failed: {self.error}" if self.error else "the server is shutting down"
                 )
-            if len(self._queue) + 1 - (self.max_batch_size - len(self._active)) > self.max_queue:
-                raise QueueFull(f"{self.queue_depth} requests are already waiting")
-            req = Request(uuid.uuid4().hex, self.runner.sequence(prompt_ids, params, on_delta), on_finish)
-            self._queue.append(req)
+            if len(self._queue) + len(items) - (self.max_batch_size - len(self._active)) > self.max_queue:
+                raise QueueFull(
+                    f"{self.queue_depth} requests are already waiting"
+                    + (f" and this one adds {len(items)} sequences" if len(items) > 1 else "")
+                )
+            reqs = [
+                Request(
+                    uuid.uuid4().hex, self.runner.sequence(i.prompt_ids, i.params, i.on_delta), i.on_finish
+                )
+                for i in items
+            ]
+            self._queue.extend(reqs)
             self._cv.notify()
-        return req.id
+        return [r.id for r in reqs]
 
     def cancel(self, request_id: str) -> None:
         """Stop a queued or running request; its slot is freed before the next decode step."""

@@ -19,6 +19,10 @@ MAX_INPUTS = 2048  # texts in one /v1/embeddings or /v1/classify request (OpenAI
 MAX_STOP = 4  # stop sequences (OpenAI's limit)
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300  # entries in logit_bias
+MAX_N = 16  # choices per prompt
+MAX_SEQUENCES = MAX_PROMPTS  # prompts x n in one request: each choice is a sequence of its own
+MAX_LOGPROBS = 5  # /v1/completions' logprobs (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' top_logprobs (OpenAI's limit)
 SEED_RANGE = (-(1 << 53) + 1, (1 << 53) - 1)  # integers every JSON parser reads exactly
 
 
@@ -64,7 +68,6 @@ def _integer(**bounds: int) -> Any:
 TokenCount = _integer(ge=1)
 Seed = _integer(ge=SEED_RANGE[0], le=SEED_RANGE[1])
 TopK = _integer(ge=0, le=1 << 20)
-One = _integer(ge=1, le=1)
 
 
 class Body(BaseModel):
@@ -110,10 +113,7 @@ class SamplingBody(Body):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: One = 1
-    # Accepted for compatibility only at their neutral values; anything else is a 400, not silently ignored.
-    logprobs: Literal[False, 0] | None = None
-    top_logprobs: Literal[0] | None = None
+    n: _integer(ge=1, le=MAX_N) = Field(default=1, description="choices per prompt, each sampled on its own")
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -124,9 +124,15 @@ class SamplingBody(Body):
 
 class CompletionBody(SamplingBody):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    logprobs: _integer(ge=0, le=MAX_LOGPROBS) | None = Field(
+        default=None, description="each token's log-prob and this many most likely alternatives"
+    )
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(Body):
@@ -141,6 +147,13 @@ class ChatMessage(Body):
 class ChatBody(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: TokenCount | None = None
+    logprobs: bool | None = None
+    top_logprobs: _integer(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(
+        default=None, description="alternatives per token; needs logprobs: true"
+    )
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class EncodeBody(Body):
@@ -175,10 +188,17 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -196,10 +216,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 

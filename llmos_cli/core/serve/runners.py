@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmos_cli.core.runtime import model_device
+
 if TYPE_CHECKING:
     from llmos_cli.core.models import ModelInfo
 
@@ -60,6 +62,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # None: no log-probs; k >= 0: each generated token's log-prob and its k most likely alternatives
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
@@ -74,6 +78,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         for name, bounds in (
             ("repetition_penalty", REPETITION_PENALTY_RANGE),
             ("frequency_penalty", PENALTY_RANGE),
@@ -103,8 +109,29 @@ class SamplingParams:
         )
 
     def for_row(self, row: int) -> SamplingParams:
-        """The parameters of the `row`-th prompt of a request: seeded rows differ, and each reproduces."""
+        """The parameters of a request's `row`-th sequence (a prompt, or one of its `n` choices): seeded rows
+        differ, and each reproduces."""
         return self if self.seed is None or row == 0 else replace(self, seed=self.seed + row)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (the raw log-softmax of its logits, before
+    temperature, penalties, bias or filters, as vLLM reports by default), its most likely alternatives
+    (token id, log-prob; best first) and where its text starts in the completion."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    offset: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Newly released text, with the log-probs of the tokens generated since the last delta (when asked for)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -113,6 +140,7 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -123,8 +151,9 @@ class GenSequence:
     params: SamplingParams
     tokenizer: Any
     eos_ids: frozenset[int]
-    on_delta: Callable[[str], None] | None = None
+    on_delta: Callable[[Delta], None] | None = None
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
     finish_reason: FinishReason | None = None
@@ -134,14 +163,18 @@ class GenSequence:
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed % SEED_MODULUS)
         self._hold = max((len(s) for s in self.params.stop), default=1) - 1
+        self._sent = 0  # log-probs already handed out with a delta
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, token: int) -> None:
-        """Append a generated token; release new text and detect eos, stop sequences and the length limit."""
+    def accept(self, token: int, logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None) -> None:
+        """Append a generated token (and its log-prob and alternatives); release new text and detect eos,
+        stop sequences and the length limit."""
         self.output_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(TokenLogprob(token, logprob[0], logprob[1], len(self.text)))
         if token in self.eos_ids:
             self._finish("stop", len(self.text))
             return
@@ -179,12 +212,17 @@ class GenSequence:
     def _release(self, end: int) -> None:
         if end > self.emitted:
             if self.on_delta is not None:
-                self.on_delta(self.text[self.emitted : end])
+                self.on_delta(Delta(self.text[self.emitted : end], tuple(self.logprobs[self._sent :])))
+            self._sent = len(self.logprobs)
             self.emitted = end
 
     def completion(self) -> Completion:
         return Completion(
-            self.text, list(self.output_ids), len(self.prompt_ids), self.finish_reason or "length"
+            self.text,
+            list(self.output_ids),
+            len(self.prompt_ids),
+            self.finish_reason or "length",
+            list(self.logprobs) if self.params.logprobs is not None else None,
         )
 
 
@@ -361,21 +399,47 @@ class DecodeBatch:
         self.seqs = self.seqs + new
         tokens = pick_tokens(logits, new)
         self.last = torch.cat([self.last, torch.tensor(tokens, device=self.device)])
-        _accept_each(new, tokens)
+        _accept_each(new, tokens, logits)
 
     def _accept(self, seqs: list[GenSequence], logits: torch.Tensor) -> None:
         tokens = pick_tokens(logits, seqs)
         self.last = torch.tensor(tokens, device=self.device)
-        _accept_each(seqs, tokens)
+        _accept_each(seqs, tokens, logits)
 
 
-def _accept_each(seqs: Sequence[GenSequence], tokens: list[int]) -> None:
-    """Hand each sequence its token; one whose decoding (or delta callback) raises fails alone."""
-    for seq, tok in zip(seqs, tokens, strict=True):
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token the model rules out (JSON has no -inf)
+
+
+def token_logprobs(
+    logits: torch.Tensor, seqs: Sequence[GenSequence], tokens: list[int]
+) -> list[tuple[float, tuple[tuple[int, float], ...]] | None]:
+    """Per row: the chosen token's raw log-prob (fp32 log-softmax of the logits) and the row's
+    `params.logprobs` best alternatives, for the sequences that ask for them (None for the others)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    found: list[tuple[float, tuple[tuple[int, float], ...]] | None] = [None] * len(seqs)
+    if not rows:
+        return found
+    index = torch.tensor(rows, device=logits.device)
+    lp = logits.index_select(0, index).float().log_softmax(-1).clamp(min=LOGPROB_FLOOR)
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device)).squeeze(1).tolist()
+    k = min(max(seqs[i].params.logprobs or 0 for i in rows), lp.shape[-1])
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        n = seqs[i].params.logprobs or 0
+        found[i] = (chosen[j], tuple(zip(ids[j][:n], values[j][:n], strict=True)))
+    return found
+
+
+def _accept_each(seqs: Sequence[GenSequence], tokens: list[int], logits: torch.Tensor) -> None:
+    """Hand each sequence its token (and log-probs, if asked); one whose decoding (or delta callback)
+    raises fails alone."""
+    logprobs = token_logprobs(logits, seqs, tokens)
+    for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
         if seq.finished:
             continue
         try:
-            seq.accept(tok)
+            seq.accept(tok, lp)
         except Exception as err:  # noqa: BLE001 - isolate the failure to its sequence
             seq.fail(SequenceError(f"decoding the output failed: {type(err).__name__}: {err}"))
 
@@ -458,7 +522,7 @@ class Runner:
         return _token_list(ids)
 
     def sequence(
-        self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[str], None] | None = None
+        self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[Delta], None] | None = None
     ) -> GenSequence:
         """A sequence to generate; an empty prompt starts from BOS (else the pad token): nothing to prefill
         would fail the whole batch."""
@@ -500,7 +564,9 @@ class Runner:
         params.check()
         pieces: list[str] = []
         seq = self.sequence(
-            prompt if isinstance(prompt, list) else self.encode(prompt), params, pieces.append
+            prompt if isinstance(prompt, list) else self.encode(prompt),
+            params,
+            lambda d: pieces.append(d.text),
         )
         batch = self.new_batch()
         batch.add([seq])
@@ -613,7 +679,7 @@ class Seq2SeqBatch:
     def _accept(self, logits: torch.Tensor) -> None:
         tokens = pick_tokens(logits, self.group)
         self.last = torch.tensor(tokens, device=self.device)
-        _accept_each(self.group, tokens)
+        _accept_each(self.group, tokens, logits)
 
 
 class Seq2SeqRunner(Runner):
@@ -648,6 +714,28 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+@torch.inference_mode()
+def class_logits(model: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """A sequence classifier's logits (fp32, on the CPU) for token-id rows, in their order; the rows are
+    batched in length order, so a batch pads little. The one classification inference: the runner's
+    labels and scores, `llmos eval` and the validation metrics of a classification fine-tune."""
+    device = model_device(model)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    found: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            batch[row, : len(ids[i])] = torch.as_tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        for row, i in enumerate(chunk):
+            found[i] = logits[row]
+    return torch.stack(found)
+
+
 class EncoderRunner:
     """An encoder (embeddings) or sequence classifier (labels and scores) and its tokenizer."""
 
@@ -678,10 +766,11 @@ class EncoderRunner:
         """Mean-pooled, L2-normalised last hidden states."""
         return embed(self.model, self.tokenizer, texts, max_length=self.max_length).tolist()
 
-    @torch.inference_mode()
-    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+    def classify(self, texts: list[str], batch_size: int = 32) -> list[dict[str, float]]:
         """Label -> probability for each text, from the classification head."""
-        probs = self.model(**self._batch(texts)).logits.float().softmax(-1)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        probs = class_logits(self.model, ids, pad_id, batch_size).softmax(-1)
         labels = self.model.config.id2label
         return [{str(labels.get(j, j)): float(p) for j, p in enumerate(row)} for row in probs.tolist()]
 
@@ -722,7 +811,8 @@ def open_runner(
     from llmos_cli.core.runtime import inference_dtype, pick_device
 
     where = pick_device(device, keys[0])
-    return load_runner(info, device=where, dtype=inference_dtype(where, precision, keys[1]), **load_kwargs)
+    dtype = inference_dtype(where, precision, keys[1], info.config)
+    return load_runner(info, device=where, dtype=dtype, **load_kwargs)
 
 
 def _load_as(cls: type, ref: str | Path, kwargs: dict[str, Any]) -> Any:
@@ -734,8 +824,3 @@ def _load_as(cls: type, ref: str | Path, kwargs: dict[str, Any]) -> Any:
         what = "generates text" if cls is Runner else "embeds or classifies text"
         raise UserError(f"{info.path} is a {info.kind} model; this runner {what}")
     return load_runner(info, **kwargs)
-
-
-def model_device(model: Any) -> torch.device:
-    """Where a model's weights are (the CPU for one without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))

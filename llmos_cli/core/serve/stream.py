@@ -1,30 +1,33 @@
 """Between the asyncio app and the Engine's worker thread: submit, await or stream results, cancel.
 
-One HTTP request may carry several prompts: each is its own engine request, and they succeed or fail together
-(a failure cancels the others, so no slot works for a response nobody will get)."""
+One HTTP request may carry several prompts and several choices (`n`) per prompt: each choice is its own engine
+request, queued all or none, and they succeed or fail together (a failure cancels the others, so no slot works for
+a response nobody will get)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from llmos_cli.core.serve.engine import Engine, EngineRestarted, EngineUnavailable, QueueFull
+from llmos_cli.core.serve.engine import Engine, EngineRestarted, EngineUnavailable, QueueFull, Submission
 from llmos_cli.core.serve.protocol import ApiError, SamplingBody
-from llmos_cli.core.serve.runners import Completion, SamplingParams, SequenceError
+from llmos_cli.core.serve.runners import Completion, Delta, SamplingParams, SequenceError, TokenLogprob
 
 
 def finish_reason(c: Completion) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
-def usage_of(results: list[Completion]) -> dict[str, int]:
-    prompt = sum(c.prompt_tokens for c in results)
+def usage_of(results: list[Completion], n: int = 1) -> dict[str, int]:
+    """Token counts of a request whose results are `n` choices per prompt: each prompt counts once, every
+    choice's completion tokens count."""
+    prompt = sum(c.prompt_tokens for c in results[::n])
     gen = sum(len(c.token_ids) for c in results)
     return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen}
 
@@ -62,10 +65,9 @@ def _submit_all(
     stream: bool,
     retry_after_s: int,
 ) -> tuple[list[str], asyncio.Queue]:
-    """Submit one engine request per prompt; events arrive on one queue as (prompt index, delta or result)."""
+    """Submit one engine request per sequence; events arrive on one queue as (index, Delta or result)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    rids: list[str] = []
 
     def putter(index: int) -> Callable[[Any], None]:
         def put(item: Any) -> None:
@@ -74,13 +76,13 @@ def _submit_all(
 
         return put
 
+    puts = [putter(i) for i in range(len(ids))]
+    items = [
+        Submission(x, p, put if stream else None, put) for x, p, put in zip(ids, params, puts, strict=True)
+    ]
     try:
-        for i, (x, p) in enumerate(zip(ids, params, strict=True)):
-            put = putter(i)
-            rids.append(engine.submit(x, p, on_delta=put if stream else None, on_finish=put))
+        rids = engine.submit_all(items)
     except BaseException as err:
-        for rid in rids:
-            engine.cancel(rid)
         if isinstance(err, QueueFull):
             raise _unavailable(
                 f"the server is busy ({err}); retry shortly", "queue_full", retry_after_s
@@ -129,22 +131,26 @@ def stream_events(
     retry_after_s: int,
     *,
     usage: bool,
-    first: dict | None,
-    delta: Callable[[int, str], dict],
-    last: Callable[[int, Completion], dict],
+    n: int = 1,
+    first: list[dict],
+    delta: Callable[[int, Delta], dict],
+    last: Callable[[int, Completion, Sequence[TokenLogprob]], dict],
 ) -> StreamingResponse:
-    """Server-sent events: a chunk per text delta, a final chunk per prompt with its finish_reason, (usage),
+    """Server-sent events: the `first` chunks, a chunk per text delta (with its tokens' log-probs when asked),
+    a final chunk per sequence with its finish_reason (and the log-probs of tokens no delta carried), (usage),
     then [DONE]. A failure sends an error event, then [DONE]."""
     rids, events = _submit_all(engine, ids, params, stream=True, retry_after_s=retry_after_s)
 
     async def gen() -> AsyncIterator[str]:
         done: dict[int, Completion] = {}
+        sent = [0] * len(rids)  # log-probs already streamed, per sequence
         try:
-            if first is not None:
-                yield _event(first)
+            for chunk in first:
+                yield _event(chunk)
             while len(done) < len(rids):
                 index, item = await events.get()
-                if isinstance(item, str):
+                if isinstance(item, Delta):
+                    sent[index] += len(item.logprobs)
                     yield _event(delta(index, item))
                     continue
                 if isinstance(item, BaseException) or item.finish_reason == "cancelled":
@@ -152,12 +158,12 @@ def stream_events(
                     yield _event((err or _cancelled(retry_after_s)).body())
                     break
                 done[index] = item
-                yield _event(last(index, item))
+                yield _event(last(index, item, (item.logprobs or [])[sent[index] :]))
             else:
                 if usage:
-                    final = last(0, done[0])
+                    final = last(0, done[0], ())
                     results = [done[i] for i in range(len(rids))]
-                    yield _event({**final, "choices": [], "usage": usage_of(results)})
+                    yield _event({**final, "choices": [], "usage": usage_of(results, n)})
             yield "data: [DONE]\n\n"
         finally:
             for rid in rids:

@@ -8,6 +8,7 @@ from typing import Any
 
 from llmos_cli.core import distributed
 from llmos_cli.core.distributed import World
+from llmos_cli.core.runtime import model_device
 from llmos_cli.core.train import full_state
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import TrainSection
@@ -90,7 +91,7 @@ def load_trained_weights(model: Any, path: Path) -> None:
     """Load weights `save_trained_weights` wrote (every rank reads the file under FSDP)."""
     from safetensors.torch import load_file
 
-    device = "cpu" if distributed.is_sharded(model) else str(next(model.parameters()).device)
+    device = "cpu" if distributed.is_sharded(model) else str(model_device(model))
     _, unexpected = full_state.load_full_state(model, load_file(str(path), device=device))
     if unexpected:
         raise UserError(f"{path} does not match this model: unexpected {unexpected[:3]}")

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from llmos_cli.console import out
 from llmos_cli.core import distributed
-from llmos_cli.core.eval.loss import dataset_loss, loss_metrics
+from llmos_cli.core.eval.loss import dataset_sums, loss_metrics
 from llmos_cli.core.rundir import RunDir
 from llmos_cli.core.runtime import LossScaling, Precision
 from llmos_cli.core.train import full_state
@@ -28,7 +28,7 @@ from llmos_cli.core.train.checkpoint import latest_checkpoint
 from llmos_cli.core.train.early_stopping import MetricWatch, load_trained_weights, save_trained_weights
 from llmos_cli.core.train.log_window import LogWindow
 from llmos_cli.core.train.memory import note_workload
-from llmos_cli.core.train.objectives import Objective
+from llmos_cli.core.train.objectives import Objective, summed
 from llmos_cli.core.train.resume import last_logged, resume, training_settings
 from llmos_cli.core.train.signals import StopRequest
 from llmos_cli.core.train.tracking import open_trackers
@@ -159,10 +159,12 @@ def train(job: TrainJob) -> TrainResult:
             for i, batch in enumerate(micro):
                 with distributed.gradient_sync(wrapped, sync=i == len(micro) - 1):
                     with job.precision.autocast(device):
-                        loss_sum = job.objective.loss_sum(forward_model, to_device(batch, device))
+                        loss_sum, metric_sums = summed(
+                            job.objective.loss_sum(forward_model, to_device(batch, device))
+                        )
                     # DDP and FSDP average gradients over ranks; scaling by the world size makes that a sum.
                     scaling.backward(loss_sum * world.size / max(n_targets, 1))
-                window.add_batch(batch, loss_sum)
+                window.add_batch(batch, loss_sum, metric_sums)
             window.targets += n_targets
             grad_norm = _optimizer_step(model, optimizer, scheduler, scaling, cfg.max_grad_norm)
             if not scaling.skips_nonfinite_steps:
@@ -250,6 +252,7 @@ def _log_step(
     bar: Any,
 ) -> float:
     """Write one training row of metrics.jsonl (and the trackers); returns the window's mean loss."""
+    metrics = window.metric_means(world)  # an objective's own (DPO's rewards), beside the loss
     loss, tokens, seconds = window.close(world)
     if not math.isfinite(loss):
         _diverged(job, state["step"], f"loss is {loss}")
@@ -257,6 +260,7 @@ def _log_step(
     row = {
         "step": state["step"],
         "loss": round(loss, 6),
+        **{k: round(v, 6) for k, v in metrics.items()},
         "lr": scheduler.get_last_lr()[0],
         "grad_norm": round(float(grad_norm), 4),
         "tokens": state["tokens"],
@@ -282,7 +286,8 @@ def _evaluate(
 ) -> dict[str, float]:
     """Validation loss (and the job's metrics), logged and watched; the best weights kept if asked."""
     began = time.perf_counter()
-    validation = loss_metrics(*_validation_loss(job, model, world), job.objective.per_token)
+    total, count, metric_sums = _validation_sums(job, model, world)
+    validation = loss_metrics(total, count, job.objective.per_token, metric_sums)
     if job.metrics:
         validation.update(job.metrics(model))
     validation = world.broadcast(validation)  # every rank's watch decides alike
@@ -330,11 +335,13 @@ def _restore_best(job: TrainJob, model: torch.nn.Module, watch: MetricWatch, ste
     return True
 
 
-def _validation_loss(job: TrainJob, model: torch.nn.Module, world: distributed.World) -> tuple[float, int]:
-    """Summed validation loss and targets. Under DDP each rank scores every world.size-th batch and
-    the sums are added up; under FSDP every rank runs every batch (its forward is a collective)."""
+def _validation_sums(
+    job: TrainJob, model: torch.nn.Module, world: distributed.World
+) -> tuple[float, int, dict[str, float]]:
+    """Summed validation loss, targets and metrics. Under DDP each rank scores every world.size-th batch
+    and the sums are added up; under FSDP every rank runs every batch (its forward is a collective)."""
     split = world.size > 1 and not distributed.is_sharded(model)
-    total, count = dataset_loss(
+    total, count, metrics = dataset_sums(
         model,
         job.val_rows,
         job.objective,
@@ -345,7 +352,9 @@ def _validation_loss(job: TrainJob, model: torch.nn.Module, world: distributed.W
         max_batches=job.cfg.eval_batches,
         shard=(world.rank, world.size) if split else (0, 1),
     )
-    return (world.sum(total), world.sum(count)) if split else (total, count)
+    if not split:
+        return total, count, metrics
+    return world.sum(total), world.sum(count), {k: world.sum(v) for k, v in sorted(metrics.items())}
 
 
 def _check_gradients(job: TrainJob, guard: NonFiniteGuard) -> None:

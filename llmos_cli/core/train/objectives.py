@@ -1,7 +1,9 @@
 """Training objectives: a summed loss over a batch and the number of targets it was summed over.
 
 The loop divides the summed loss by the targets of the whole accumulation window, so gradient
-accumulation and uneven (masked) batches weight every target token equally.
+accumulation and uneven (masked) batches weight every target token equally. An objective may also
+return metrics summed over the same targets (`loss_sum` -> `(loss, {name: sum})`, see `summed`):
+the loop logs their means beside the loss, on training and validation rows alike.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ import torch.nn.functional as F
 from llmos_cli.core.train.batches import IGNORE_INDEX, count_targets, flash_kwargs
 
 Batch = dict[str, torch.Tensor]
+MetricSums = dict[str, torch.Tensor]  # each summed over the batch's targets, as the loss is
 
 
 @dataclass(frozen=True)
 class Objective:
-    loss_sum: Callable[[Any, Batch], torch.Tensor]
+    loss_sum: Callable[[Any, Batch], torch.Tensor | tuple[torch.Tensor, MetricSums]]
     count: Callable[[Batch], int]
     per_token: bool = True  # targets are tokens (perplexity means something), not whole examples
+
+
+def summed(result: torch.Tensor | tuple[torch.Tensor, MetricSums]) -> tuple[torch.Tensor, MetricSums]:
+    """A `loss_sum` result as (summed loss, summed metrics); most objectives report no metrics."""
+    return result if isinstance(result, tuple) else (result, {})
 
 
 def causal_lm_loss_sum(model: Any, batch: Batch) -> torch.Tensor:

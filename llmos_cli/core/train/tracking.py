@@ -35,7 +35,14 @@ class Trackers:
             try:
                 self._sinks.append(_OPEN[name](run, config))
             except ImportError:
+                self.close()
                 raise _not_installed(name) from None
+            except Exception as err:  # noqa: BLE001 - a tracker refusing its settings (store URI, login, mode)
+                self.close()
+                raise UserError(
+                    f"train.log_to: {name} could not start: {type(err).__name__}: {str(err).splitlines()[0]}",
+                    hint=f"check {name}'s own settings (its environment variables), or drop it",
+                ) from None
 
     def log(self, row: dict[str, Any]) -> None:
         if not self._sinks:
