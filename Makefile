@@ -8,7 +8,7 @@ TORCH_CONSTRAINT := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constrai
 STAMP := $(VENV)/.installed
 DEMO := recipes/pipeline-quickstart.yaml
 
-.PHONY: install demo test test-all bench bench-quick lint format clean
+.PHONY: install demo test test-all bench bench-quick gpu-wheels gpu-check lint format clean
 
 install: $(STAMP)
 
@@ -42,6 +42,17 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench.run --quick
+
+# The GPU check (docs/gpu.md): `make gpu-wheels` on a machine with PyPI fills $(WHEELS) for the GPU box's
+# Python; copy the checkout with it to the box, where `make gpu-check` needs only torch and transformers.
+WHEELS ?= gpu-wheels
+GPU_PYTHON_VERSION ?= 3.12
+
+gpu-wheels: install
+	$(PY) -m bench.gpu_check --build-wheels $(WHEELS) --python-version $(GPU_PYTHON_VERSION)
+
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(if $(wildcard $(WHEELS)),--wheels $(WHEELS),)
 
 lint: install
 	$(VENV)/bin/ruff check llmos_cli tests bench

@@ -49,6 +49,7 @@ class Setting:
     warm: int  # steps excluded from timing (allocator warm-up, first-call overheads)
     repeats: int
     batch_size: int = 16  # the quickstart recipe's
+    seq_len: int | None = None  # data.max_seq_len; None: the quickstart recipe's
 
 
 def settings(quick: bool) -> list[Setting]:
@@ -120,6 +121,7 @@ def recipe_overrides(setting: Setting, corpus: Path, work: Path) -> list[str]:
         f"train.save_every={setting.steps * 10}",
         "train.resume=never",
         "train.num_workers=0",
+        *([f"data.max_seq_len={setting.seq_len}"] if setting.seq_len else []),
         *[f"model.config.{k}={json.dumps(v)}" for k, v in model_cfg.items()],
     ]
 
@@ -201,16 +203,8 @@ class Experiment:
 
         out_dir = self.work / f"llmos-{self.setting.preset}-{os.getpid()}"
         summary = pretrain.run(self.load([f"run.output_dir={out_dir}", f"train.precision={precision}"]))
-        rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if "split" not in r and r["step"] > self.setting.warm]
-        prev_tokens = _tokens_before(out_dir, self.setting.warm)
-        tokens = rows[-1]["tokens"] - prev_tokens
-        seconds = 0.0
-        for r in rows:
-            window = r["tokens"] - prev_tokens
-            seconds += window / r["tokens_per_s"]
-            prev_tokens = r["tokens"]
-        return {"tokens_per_s": tokens / seconds, "padding": 0.0, "precision": summary["precision"]}
+        tokens_per_s = steady_tokens_per_s(out_dir, self.setting.warm)
+        return {"tokens_per_s": tokens_per_s, "padding": 0.0, "precision": summary["precision"]}
 
     def trainer(self, packed: bool, bf16: bool = False) -> dict[str, Any]:
         """A plain HF Trainer with its default LM collator; real tokens/s after the first `warm` steps."""
@@ -305,6 +299,19 @@ def measure_in_child(setting: Setting, work: Path, variant: str) -> dict[str, An
         tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise RuntimeError(f"{variant} run failed: {tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def steady_tokens_per_s(out_dir: Path, warm: int) -> float:
+    """A run's real tokens/s over its log windows after step `warm` (from its metrics.jsonl)."""
+    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "split" not in r and r["step"] > warm]
+    prev_tokens = _tokens_before(out_dir, warm)
+    tokens = rows[-1]["tokens"] - prev_tokens
+    seconds = 0.0
+    for r in rows:
+        seconds += (r["tokens"] - prev_tokens) / r["tokens_per_s"]
+        prev_tokens = r["tokens"]
+    return tokens / seconds
 
 
 def _tokens_before(out_dir: Path, step: int) -> int:

@@ -63,6 +63,13 @@ def run_guarded(fn: Callable[[], T]) -> T:
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 - the top-level boundary
+        from llmos_cli.core.train.memory import is_cuda_oom, oom_message
+
+        if is_cuda_oom(err):  # any stage: what failed and the knobs to turn, no traceback
+            if debug_enabled():
+                traceback.print_exc()
+            _say(f"error: {oom_message()}", EXIT_FAILURE)
+            raise SystemExit(EXIT_FAILURE) from None
         if debug_enabled():
             traceback.print_exc()
         else:

@@ -192,7 +192,9 @@ class OrpoSection(Section):
 
 
 class FinetuneSection(Section):
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="qlora: LoRA on a frozen 4-bit NF4 base (bitsandbytes: CUDA, or its CPU backend)"
+    )
     objective: Literal["sft", "dpo", "orpo"] = Field(
         "sft", description="dpo and orpo train on data.format preference"
     )
@@ -200,8 +202,38 @@ class FinetuneSection(Section):
     orpo: OrpoSection = Field(default_factory=OrpoSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     dora: bool = Field(False, description="lora: weight-decomposed LoRA (DoRA)")
-    qlora: bool = Field(False, description="lora: load the base in 4-bit (needs CUDA and bitsandbytes)")
-    gradient_checkpointing: bool = False
+    double_quant: bool = Field(
+        True, description="qlora: quantise the 4-bit base's scales too (~0.4 bit/weight less)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30% slower"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora_flag(cls, data: Any) -> Any:
+        """The older spelling `qlora: true` (with method lora) is `method: qlora`."""
+        if not isinstance(data, dict) or "qlora" not in data:
+            return data
+        data = dict(data)
+        if data.pop("qlora") in (True, "true", "True", 1):
+            if data.get("method", "lora") != "lora":
+                raise RuleError(
+                    "finetune.qlora",
+                    "needs finetune.method=lora (a 4-bit model cannot be trained in full); "
+                    "finetune.method: qlora says both",
+                )
+            data["method"] = "qlora"
+        return data
+
+    @property
+    def qlora(self) -> bool:
+        return self.method == "qlora"
+
+    @property
+    def adapters(self) -> bool:
+        """LoRA adapters train on a frozen base (lora and qlora)."""
+        return self.method in ("lora", "qlora")
 
 
 class EarlyStoppingSection(Section):
@@ -387,13 +419,6 @@ def _class_weights_need_classification(r: Recipe) -> None:
         raise RuleError("train.class_weights", f"only classification uses class weights (task is '{r.task}')")
 
 
-def _qlora_needs_lora(r: Recipe) -> None:
-    if r.finetune.qlora and r.finetune.method != "lora":
-        raise RuleError(
-            "finetune.qlora", "needs finetune.method=lora (a 4-bit model cannot be trained in full)"
-        )
-
-
 def _objective_fits_data(r: Recipe) -> None:
     """dpo and orpo train a causal LM on preference pairs, and preference pairs need one of them."""
     objective = r.finetune.objective
@@ -424,7 +449,6 @@ def _watched_metric_exists(r: Recipe) -> None:
 CROSS_KEY_RULES = (
     _format_fits_task,
     _class_weights_need_classification,
-    _qlora_needs_lora,
     _objective_fits_data,
     _watched_metric_exists,
 )

@@ -146,3 +146,15 @@ def tiny_recipe(tmp_path: Path, corpus: Path) -> Path:
             },
         },
     )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `cuda` are skipped, never failed, on a machine without a CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a GPU box)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -292,20 +292,6 @@ def test_auto_targets_per_architecture_and_dora(bases) -> None:
     assert any("lora_magnitude_vector" in n for n, p in dora.named_parameters() if p.requires_grad)
 
 
-def test_qlora_without_cuda_is_a_clear_error(tmp_path: Path, bases) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    recipe = recipe_for(
-        tmp_path,
-        bases["llama"],
-        instruction_rows(20),
-        data={"format": "instruction"},
-        finetune={"method": "lora", "qlora": True},
-    )
-    with pytest.raises(UserError, match="finetune.qlora: 4-bit QLoRA needs a CUDA GPU"):
-        finetune.run(recipe)
-
-
 def test_lora_classifier_is_saved_merged_with_its_label_map(tmp_path: Path) -> None:
     recipe = recipe_for(
         tmp_path,

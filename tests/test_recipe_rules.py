@@ -19,8 +19,9 @@ RULES = [
     ),
     (
         "finetune",
-        ["finetune.qlora=true", "model.name_or_path=m"],
-        "finetune.qlora: needs finetune.method=lora (a 4-bit model cannot be trained in full)",
+        ["finetune.qlora=true", "finetune.method=full", "model.name_or_path=m"],
+        "finetune.qlora: needs finetune.method=lora (a 4-bit model cannot be trained in full); "
+        "finetune.method: qlora says both",
     ),
     (
         "pretrain",

@@ -288,10 +288,13 @@ class ModelInfo:
         dtype: Any = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        dequantize: bool = False,
         **kwargs: Any,
     ) -> Any:
         """The model in eval mode, on `device` in `dtype` (fp32 by default); `task` picks another head
-        (e.g. a classifier from an encoder); a LoRA adapter is loaded on its base (not merged)."""
+        (e.g. a classifier from an encoder); a LoRA adapter is loaded on its base (not merged). A QLoRA
+        adapter's base loads in 4-bit as it was trained, or with `dequantize` as those 4-bit weights
+        in `dtype` (what a merged export holds)."""
         import torch
         import transformers
 
@@ -300,16 +303,22 @@ class ModelInfo:
             from peft import PeftModel
 
             from llmos_cli.core.noise import quiet_known_noise
+            from llmos_cli.core.train.adapters import adapter_quantization, quantized_load_kwargs
 
             quiet_known_noise()  # peft's deprecation warning, for code that loads models directly too
-
+            quantized = quantized_load_kwargs(
+                adapter_quantization(self.path), device if device is not None else torch.device("cpu")
+            )
             base = self.base.load(
                 task or self.task,
                 dtype=dtype,
                 allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code,
+                **quantized,
                 **kwargs,
             )
+            if quantized and dequantize:
+                base = base.dequantize()
             model = PeftModel.from_pretrained(base, str(self.path))
         else:
             kind = KIND_OF_TASK.get(task or "", self.kind)

@@ -27,7 +27,7 @@ def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
     a named device that this machine lacks is a UserError naming `key` (the recipe key or CLI flag)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return use_tf32(torch.device("cuda"))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -43,11 +43,37 @@ def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
             raise UserError(f"{key}: {name} requested but this machine has no CUDA device")
         if device.index is not None and device.index >= count:
             raise UserError(f"{key}: {name} requested but this machine has {count} CUDA device(s)")
+        use_tf32(device)
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{key}: mps requested but MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"{key}: '{name}' is not supported (expected auto, cpu, cuda, cuda:N or mps)")
     return device
+
+
+def use_tf32(device: torch.device) -> torch.device:
+    """On a CUDA device, fp32 matmuls and convolutions run on TF32 tensor cores (Ampere and newer; a
+    no-op before): the precision a fp32 run loses is below what training notices, the speed is 2-8x."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def use_varlen_attention(model: Any, device: torch.device) -> bool:
+    """Switch a model to flash attention 2 where it can run (CUDA, the flash-attn package, a model that
+    supports it): its varlen kernels take packed rows flattened, padding-free. Elsewhere the model keeps
+    SDPA, which masks packed documents block-diagonally from their position ids. True when switched."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if (
+        device.type != "cuda"
+        or not is_flash_attn_2_available()
+        or not getattr(model, "_supports_flash_attn", False)
+    ):
+        return False
+    model.set_attn_implementation("flash_attention_2")
+    return True
 
 
 def inference_dtype(

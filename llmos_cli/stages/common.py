@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -149,4 +150,36 @@ def register_trained(
             "train_loss": result.final_loss,
             **{f"validation_{k}": v for k, v in (result.validation or {}).items()},
         },
+    )
+
+
+def memory_plan(recipe: Recipe, model_config: Callable[[], Any]) -> list[str]:
+    """--dry-run on a GPU: the estimated peak memory of a training step and the card's free memory
+    (nothing on other devices: the estimate is of GPU memory; `model_config` is read only then)."""
+    from llmos_cli.core.train.memory import training_memory_plan
+
+    device = pick_device(recipe.train.device)
+    if device.type != "cuda":
+        return []
+    precision = pick_precision(recipe.train.precision, device).name
+    line = training_memory_plan(
+        model_config(),
+        recipe.task,
+        method=recipe.finetune.method if recipe.model.name_or_path else "full",
+        lora_rank=recipe.finetune.lora.r,
+        batch_size=recipe.train.batch_size,
+        seq_len=recipe.data.max_seq_len,
+        precision=precision,
+        gradient_checkpointing=recipe.finetune.gradient_checkpointing,
+        device=device,
+    )
+    return [line]
+
+
+def pretrain_config(recipe: Recipe) -> Any:
+    """The config `llmos pretrain` builds its model from (the vocabulary as the recipe's tokenizer sets it)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        recipe.model.arch, vocab_size=recipe.data.tokenizer.vocab_size, **recipe.model.config
     )

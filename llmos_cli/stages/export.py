@@ -18,6 +18,7 @@ from llmos_cli.core.export.hf import export_hf, model_card, read_provenance
 from llmos_cli.core.export.onnx import check_onnx_supported, export_onnx
 from llmos_cli.core.models import adapter_base, check_weights, describe_model, load_model
 from llmos_cli.core.registry import register_run
+from llmos_cli.core.train.adapters import adapter_quantization
 from llmos_cli.core.writable import disk_full_is_clear, ensure_dir
 from llmos_cli.errors import UserError
 
@@ -86,7 +87,9 @@ def run(
     prompts = check.encode_prompts(
         tokenizer, config.vocab_size, min(64, getattr(config, "max_position_embeddings", 64))
     )
-    reference = check.torch_logits(model_obj, prompts) if verify else []
+    reference = check.torch_logits(model_obj, prompts) if verify else []  # a QLoRA base: in 4-bit
+    if adapter and merge_lora and adapter_quantization(model_dir):
+        model_obj = info.load(allow_pickle=allow_pickle, dequantize=True)  # merges into the 4-bit weights
     source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
     provenance = read_provenance(
         model,

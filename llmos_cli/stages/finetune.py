@@ -9,11 +9,17 @@ import torch
 
 from llmos_cli.console import out
 from llmos_cli.core.data.prepare import plan_steps
-from llmos_cli.core.distributed import init_distributed
+from llmos_cli.core.distributed import current_world, init_distributed
 from llmos_cli.core.eval.classification import accuracy_and_f1, predict_labels
 from llmos_cli.core.models import ModelInfo, describe_recipe_model, load_tokenizer
-from llmos_cli.core.runtime import set_seed
-from llmos_cli.core.train.adapters import apply_lora, parameter_counts, quantized_load_kwargs
+from llmos_cli.core.runtime import pick_device, set_seed, use_varlen_attention
+from llmos_cli.core.train.adapters import (
+    apply_lora,
+    parameter_counts,
+    quantization_config,
+    quantized_load_kwargs,
+    save_adapter_quantization,
+)
 from llmos_cli.core.train.batches import causal_lm_collate, classification_collate, seq2seq_collate
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
@@ -26,6 +32,7 @@ from llmos_cli.stages.common import (
     best_row,
     config_hash,
     device_and_precision,
+    memory_plan,
     open_run,
     plot_losses,
     register_trained,
@@ -40,10 +47,12 @@ def run(recipe: Recipe) -> dict[str, Any]:
         recipe.model.name_or_path, recipe.source, trust_remote_code=recipe.model.trust_remote_code
     )  # resolved once, here
     base = base_model.path.resolve()
-    load_kwargs = quantized_load_kwargs(recipe.finetune)  # QLoRA's 4-bit loading; fails fast without CUDA
     set_seed(recipe.run.seed)
 
-    world = init_distributed()  # joins torchrun's process group; one process otherwise
+    world = init_distributed()  # joins torchrun's process group (each rank on its GPU); one process otherwise
+    quantization = quantization_config(recipe.finetune) if recipe.finetune.qlora else None
+    # QLoRA's 4-bit base, on the device the run trains on; refused here, before the data, without a backend
+    load_kwargs = quantized_load_kwargs(quantization, pick_device(recipe.train.device))
     with world.main_first():  # rank 0 prepares the data, the others reuse it
         splits, info, encoded_with = task_data(recipe)
     tokenizer = load_tokenizer(
@@ -54,7 +63,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     model = load_base(recipe, base_model, info, load_kwargs)
     if recipe.finetune.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if recipe.finetune.method == "lora":
+    if recipe.finetune.adapters:
         model = apply_lora(model, recipe.finetune, recipe.task)
     trainable, total = parameter_counts(model)
     out.info(
@@ -90,7 +99,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         else None,
     )
     result = train(job)
-    saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base)
+    saved_as = save_finetuned(run_dir, model, tokenizer, recipe, base, quantization)
     plot_losses(run_dir, f"{recipe.run.name}: loss")
     register_trained(run_dir, recipe, parent=str(base), data_fingerprint=info["fingerprint"], result=result)
     summary = {
@@ -177,14 +186,17 @@ def enable_gradient_checkpointing(model: Any) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"finetune.gradient_checkpointing: {type(model).__name__} does not support it")
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    model.config.use_cache = False
+    enable({"use_reentrant": False})  # non-reentrant: works with frozen inputs (LoRA), no warning
+    for module in model.modules():  # an encoder-decoder's stacks keep configs of their own
+        if getattr(getattr(module, "config", None), "use_cache", None):
+            module.config.use_cache = False
 
 
 def task_objective(
     recipe: Recipe, info: dict[str, Any], pad_id: int, model: Any, device: torch.device
 ) -> tuple[Objective, Any]:
-    """The loss and collator for the task; DPO's reference is the model as it starts (see frozen_reference)."""
+    """The loss and collator for the task; DPO's reference is the model as it starts (see
+    frozen_reference); packed rows go padding-free where the model runs varlen flash attention."""
     if recipe.finetune.objective != "sft":
         dpo = recipe.finetune.objective == "dpo"
         reference = frozen_reference(model, device) if dpo else None
@@ -193,7 +205,7 @@ def task_objective(
         return classification_objective(class_weights(recipe, info)), classification_collate(pad_id)
     if recipe.task == "seq2seq":
         return SEQ2SEQ, seq2seq_collate(pad_id)
-    return CAUSAL_LM, causal_lm_collate(pad_id)
+    return CAUSAL_LM, causal_lm_collate(pad_id, flatten=use_varlen_attention(model, device))
 
 
 def class_weights(recipe: Recipe, info: dict[str, Any]) -> torch.Tensor | None:
@@ -223,13 +235,16 @@ def classification_metrics(
     return metrics
 
 
-def save_finetuned(run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, base: Path) -> str:
-    """final/: the full model, or for LoRA the adapter naming its base by absolute path.
+def save_finetuned(
+    run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, base: Path, quantization: dict[str, Any] | None
+) -> str:
+    """final/: the full model, or for LoRA the adapter naming its base by absolute path (QLoRA's also
+    says how its base is quantised, so every later load sees the model as trained).
 
     A LoRA classifier is merged into a plain model, so final/ carries its head and label map in
     config.json and loads with AutoModelForSequenceClassification alone.
     """
-    if recipe.finetune.method != "lora":
+    if not recipe.finetune.adapters:
         save_final(run_dir, model, tokenizer)
         return "model"
     if recipe.task == "classification" and not recipe.finetune.qlora:
@@ -238,6 +253,8 @@ def save_finetuned(run_dir: Any, model: Any, tokenizer: Any, recipe: Recipe, bas
     for config in model.peft_config.values():
         config.base_model_name_or_path = str(base)
     save_final(run_dir, model, tokenizer)
+    if quantization and current_world().is_main:
+        save_adapter_quantization(run_dir.final, quantization)
     return "adapter"
 
 
@@ -245,11 +262,12 @@ def plan(recipe: Recipe) -> list[str]:
     """--dry-run: what `run` would do, refused as the run would refuse it."""
     check_finetune(recipe)
     ft = recipe.finetune
-    how = ft.method + (" + DoRA" if ft.dora else "") + (" (4-bit QLoRA)" if ft.qlora else "")
+    how = ("qlora (4-bit NF4 base)" if ft.qlora else ft.method) + (" + DoRA" if ft.dora else "")
     length = recipe.train.max_steps or f"{recipe.train.epochs} epochs"
     return [
         f"load base model {recipe.model.name_or_path} for {recipe.task}",
         *plan_steps(recipe),
         f"{how} fine-tune for {length} steps into {recipe.output_dir}",
+        *memory_plan(recipe, lambda: describe_recipe_model(recipe.model.name_or_path, recipe.source).config),
         f"save {recipe.output_dir / 'final'}",
     ]

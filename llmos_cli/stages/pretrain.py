@@ -8,7 +8,7 @@ from llmos_cli.console import out
 from llmos_cli.core.data.prepare import plan_steps, prepare
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
-from llmos_cli.core.runtime import set_seed
+from llmos_cli.core.runtime import set_seed, use_varlen_attention
 from llmos_cli.core.train.batches import causal_lm_collate
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM
@@ -19,8 +19,10 @@ from llmos_cli.stages.common import (
     best_row,
     config_hash,
     device_and_precision,
+    memory_plan,
     open_run,
     plot_losses,
+    pretrain_config,
     register_trained,
     save_final,
 )
@@ -53,7 +55,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         train_rows=splits["train"],
         val_rows=splits["validation"] if len(splits["validation"]) else None,
         objective=CAUSAL_LM,
-        collate=causal_lm_collate(tokenizer.pad_token_id),
+        collate=causal_lm_collate(tokenizer.pad_token_id, flatten=use_varlen_attention(model, device)),
         cfg=recipe.train,
         run=run_dir,
         seed=recipe.run.seed,
@@ -99,5 +101,6 @@ def plan(recipe: Recipe) -> list[str]:
         *plan_steps(recipe),
         f"build {recipe.model.arch} from model.config",
         f"train {length} steps into {recipe.output_dir}",
+        *memory_plan(recipe, lambda: pretrain_config(recipe)),  # on a GPU: the estimated peak
         f"save {recipe.output_dir / 'final'}",
     ]

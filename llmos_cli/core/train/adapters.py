@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,37 +40,64 @@ def auto_target_modules(model: Any) -> list[str]:
     return sorted(names)
 
 
-def check_qlora_available() -> None:
-    """QLoRA needs a CUDA GPU and bitsandbytes; say which is missing."""
-    if not torch.cuda.is_available():
-        raise UserError(
-            "finetune.qlora: 4-bit QLoRA needs a CUDA GPU and none is available",
-            hint="set finetune.qlora=false to train LoRA on the full-precision model",
-        )
+QUANTIZATION_FILE = "quantization.json"  # beside a QLoRA adapter: how its base is loaded (4-bit NF4)
+
+
+def check_qlora_available(device: torch.device) -> None:
+    """QLoRA needs bitsandbytes with a 4-bit backend for `device` (CUDA, or its CPU backend); say which
+    is missing. Probed by quantising one small tensor there: the installed build decides, not its version."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes.functional as bnb
     except ImportError:
         raise UserError(
-            "finetune.qlora: needs the bitsandbytes package, which is not installed",
-            hint="pip install bitsandbytes, or set finetune.qlora=false",
+            "finetune.method: qlora needs the bitsandbytes package, which is not installed",
+            hint="pip install bitsandbytes, or set finetune.method=lora",
+        ) from None
+    try:
+        bnb.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as err:  # noqa: BLE001 - any failure means no usable 4-bit backend here
+        raise UserError(
+            f"finetune.method: qlora: bitsandbytes has no 4-bit backend for {device} "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})",
+            hint="train on a CUDA GPU, install a bitsandbytes with CPU support (>= 0.46), "
+            "or set finetune.method=lora",
         ) from None
 
 
-def quantized_load_kwargs(cfg: FinetuneSection) -> dict[str, Any]:
-    """Extra `from_pretrained` arguments that load the base in 4-bit NF4 for QLoRA (else none)."""
-    if not cfg.qlora:
+def quantization_config(cfg: FinetuneSection) -> dict[str, Any]:
+    """The 4-bit NF4 settings of a QLoRA base (BitsAndBytesConfig keys); the compute dtype is the
+    device's, chosen at load time (`quantized_load_kwargs`), as the 4-bit weights do not depend on it."""
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": cfg.double_quant}
+
+
+def quantized_load_kwargs(quantization: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    """Extra `from_pretrained` arguments that load a base as `quantization` says (4-bit), on `device`:
+    compute in bf16 on GPUs that have it, fp16 on older ones, fp32 on the CPU."""
+    if not quantization:
         return {}
-    check_qlora_available()
+    check_qlora_available(device)
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-    return {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
+    if device.type == "cuda":
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        where: Any = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        compute, where = torch.float32, str(device)
+    config = BitsAndBytesConfig(**quantization, bnb_4bit_compute_dtype=compute)
+    return {"quantization_config": config, "device_map": {"": where}}
+
+
+def adapter_quantization(adapter_dir: Path) -> dict[str, Any] | None:
+    """The 4-bit settings a QLoRA adapter's base was trained with (None for plain LoRA)."""
+    path = adapter_dir / QUANTIZATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_adapter_quantization(adapter_dir: Path, quantization: dict[str, Any]) -> None:
+    """Write QUANTIZATION_FILE beside the adapter (to a temp file, then renamed)."""
+    tmp = adapter_dir / f".{QUANTIZATION_FILE}.tmp"
+    tmp.write_text(json.dumps(quantization, indent=2) + "\n")
+    tmp.replace(adapter_dir / QUANTIZATION_FILE)
 
 
 def apply_lora(model: Any, cfg: FinetuneSection, task: str) -> Any:
@@ -83,7 +112,8 @@ def apply_lora(model: Any, cfg: FinetuneSection, task: str) -> Any:
     if isinstance(targets, str):
         targets = [targets]
     if cfg.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # checkpointing, when asked, is already on (non-reentrant: the stage enables it before this)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

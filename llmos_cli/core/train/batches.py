@@ -65,16 +65,21 @@ class ResumableBatchSampler:
                 batch += 1
 
 
-def causal_lm_collate(pad_id: int) -> Collate:
+def causal_lm_collate(pad_id: int, *, flatten: bool = False) -> Collate:
     """Rows with `input_ids` (and optional `labels`, `position_ids`) -> padded tensors; pads never carry loss.
 
     Equal-length rows (packed blocks) get no attention mask, which keeps SDPA on its causal fast path.
     Rows packed with restarting `position_ids` keep them and get no attention mask either: the model
     then masks attention per document, and no position learns to predict the next document's start.
+    With `flatten` (varlen flash attention), packed rows become one row of their real tokens and the
+    documents' boundaries (`cu_seq_lens_*`, `max_length_*`): padding-free, nothing computed for pads.
+    Every batch says how many of its positions are `padding` (a count, for the training log).
     """
 
     def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
+        if flatten and "position_ids" in rows[0]:
+            return flattened_batch(rows)
         longest = max(lengths)
         # Filled in numpy: rows may be lists or (read-only) arrays from a dataset.
         ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
@@ -87,7 +92,11 @@ def causal_lm_collate(pad_id: int) -> Collate:
             labels[i, :n] = r.get("labels", r["input_ids"])
             if positions is not None:
                 positions[i, :n] = r["position_ids"]
-        batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+        batch = {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "padding": torch.tensor(len(rows) * longest - sum(lengths)),
+        }
         if positions is not None:
             batch["labels"] = torch.from_numpy(mask_document_starts(labels, positions))
             batch["position_ids"] = torch.from_numpy(positions)
@@ -99,6 +108,42 @@ def causal_lm_collate(pad_id: int) -> Collate:
         return batch
 
     return collate
+
+
+def flattened_batch(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Packed rows as one row of shape (1, tokens) with the arguments of transformers' varlen flash
+    attention (its `DataCollatorWithFlattening` convention): every document attends to itself alone."""
+    ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int64) for r in rows])
+    labels = np.concatenate([np.asarray(r.get("labels", r["input_ids"]), dtype=np.int64) for r in rows])
+    positions = np.concatenate([np.asarray(r["position_ids"], dtype=np.int64) for r in rows])
+    starts = np.flatnonzero(positions == 0)
+    bounds = np.append(starts, len(ids)).astype(np.int32)
+    cu = torch.from_numpy(bounds)
+    longest = int(np.diff(bounds).max())
+    return {
+        "input_ids": torch.from_numpy(ids)[None],
+        "labels": torch.from_numpy(mask_document_starts(labels, positions))[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu.clone(),
+        "max_length_q": longest,
+        "max_length_k": longest,
+        "padding": torch.tensor(0),
+    }
+
+
+def varlen_attention(model: Any) -> bool:
+    """The model runs flash attention, whose varlen kernels take flattened packed rows (padding-free)."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "").startswith("flash_attention")
+
+
+FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def flash_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The varlen flash-attention arguments a flattened batch carries (none for any other batch)."""
+    return {k: batch[k] for k in FLASH_KWARGS if k in batch}
 
 
 def mask_document_starts(labels: Any, position_ids: Any) -> Any:
@@ -114,9 +159,9 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=non_blocking) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def _pad(seqs: Sequence[Any], value: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ class LogWindow:
         self.loss = torch.zeros((), device=device)
         self.metrics: dict[str, torch.Tensor] = {}  # an objective's summed metrics, on the device
         self.targets, self.tokens, self.start = 0, 0, time.perf_counter()
+        self.positions, self.padding = 0, 0.0  # padding: the share of positions that were pads, last window
 
     def add_batch(
         self,
@@ -26,8 +27,9 @@ class LogWindow:
         loss_sum: torch.Tensor,
         metric_sums: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        mask, positions = batch.get("attention_mask"), batch["input_ids"].numel()
+        self.tokens += int(mask.sum()) if mask is not None else positions - int(batch.get("padding", 0))
+        self.positions += positions
         self.loss += loss_sum.detach()
         for name, value in (metric_sums or {}).items():
             self.metrics[name] = self.metrics.get(name, 0) + value.detach().float()
@@ -42,8 +44,10 @@ class LogWindow:
     def close(self, world: World) -> tuple[float, int, float]:
         """(mean loss per target, tokens, seconds) over every rank since the last close; then start anew."""
         loss, tokens = float(world.sum(self.loss)), int(world.sum(self.tokens))
+        positions = int(world.sum(self.positions))
         result = (loss / max(self.targets, 1), tokens, time.perf_counter() - self.start)
+        self.padding = 1 - tokens / positions if positions else 0.0
         self.loss.zero_()
         self.metrics = {}
-        self.targets, self.tokens, self.start = 0, 0, time.perf_counter()
+        self.targets, self.tokens, self.start, self.positions = 0, 0, time.perf_counter(), 0
         return result

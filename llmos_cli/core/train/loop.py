@@ -27,6 +27,7 @@ from llmos_cli.core.train.batches import Collate, ResumableBatchSampler, to_devi
 from llmos_cli.core.train.checkpoint import latest_checkpoint
 from llmos_cli.core.train.early_stopping import MetricWatch, load_trained_weights, save_trained_weights
 from llmos_cli.core.train.log_window import LogWindow
+from llmos_cli.core.train.memory import note_workload
 from llmos_cli.core.train.objectives import Objective, summed
 from llmos_cli.core.train.resume import last_logged, resume, training_settings
 from llmos_cli.core.train.signals import StopRequest
@@ -119,6 +120,13 @@ def train(job: TrainJob) -> TrainResult:
             f"train.batch_size: {cfg.batch_size} is larger than the training set ({len(job.train_rows)} rows)"
         )
     world = distributed.current_world()  # one process unless launched by torchrun
+    note_workload(  # for the out-of-memory message, should a step not fit
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        seq_len=max(len(job.train_rows[i]["input_ids"]) for i in range(min(len(job.train_rows), 64))),
+        parameters=sum(p.numel() for p in model.parameters()),
+        checkpoints=str(run.checkpoints),
+    )
     model.to(device)
     # DDP wraps the model; FSDP shards it in place. `model` stays the module whose state we save.
     wrapped = distributed.wrap_model(model, cfg.distributed, job.precision, device)
@@ -257,6 +265,7 @@ def _log_step(
         "grad_norm": round(float(grad_norm), 4),
         "tokens": state["tokens"],
         "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "padding": round(window.padding, 4),  # the share of positions computed for pads
     }
     if world.is_main:
         job.run.log(row)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmos_cli.core.train.batches import IGNORE_INDEX, count_targets
+from llmos_cli.core.train.batches import IGNORE_INDEX, count_targets, flash_kwargs
 
 Batch = dict[str, torch.Tensor]
 MetricSums = dict[str, torch.Tensor]  # each summed over the batch's targets, as the loss is
@@ -42,6 +42,7 @@ def causal_lm_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **flash_kwargs(batch),  # flattened packed rows: varlen flash attention's document bounds
     ).logits
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
