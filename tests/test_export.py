@@ -274,9 +274,12 @@ def test_gguf_reads_back_with_llama_names_shapes_and_tokenizer(llama_dir, tmp_pa
 
     summary = export_stage.run(str(llama_dir), ["gguf"], tmp_path / "gguf", gguf_dtype="f16")
     (result,) = summary["exports"]
-    assert result["ok"] and result["checks"] == {"tokenizer": True}
+    assert result["ok"]
+    assert {k: result["checks"][k] for k in ("architecture", "tokenizer", "eos_id")} == dict.fromkeys(
+        ("architecture", "tokenizer", "eos_id"), True
+    )
     path = tmp_path / "gguf" / f"{llama_dir.name}-f16.gguf"
-    assert (tmp_path / "gguf" / "Modelfile").read_text() == f"FROM ./{path.name}\n"
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [path.name, "verify.json"]
 
     reader = GGUFReader(path)
     field = check.field_value
@@ -386,7 +389,7 @@ def test_refusals(llama_dir, bert_dir, tmp_path):
     T5ForConditionalGeneration(
         T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     ).save_pretrained(t5)
-    with pytest.raises(UserError, match="GGUF export supports llama-architecture"):
+    with pytest.raises(UserError, match="GGUF export does not support the 'bert' architecture"):
         export_stage.run(str(bert_dir), ["gguf"], tmp_path / "x")
     with pytest.raises(
         UserError, match="ONNX export supports causal-lm and classification models; this one is seq2seq"
@@ -395,7 +398,14 @@ def test_refusals(llama_dir, bert_dir, tmp_path):
     with pytest.raises(UserError, match="unknown export format tflite"):
         export_stage.run(str(llama_dir), ["tflite"], tmp_path / "x")
     with pytest.raises(UserError, match="gguf-dtype"):
-        export_stage.run(str(llama_dir), ["gguf"], tmp_path / "x", gguf_dtype="q4_0")
+        export_stage.run(str(llama_dir), ["gguf"], tmp_path / "x", gguf_dtype="q3_k")
+    from llmos_cli.core.export import gguf_quant
+
+    real = gguf_quant.importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:  # a K-quant without llama-cpp-python names the package
+        mp.setattr(gguf_quant.importlib.util, "find_spec", lambda m: None if m == "llama_cpp" else real(m))
+        with pytest.raises(UserError, match="q4_k_m needs the llama-cpp-python package"):
+            export_stage.run(str(llama_dir), ["ollama"], tmp_path / "x", gguf_dtype="q4_k_m")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
