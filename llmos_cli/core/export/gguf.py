@@ -146,6 +146,8 @@ def _add_vocab(writer: Any, tokenizer: Any, vocab_size: int, chat: ChatFormat | 
         "bos": bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,
         "eos": bool(ids) and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id,
     }
+    # transformers v5 saves the template as chat_template.jinja, which SpecialVocab does not read
+    special.chat_template = getattr(tokenizer, "chat_template", None) or None
     special.add_to_gguf(writer, quiet=True)
     eot = chat.end_of_turn_id(tokenizer) if chat is not None else None
     if eot is not None:

@@ -59,7 +59,7 @@ def structure(path: Path, tokenizer: Any, arch: str, chat: ChatFormat | None) ->
     }
     template = getattr(tokenizer, "chat_template", None)
     if template:
-        checks["chat_template"] = field_value(reader, "tokenizer.ggml.chat_template") == template
+        checks["chat_template"] = field_value(reader, "tokenizer.chat_template") == template
     eot = chat.end_of_turn_id(tokenizer) if chat is not None else None
     if eot is not None:
         checks["eot_id"] = field_value(reader, "tokenizer.ggml.eot_token_id") == eot
