@@ -122,3 +122,14 @@ def test_ollama_refuses_a_model_without_a_chat_template(tmp_path):
     with pytest.raises(UserError, match="Ollama export needs a chat template"):
         export_stage.run(str(model_dir), ["ollama"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_accepts_ollama_as_an_export_format():
+    from llmos_cli.recipe import validate_recipe
+
+    assert validate_recipe({"export": {"formats": ["gguf", "ollama"]}}, "r.yaml").export.formats == [
+        "gguf",
+        "ollama",
+    ]
+    with pytest.raises(UserError, match="export.formats"):
+        validate_recipe({"export": {"formats": ["tflite"]}}, "r.yaml")
