@@ -35,10 +35,32 @@ ARCHS = {
 }
 
 
-def save_tiny(path: Path, model_type: str, chat_template: str | None = None, **overrides) -> Path:
+def make_spm_tokenizer():
+    """A SentencePiece-style BPE (spaces as "▁", a "▁" before the text, byte fallback), as Gemma and
+    Llama 2 tokenizers are in tokenizer.json form."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_export import CORPUS
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def save_tiny(
+    path: Path, model_type: str, chat_template: str | None = None, spm: bool = False, **overrides
+) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_spm_tokenizer() if spm else make_tokenizer()
     if chat_template is not None:
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
         tokenizer.chat_template = chat_template
@@ -91,6 +113,29 @@ def test_each_architecture_writes_its_llama_cpp_arch(model_type, tmp_path):
         assert result["max_abs_diff"] <= result["tolerance"]
     else:
         assert "not installed" in checks["llama_cpp"]
+
+
+def test_sentencepiece_style_vocab_is_a_llama_tokenizer_model(tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    model_dir = save_tiny(tmp_path / "g", "gemma2", spm=True)
+    result, path = exported(model_dir, tmp_path / "out")
+    assert result["ok"], result["checks"]
+    reader = GGUFReader(path)
+    field = check.field_value
+    assert (
+        field(reader, "tokenizer.ggml.model") == "llama" and field(reader, "tokenizer.ggml.pre") == "default"
+    )
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is True
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab = tokenizer.get_vocab()
+    types, scores = field(reader, "tokenizer.ggml.token_type"), field(reader, "tokenizer.ggml.scores")
+    assert types[vocab["<0x41>"]] == 6 and types[vocab["</s>"]] == 3  # BYTE; CONTROL
+    merged = [t for t in vocab if len(t) > 1 and not t.startswith("<")]
+    assert merged and all(scores[vocab[t]] < 0 for t in merged)  # every merged token ranks by its merge
+    if result["checks"].get("llama_cpp") is True:
+        assert result["checks"]["llama_cpp_tokenizer"], result["checks"]["llama_cpp_tokenizer_agreement"]
 
 
 def test_unsupported_configurations_are_refused(tmp_path):

@@ -10,6 +10,7 @@ end-of-turn token.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,35 @@ LLAMA3_SPLIT = (
 )
 
 
-def pre_tokenizer_name(tokenizer: Any) -> str:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer ("gpt-2" or "llama-bpe"), else UserError."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
-    model_type = spec.get("model", {}).get("type")
+def _spec(tokenizer: Any) -> dict[str, Any]:
+    return json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool | None:
+    """For a SentencePiece-style BPE (byte fallback, spaces as "▁"): whether a "▁" is put before the
+    text; None when the tokenizer is not one."""
+    model, norm, pre = spec.get("model") or {}, spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    if any(s.get("type") == "Replace" and s.get("content") == "\u2581" for s in steps) and not pre:
+        return any(s.get("type") == "Prepend" and s.get("prepend") == "\u2581" for s in steps)
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581":
+        return pre.get("prepend_scheme", "always") in ("first", "always")
+    return None
+
+
+def vocab_kind(tokenizer: Any) -> tuple[str, str]:
+    """llama.cpp's tokenizer model and pre-tokenizer for this tokenizer: ("gpt2", "gpt-2" or
+    "llama-bpe") for byte-level BPE, ("llama", "default") for SentencePiece-style BPE; else UserError."""
+    spec = _spec(tokenizer)
+    model_type = (spec.get("model") or {}).get("type")
     pre = spec.get("pre_tokenizer") or {}
+    if _space_prefix(spec) is not None:
+        return "llama", "default"
     if model_type == "BPE":
         if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-            return "gpt-2"
+            return "gpt2", "gpt-2"
         steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
         if (
             len(steps) == 2
@@ -45,10 +67,11 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
             and steps[1].get("type") == "ByteLevel"
             and not steps[1].get("use_regex", True)
         ):
-            return "llama-bpe"
+            return "gpt2", "llama-bpe"
     raise UserError(
-        "GGUF export needs a byte-level BPE tokenizer (GPT-2 or Llama-3 style); "
-        f"this one is {model_type or 'not a fast tokenizer'} with pre-tokenizer {pre.get('type')}",
+        "GGUF export needs a byte-level BPE tokenizer (GPT-2 or Llama-3 style) or a SentencePiece-style "
+        f"BPE with byte fallback; this one is {model_type or 'not a fast tokenizer'} with pre-tokenizer "
+        f"{pre.get('type')}",
         hint="train the tokenizer with `llmos data` (byte-level BPE), or export as --format hf or onnx",
     )
 
@@ -109,11 +132,11 @@ _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}
 
 
 def _add_vocab(writer: Any, tokenizer: Any, vocab_size: int, chat: ChatFormat | None) -> None:
-    """tokenizer.ggml.*: model gpt2, pre, tokens padded to vocab_size, types, merges, special ids,
-    the chat template and the end-of-turn token."""
+    """tokenizer.ggml.*: model (gpt2 or llama), pre, tokens padded to vocab_size, types, merges (gpt2) or
+    scores (llama), special ids, the chat template and the end-of-turn token."""
     import gguf
 
-    pre = pre_tokenizer_name(tokenizer)
+    model_kind, pre = vocab_kind(tokenizer)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise UserError(
@@ -126,20 +149,26 @@ def _add_vocab(writer: Any, tokenizer: Any, vocab_size: int, chat: ChatFormat | 
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+        elif model_kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", by_id[i]):
+            tokens.append(by_id[i])  # byte fallback pieces, even where they were added as specials
+            types.append(gguf.TokenType.BYTE)
         elif i in added:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(model_kind)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if model_kind == "llama":
+        writer.add_token_scores(_merge_scores(tokenizer, tokens))
+        writer.add_add_space_prefix(bool(_space_prefix(_spec(tokenizer))))
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(tmp, load_merges=model_kind == "gpt2", n_vocab=vocab_size)
     # what the HF tokenizer really does, rather than SpecialVocab's reading of its post-processor
     ids = tokenizer("a")["input_ids"]
     special.add_special_token = {
@@ -152,6 +181,17 @@ def _add_vocab(writer: Any, tokenizer: Any, vocab_size: int, chat: ChatFormat | 
     eot = chat.end_of_turn_id(tokenizer) if chat is not None else None
     if eot is not None:
         writer.add_eot_token_id(eot)
+
+
+def _merge_scores(tokenizer: Any, tokens: list[str]) -> list[float]:
+    """SentencePiece scores from BPE merge order: llama.cpp joins the adjacent pair whose result scores
+    highest, so the token of the k-th merge scores -k (earlier merges first); other tokens score 0."""
+    merges = (_spec(tokenizer).get("model") or {}).get("merges") or []
+    rank: dict[str, int] = {}
+    for k, merge in enumerate(merges):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(left + right, k + 1)
+    return [-float(rank.get(tok, 0)) for tok in tokens]
 
 
 def _tensors(model: Any, arch: GgufArch, dtype: str) -> Any:
