@@ -226,8 +226,11 @@ def test_model_card_without_run_record(llama_dir, tmp_path):
 def onnx_run(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
+    from llmos_cli.core.export.onnx import empty_past
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    feed = {"input_ids": ids, "attention_mask": mask, **empty_past(session, len(ids))}
+    return session.run(["logits"], feed)[0]
 
 
 def test_onnx_causal_lm_runs_in_onnxruntime_with_dynamic_axes(llama_dir, tmp_path):
@@ -236,6 +239,7 @@ def test_onnx_causal_lm_runs_in_onnxruntime_with_dynamic_axes(llama_dir, tmp_pat
     summary = export_stage.run(str(llama_dir), ["onnx"], tmp_path / "onnx")
     (result,) = summary["exports"]
     assert result["ok"] and result["max_abs_diff"] <= 1e-3
+    assert result["checks"] == {"greedy_with_kv_cache": True}
     assert {"model.onnx", "config.json", "tokenizer.json", "verify.json"} <= set(result["files"])
 
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
@@ -243,6 +247,23 @@ def test_onnx_causal_lm_runs_in_onnxruntime_with_dynamic_axes(llama_dir, tmp_pat
         ids = torch.randint(3, 300, (batch, seq), generator=torch.Generator().manual_seed(seq))
         got = onnx_run(tmp_path / "onnx" / "model.onnx", ids.numpy(), np.ones((batch, seq), dtype=np.int64))
         assert np.abs(got - logits_of(model, ids)).max() <= 1e-3
+
+
+def test_onnx_kv_cache_generation_equals_transformers_greedily(llama_dir, tmp_path):
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    from llmos_cli.core.export.onnx import onnx_greedy
+
+    export_stage.run(str(llama_dir), ["onnx"], tmp_path / "onnx", verify=False)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    assert {"past_key_values.0.key", "past_key_values.1.value"} <= names
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+    prompt = [5, 17, 42, 9, 100]
+    cached = onnx_greedy(session, prompt, 40)
+    assert cached == check.torch_greedy(model, prompt, 40)
+    assert cached == onnx_greedy(session, prompt, 40, use_cache=False)
 
 
 def test_onnx_int8_quantisation(llama_dir, tmp_path):

@@ -170,11 +170,30 @@ def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
     if src.tokenizer is not None:
         src.tokenizer.save_pretrained(str(tmp))
     pad_id = getattr(src.tokenizer, "pad_token_id", None) or getattr(src.config, "pad_token_id", None) or 0
+    greedy = {}
+    if src.task == "causal-lm" and not src.quantize:  # fp32: the KV-cache generation is token-exact
+        greedy["greedy_with_kv_cache"] = lambda: _greedy_matches(src, model, path)
     return src.verified(
         "onnx",
         "int8" if src.quantize else "onnx-fp32",
         lambda: check.onnx_logits(path, src.prompts, pad_id, causal=src.task == "causal-lm"),
+        **greedy,
     )
+
+
+def _greedy_matches(src: Source, model: Any, path: Path, new_tokens: int = 16) -> bool:
+    """onnxruntime's greedy tokens with the KV cache equal transformers' for the first prompt."""
+    import onnxruntime as ort
+
+    from llmos_cli.core.export.onnx import onnx_greedy
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    prompt = src.prompts[0]
+    limit = getattr(src.config, "max_position_embeddings", None) or getattr(
+        src.config, "n_positions", 1 << 30
+    )
+    n = max(1, min(new_tokens, limit - len(prompt)))
+    return onnx_greedy(session, prompt, n) == check.torch_greedy(model, prompt, n)
 
 
 def _to_gguf(

@@ -132,10 +132,31 @@ def onnx_logits(path: Path, prompts: list[list[int]], pad_id: int, causal: bool)
     """Run all prompts as one right-padded batch in onnxruntime; per-prompt logits without padding."""
     import onnxruntime as ort
 
+    from llmos_cli.core.export.onnx import empty_past
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ids, mask = padded_batch(prompts, pad_id)
-    (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+    feed = {"input_ids": ids, "attention_mask": mask, **empty_past(session, len(prompts))}
+    (logits,) = session.run(["logits"], feed)
     return unbatch(logits, prompts, causal)
+
+
+def torch_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt` by a torch model, the whole sequence each step (no cache)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            x = torch.tensor([ids])
+            ids.append(
+                int(
+                    model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+                    .logits[0, -1]
+                    .argmax()
+                )
+            )
+    return ids[len(prompt) :]
 
 
 # ---- GGUF: a llama forward pass over the dequantised tensors ----------------------------------
