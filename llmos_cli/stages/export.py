@@ -283,7 +283,7 @@ def _check_formats(formats: list[str], gguf_dtype: str) -> list[str]:
     chosen = list(dict.fromkeys(f.strip().lower() for f in formats))
     if not chosen:
         raise UserError(
-            "no export format given", hint="pass --format hf, onnx or gguf (or set export.formats)"
+            "no export format given", hint="pass --format hf, onnx, gguf or ollama (or set export.formats)"
         )
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown:

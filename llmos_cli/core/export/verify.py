@@ -1,8 +1,9 @@
 """Check an exported model against its source: logits on a few prompts, max abs diff, tolerance.
 
 The reference logits come from the source model as loaded (a LoRA adapter on its base, unmerged), so a
-merged export is compared with base + adapter. The GGUF check runs a llama forward pass written here
-over the dequantised GGUF tensors, the way llama.cpp reads them (permuted Q/K with interleaved RoPE).
+merged export is compared with base + adapter. For llama-layout GGUFs without llama-cpp-python, a llama
+forward pass written here runs over the dequantised GGUF tensors, the way llama.cpp reads them (permuted
+Q/K with interleaved RoPE); gguf_check holds the structural and the llama.cpp checks.
 """
 
 from __future__ import annotations
