@@ -199,10 +199,7 @@ def _greedy_matches(src: Source, model: Any, path: Path, new_tokens: int = 16) -
 def _to_gguf(
     src: Source, model: Any, tmp: Path, fmt: str = "gguf", strict_chat: bool = False
 ) -> check.VerifyResult:
-    """The GGUF file, checked by the gguf reader, by llama.cpp when installed, and (llama layout at
-    f32/f16/q8_0) by a numpy forward pass over its dequantised tensors."""
-    import gguf
-
+    """The GGUF file and its checks (gguf_check.verify_gguf)."""
     dtype = src.gguf_dtype
     chat = chat_format(src.tokenizer, strict=strict_chat)
     path = export_gguf(
@@ -210,22 +207,9 @@ def _to_gguf(
     )
     if not src.reference:
         return check.skipped(fmt, dtype)
-    arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, check_gguf_supported(model.config).gguf_arch)]
-    checks = gguf_check.structure(path, src.tokenizer, arch, chat)
-    precision = "fp32" if dtype == "f32" else dtype
-    if gguf_check.llama_cpp_available():
-        logits, runtime = gguf_check.in_llama_cpp(path, src.tokenizer, src.prompts, src.reference, dtype)
-        checks.update(runtime)
-        if precision in check.TOLERANCES:
-            return check.compare(fmt, precision, src.reference, logits, **checks)
-        return check.by_checks(fmt, precision, src.reference, logits, checks)
-    checks.update(gguf_check.NOT_CHECKED)
-    if arch == "llama" and precision in check.TOLERANCES:
-        return check.compare(
-            fmt, precision, src.reference, check.gguf_llama_logits(path, src.prompts), **checks
-        )
-    checks["logits"] = "not checked: needs llama-cpp-python (or a llama-layout GGUF at f32, f16 or q8_0)"
-    return check.by_checks(fmt, precision, src.reference, None, checks)
+    return gguf_check.verify_gguf(
+        fmt, path, model.config, src.tokenizer, chat, src.prompts, src.reference, dtype
+    )
 
 
 def _to_ollama(src: Source, model: Any, tmp: Path) -> check.VerifyResult:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from llmos_cli.core.export import verify as check
 from llmos_cli.core.export.chat_format import ChatFormat
 
 # tokenizer agreement is checked on text in several scripts, digits, whitespace runs and code
@@ -47,22 +48,20 @@ def structure(path: Path, tokenizer: Any, arch: str, chat: ChatFormat | None) ->
     chat template, each True when it matches the source."""
     from gguf import GGUFReader
 
-    from llmos_cli.core.export.verify import field_value
-
     reader = GGUFReader(path)
-    tokens = field_value(reader, "tokenizer.ggml.tokens") or []
+    tokens = check.field_value(reader, "tokenizer.ggml.tokens") or []
     vocab = tokenizer.get_vocab()
     checks: dict[str, Any] = {
-        "architecture": field_value(reader, "general.architecture") == arch,
+        "architecture": check.field_value(reader, "general.architecture") == arch,
         "tokenizer": all(i < len(tokens) and tokens[i] == tok for tok, i in vocab.items()),
-        "eos_id": field_value(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id,
+        "eos_id": check.field_value(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id,
     }
     template = getattr(tokenizer, "chat_template", None)
     if template:
-        checks["chat_template"] = field_value(reader, "tokenizer.chat_template") == template
+        checks["chat_template"] = check.field_value(reader, "tokenizer.chat_template") == template
     eot = chat.end_of_turn_id(tokenizer) if chat is not None else None
     if eot is not None:
-        checks["eot_id"] = field_value(reader, "tokenizer.ggml.eot_token_id") == eot
+        checks["eot_id"] = check.field_value(reader, "tokenizer.ggml.eot_token_id") == eot
     return checks
 
 
@@ -128,3 +127,35 @@ NOT_CHECKED = {
     "llama_cpp": "not checked: llama-cpp-python is not installed (pip install llama-cpp-python); "
     "llama.cpp tokenization, logits and top-1/KL agreement were not measured",
 }
+
+
+def verify_gguf(
+    fmt: str,
+    path: Path,
+    config: Any,
+    tokenizer: Any,
+    chat: ChatFormat | None,
+    prompts: list[list[int]],
+    reference: list[np.ndarray],
+    dtype: str,
+) -> check.VerifyResult:
+    """The GGUF's structure, then llama.cpp's logits when installed (exact types by max abs diff and
+    agreement, the others by agreement), else a numpy llama forward pass where one applies."""
+    import gguf
+
+    from llmos_cli.core.export.gguf_arch import gguf_arch
+
+    arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, gguf_arch(config).gguf_arch)]
+    checks = structure(path, tokenizer, arch, chat)
+    precision = "fp32" if dtype == "f32" else dtype
+    if llama_cpp_available():
+        logits, runtime = in_llama_cpp(path, tokenizer, prompts, reference, dtype)
+        checks.update(runtime)
+        if precision in check.TOLERANCES:
+            return check.compare(fmt, precision, reference, logits, **checks)
+        return check.by_checks(fmt, precision, reference, logits, checks)
+    checks.update(NOT_CHECKED)
+    if arch == "llama" and precision in check.TOLERANCES:
+        return check.compare(fmt, precision, reference, check.gguf_llama_logits(path, prompts), **checks)
+    checks["logits"] = "not checked: needs llama-cpp-python (or a llama-layout GGUF at f32, f16 or q8_0)"
+    return check.by_checks(fmt, precision, reference, None, checks)
