@@ -133,3 +133,18 @@ def test_recipe_accepts_ollama_as_an_export_format():
     ]
     with pytest.raises(UserError, match="export.formats"):
         validate_recipe({"export": {"formats": ["tflite"]}}, "r.yaml")
+
+
+def test_a_template_that_wraps_by_position_is_refused_for_ollama_but_kept_in_gguf(tmp_path):
+    # Llama-2 style: the system prompt is folded into the first user turn
+    folded = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
+        "{% elif m['role'] == 'user' %}[INST] {% if loop.index0 == 1 %}<<SYS>>{{ messages[0]['content'] }}"
+        "<</SYS>> {% endif %}{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}<|im_end|>{% endif %}"
+        "{% endfor %}"
+    )
+    model_dir = save_tiny(tmp_path / "m", "qwen2", chat_template=folded)
+    with pytest.raises(UserError, match="cannot be written as fixed text around each message"):
+        export_stage.run(str(model_dir), ["ollama"], tmp_path / "out")
+    (result,) = export_stage.run(str(model_dir), ["gguf"], tmp_path / "gguf")["exports"]
+    assert result["ok"] and result["checks"]["chat_template"]  # embedded as Jinja all the same
