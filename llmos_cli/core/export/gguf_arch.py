@@ -1,7 +1,7 @@
 """The causal-LM architectures llmos writes as GGUF: each transformers model_type mapped to its llama.cpp
 architecture, the hyper-parameter keys llama.cpp reads for it, and how its tensors are converted.
 
-Learned from llama.cpp's convert_hf_to_gguf (conversion/{llama,qwen,gemma,phi,gpt2}.py) and its model
+Learned from llama.cpp's convert_hf_to_gguf (conversion/{llama,qwen,gemma,gpt2}.py) and its model
 loaders (src/models/*.cpp); tensor names come from gguf-py's TensorNameMap.
 """
 
@@ -92,12 +92,6 @@ def _check_gemma(config: Any) -> None:
     _rope_kinds(config, ("default",))
 
 
-def _check_phi3(config: Any) -> None:
-    _rope_kinds(config, ("default",))
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        _refuse("phi3", "partial_rotary_factor")
-
-
 def _check_gpt2(config: Any) -> None:
     if config.activation_function != "gelu_new":
         _refuse("gpt2", f"activation_function '{config.activation_function}'")
@@ -140,13 +134,6 @@ def _gemma_hparams(writer: Any, config: Any) -> None:
         writer.add_sliding_window(0)
 
 
-def _phi3_hparams(writer: Any, config: Any) -> None:
-    _decoder_hparams(writer, config)
-    original = rope_parameters(config).get("original_max_position_embeddings")
-    writer.add_rope_scaling_orig_ctx_len(int(original or config.max_position_embeddings))
-    writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
-
-
 def _gpt2_hparams(writer: Any, config: Any) -> None:
     writer.add_context_length(config.n_positions)
     writer.add_embedding_length(config.n_embd)
@@ -164,7 +151,6 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen3": GgufArch("QWEN3", check=_check_qwen, hparams=_decoder_hparams),
     "gemma2": GgufArch("GEMMA2", norm_shift=1.0, check=_check_gemma, hparams=_gemma_hparams),
     "gemma3_text": GgufArch("GEMMA3", norm_shift=1.0, check=_check_gemma, hparams=_gemma_hparams),
-    "phi3": GgufArch("PHI3", check=_check_phi3, hparams=_phi3_hparams),
     "gpt2": GgufArch(
         "GPT2",
         transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),

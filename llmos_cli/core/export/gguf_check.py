@@ -27,15 +27,16 @@ MULTILINGUAL_SAMPLE = (
     "def fib(n):\n\treturn n if n < 2 else fib(n - 1) + fib(n - 2)  # tabs\n\n   spaces",
 )
 
-# the least top-1 agreement and the most mean KL(source || llama.cpp) each GGUF type passes with
+# the least top-1 agreement and the most mean KL(source || llama.cpp) each GGUF type passes with; set
+# from tiny random models (flat logits, many near-ties: the harshest case for top-1), with margin
 RUNTIME_THRESHOLDS: dict[str, tuple[float, float]] = {
     "f32": (1.0, 1e-4),
     "f16": (1.0, 1e-3),
-    "q8_0": (1.0, 1e-2),
-    "q6_k": (0.9, 0.05),
-    "q5_k_m": (0.85, 0.1),
-    "q4_k_m": (0.8, 0.2),
-    "q4_0": (0.8, 0.2),
+    "q8_0": (0.9, 5e-3),  # llama.cpp also rounds the activations to 8 bits in its q8_0 matmuls
+    "q6_k": (0.8, 0.05),
+    "q5_k_m": (0.65, 0.1),
+    "q4_k_m": (0.5, 0.35),
+    "q4_0": (0.35, 0.4),
 }
 
 
@@ -151,6 +152,7 @@ def verify_gguf(
     if llama_cpp_available():
         logits, runtime = in_llama_cpp(path, tokenizer, prompts, reference, dtype)
         checks.update(runtime)
+        precision = "llama.cpp-fp32" if dtype == "f32" else precision
         if precision in check.TOLERANCES:
             return check.compare(fmt, precision, reference, logits, **checks)
         return check.by_checks(fmt, precision, reference, logits, checks)
