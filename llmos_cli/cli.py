@@ -400,7 +400,9 @@ def serve(
 @app.command()
 def export(
     model: str = typer.Argument(..., help=MODEL_OR_RECIPE_HELP, show_default=False),
-    formats: list[str] = typer.Option([], "--format", "-f", help="hf, onnx or gguf (repeatable)."),
+    formats: list[str] = typer.Option(
+        [], "--format", "-f", help="hf, onnx, gguf or ollama (GGUF + Modelfile); repeatable."
+    ),
     out_dir: Path | None = typer.Option(
         None, "--out", help="Output dir (default export.out, else <run>/export)."
     ),
@@ -408,19 +410,20 @@ def export(
         True, "--verify/--no-verify", help="Compare exported logits with the source."
     ),
     quantize: bool = typer.Option(False, "--quantize", help="ONNX: int8 dynamic quantisation."),
-    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF tensor type: f32, f16 or q8_0."),
+    gguf_dtype: str = typer.Option(
+        "f16",
+        "--gguf-dtype",
+        help="GGUF type: f32, f16, q8_0, q4_0; q4_k_m, q5_k_m, q6_k need llama-cpp-python.",
+    ),
     merge_lora: bool | None = typer.Option(
         None, "--merge-lora/--no-merge-lora", help="HF: merge a LoRA adapter."
     ),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt weights."),
     set_: list[str] = SetOpt,
 ) -> None:
-    """Export to merged HF safetensors, ONNX or GGUF, each verified against the source model."""
+    """Export to merged HF safetensors, ONNX, GGUF or Ollama, each verified against the source model."""
     path, r = _model_or_recipe(model, set_)
     chosen = formats or list(r.export.formats)
-    bad = [f for f in chosen if f not in ("hf", "onnx", "gguf")]
-    if bad:
-        raise UserError(f"--format: unknown format {', '.join(bad)} (choose hf, onnx or gguf)")
     target = out_dir or (Path(r.export.out) if r.export.out else None)
     if target is None:
         if Path(model).suffix not in (".yaml", ".yml"):

@@ -341,7 +341,7 @@ class ServeSection(Section):
 
 
 class ExportSection(Section):
-    formats: list[Literal["hf", "onnx", "gguf"]] = Field(default_factory=lambda: ["hf"])
+    formats: list[Literal["hf", "onnx", "gguf", "ollama"]] = Field(default_factory=lambda: ["hf"])
     merge_lora: bool = True
     out: str | None = None
 

@@ -226,8 +226,11 @@ def test_model_card_without_run_record(llama_dir, tmp_path):
 def onnx_run(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
+    from llmos_cli.core.export.onnx import empty_past
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    feed = {"input_ids": ids, "attention_mask": mask, **empty_past(session, len(ids))}
+    return session.run(["logits"], feed)[0]
 
 
 def test_onnx_causal_lm_runs_in_onnxruntime_with_dynamic_axes(llama_dir, tmp_path):
@@ -236,6 +239,7 @@ def test_onnx_causal_lm_runs_in_onnxruntime_with_dynamic_axes(llama_dir, tmp_pat
     summary = export_stage.run(str(llama_dir), ["onnx"], tmp_path / "onnx")
     (result,) = summary["exports"]
     assert result["ok"] and result["max_abs_diff"] <= 1e-3
+    assert result["checks"] == {"greedy_with_kv_cache": True}
     assert {"model.onnx", "config.json", "tokenizer.json", "verify.json"} <= set(result["files"])
 
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
@@ -243,6 +247,23 @@ def test_onnx_causal_lm_runs_in_onnxruntime_with_dynamic_axes(llama_dir, tmp_pat
         ids = torch.randint(3, 300, (batch, seq), generator=torch.Generator().manual_seed(seq))
         got = onnx_run(tmp_path / "onnx" / "model.onnx", ids.numpy(), np.ones((batch, seq), dtype=np.int64))
         assert np.abs(got - logits_of(model, ids)).max() <= 1e-3
+
+
+def test_onnx_kv_cache_generation_equals_transformers_greedily(llama_dir, tmp_path):
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    from llmos_cli.core.export.onnx import onnx_greedy
+
+    export_stage.run(str(llama_dir), ["onnx"], tmp_path / "onnx", verify=False)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    assert {"past_key_values.0.key", "past_key_values.1.value"} <= names
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+    prompt = [5, 17, 42, 9, 100]
+    cached = onnx_greedy(session, prompt, 40)
+    assert cached == check.torch_greedy(model, prompt, 40)
+    assert cached == onnx_greedy(session, prompt, 40, use_cache=False)
 
 
 def test_onnx_int8_quantisation(llama_dir, tmp_path):
@@ -274,9 +295,12 @@ def test_gguf_reads_back_with_llama_names_shapes_and_tokenizer(llama_dir, tmp_pa
 
     summary = export_stage.run(str(llama_dir), ["gguf"], tmp_path / "gguf", gguf_dtype="f16")
     (result,) = summary["exports"]
-    assert result["ok"] and result["checks"] == {"tokenizer": True}
+    assert result["ok"]
+    assert {k: result["checks"][k] for k in ("architecture", "tokenizer", "eos_id")} == dict.fromkeys(
+        ("architecture", "tokenizer", "eos_id"), True
+    )
     path = tmp_path / "gguf" / f"{llama_dir.name}-f16.gguf"
-    assert (tmp_path / "gguf" / "Modelfile").read_text() == f"FROM ./{path.name}\n"
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [path.name, "verify.json"]
 
     reader = GGUFReader(path)
     field = check.field_value
@@ -386,7 +410,7 @@ def test_refusals(llama_dir, bert_dir, tmp_path):
     T5ForConditionalGeneration(
         T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     ).save_pretrained(t5)
-    with pytest.raises(UserError, match="GGUF export supports llama-architecture"):
+    with pytest.raises(UserError, match="GGUF export does not support the 'bert' architecture"):
         export_stage.run(str(bert_dir), ["gguf"], tmp_path / "x")
     with pytest.raises(
         UserError, match="ONNX export supports causal-lm and classification models; this one is seq2seq"
@@ -395,7 +419,14 @@ def test_refusals(llama_dir, bert_dir, tmp_path):
     with pytest.raises(UserError, match="unknown export format tflite"):
         export_stage.run(str(llama_dir), ["tflite"], tmp_path / "x")
     with pytest.raises(UserError, match="gguf-dtype"):
-        export_stage.run(str(llama_dir), ["gguf"], tmp_path / "x", gguf_dtype="q4_0")
+        export_stage.run(str(llama_dir), ["gguf"], tmp_path / "x", gguf_dtype="q3_k")
+    from llmos_cli.core.export import gguf_quant
+
+    real = gguf_quant.importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:  # a K-quant without llama-cpp-python names the package
+        mp.setattr(gguf_quant.importlib.util, "find_spec", lambda m: None if m == "llama_cpp" else real(m))
+        with pytest.raises(UserError, match="q4_k_m needs the llama-cpp-python package"):
+            export_stage.run(str(llama_dir), ["ollama"], tmp_path / "x", gguf_dtype="q4_k_m")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

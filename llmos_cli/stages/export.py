@@ -1,4 +1,5 @@
-"""`llmos export`: a model as HF (merged safetensors), ONNX and/or GGUF, each checked against its source."""
+"""`llmos export`: a model as HF (merged safetensors), ONNX, GGUF and/or Ollama (GGUF + Modelfile), each
+checked against its source."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from typing import Any
 
 from llmos_cli.console import out as console
 from llmos_cli.core.data.cache import replace_dir
+from llmos_cli.core.export import gguf_check
 from llmos_cli.core.export import verify as check
-from llmos_cli.core.export.gguf import GGUF_DTYPES, check_gguf_supported, export_gguf
+from llmos_cli.core.export.chat_format import chat_format
+from llmos_cli.core.export.gguf import check_gguf_supported, export_gguf
+from llmos_cli.core.export.gguf_quant import gguf_type
 from llmos_cli.core.export.hf import export_hf, model_card, read_provenance
+from llmos_cli.core.export.ollama import generation_defaults, modelfile
 from llmos_cli.core.export.onnx import check_onnx_supported, export_onnx
 from llmos_cli.core.models import adapter_base, check_weights, describe_model, load_model
 from llmos_cli.core.registry import register_run
@@ -22,7 +27,8 @@ from llmos_cli.core.train.adapters import adapter_quantization
 from llmos_cli.core.writable import disk_full_is_clear, ensure_dir
 from llmos_cli.errors import UserError
 
-FORMATS = ("hf", "onnx", "gguf")
+FORMATS = ("hf", "onnx", "gguf", "ollama")
+GGUF_FORMATS = ("gguf", "ollama")
 
 
 @dataclass
@@ -67,7 +73,8 @@ def run(
     One format is written to `out` itself; several go to `out/<format>/`. Each is built in a temp dir
     beside its target and renamed into place only when its check passed, so a failed export leaves no
     partial output (formats finished before it stay); a target that already holds an llmos export
-    (a verify.json) is replaced. `quantize` makes the ONNX weights int8; `gguf_dtype` is f32, f16 or q8_0;
+    (a verify.json) is replaced. `quantize` makes the ONNX weights int8; `gguf_dtype` is one of
+    gguf_quant.GGUF_TYPES (the K-quants need llama-cpp-python);
     `merge_lora=False` keeps a LoRA adapter as an adapter in the HF export (ONNX and GGUF always merge it).
     Raises UserError for unsupported combinations, VerificationFailed when logits differ beyond tolerance.
     """
@@ -113,8 +120,8 @@ def run(
             result.write(tmp)
             if not result.ok:
                 raise check.VerificationFailed(
-                    f"{fmt} export does not match its source: max abs diff {result.max_abs_diff:.3g} "
-                    f"> tolerance {result.tolerance:.3g} (checks: {result.checks or 'logits only'}); "
+                    f"{fmt} export does not match its source: max abs diff {_num(result.max_abs_diff)} "
+                    f"(tolerance {_num(result.tolerance)}; checks: {result.checks or 'logits only'}); "
                     f"nothing was written to {targets[fmt]}"
                 )
             if fmt == "hf":
@@ -166,37 +173,78 @@ def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
     if src.tokenizer is not None:
         src.tokenizer.save_pretrained(str(tmp))
     pad_id = getattr(src.tokenizer, "pad_token_id", None) or getattr(src.config, "pad_token_id", None) or 0
+    greedy = {}
+    if src.task == "causal-lm" and not src.quantize:  # fp32: the KV-cache generation is token-exact
+        greedy["greedy_with_kv_cache"] = lambda: _greedy_matches(src, model, path)
     return src.verified(
         "onnx",
         "int8" if src.quantize else "onnx-fp32",
         lambda: check.onnx_logits(path, src.prompts, pad_id, causal=src.task == "causal-lm"),
+        **greedy,
     )
 
 
-def _to_gguf(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+def _greedy_matches(src: Source, model: Any, path: Path, new_tokens: int = 16) -> bool:
+    """onnxruntime's greedy tokens with the KV cache equal transformers' for the first prompt."""
+    import onnxruntime as ort
+
+    from llmos_cli.core.export.onnx import onnx_greedy
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    prompt = src.prompts[0]
+    limit = getattr(src.config, "max_position_embeddings", None) or getattr(
+        src.config, "n_positions", 1 << 30
+    )
+    n = max(1, min(new_tokens, limit - len(prompt)))
+    return onnx_greedy(session, prompt, n) == check.torch_greedy(model, prompt, n)
+
+
+def _to_gguf(
+    src: Source, model: Any, tmp: Path, fmt: str = "gguf", strict_chat: bool = False
+) -> check.VerifyResult:
+    """The GGUF file and its checks (gguf_check.verify_gguf)."""
+    dtype = src.gguf_dtype
+    chat = chat_format(src.tokenizer, strict=strict_chat)
     path = export_gguf(
-        model, src.tokenizer, tmp / f"{src.name}-{src.gguf_dtype}.gguf", dtype=src.gguf_dtype, name=src.name
+        model, src.tokenizer, tmp / f"{src.name}-{dtype}.gguf", dtype=dtype, name=src.name, chat=chat
     )
-    (tmp / "Modelfile").write_text(f"FROM ./{path.name}\n")  # `ollama create NAME -f Modelfile`
-    return src.verified(
-        "gguf",
-        "fp32" if src.gguf_dtype == "f32" else src.gguf_dtype,
-        lambda: check.gguf_llama_logits(path, src.prompts),
-        tokenizer=lambda: check.gguf_tokens_match(path, src.tokenizer),
+    if not src.reference:
+        return check.skipped(fmt, dtype)
+    return gguf_check.verify_gguf(
+        fmt, path, model.config, src.tokenizer, chat, src.prompts, src.reference, dtype
     )
+
+
+def _to_ollama(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    """The GGUF plus a Modelfile whose TEMPLATE renders the tokenizer's chat template."""
+    chat = chat_format(src.tokenizer, strict=True)
+    if chat is None:
+        raise UserError(
+            "Ollama export needs a chat template (tokenizer_config.json chat_template)",
+            hint="export as --format gguf for a plain completion model",
+        )
+    result = _to_gguf(src, model, tmp, fmt="ollama", strict_chat=True)
+    gguf_file = next(tmp.glob("*.gguf"))
+    context = getattr(src.config, "max_position_embeddings", None) or getattr(src.config, "n_positions", None)
+    text = modelfile(
+        gguf_file.name, chat, chat.stop_tokens(src.tokenizer), generation_defaults(src.dir, context)
+    )
+    (tmp / "Modelfile").write_text(text)
+    return result
 
 
 EXPORTERS: dict[str, Callable[[Source, Any, Path], check.VerifyResult]] = {
     "hf": _to_hf,
     "onnx": _to_onnx,
     "gguf": _to_gguf,
+    "ollama": _to_ollama,
 }
 
 
 def _check_supported(formats: list[str], config: Any, task: str) -> None:
     if "onnx" in formats:
         check_onnx_supported(task)
-    if "gguf" in formats:
+    if any(f in GGUF_FORMATS for f in formats):
         check_gguf_supported(config)
         if task != "causal-lm":
             raise UserError(f"GGUF export needs a causal LM; this model is {task}")
@@ -222,13 +270,13 @@ def _check_formats(formats: list[str], gguf_dtype: str) -> list[str]:
     chosen = list(dict.fromkeys(f.strip().lower() for f in formats))
     if not chosen:
         raise UserError(
-            "no export format given", hint="pass --format hf, onnx or gguf (or set export.formats)"
+            "no export format given", hint="pass --format hf, onnx, gguf or ollama (or set export.formats)"
         )
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown export format {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
-    if "gguf" in chosen and gguf_dtype not in GGUF_DTYPES:
-        raise UserError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not '{gguf_dtype}'")
+    if any(f in GGUF_FORMATS for f in chosen):
+        gguf_type(gguf_dtype)
     return chosen
 
 

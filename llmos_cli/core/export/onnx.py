@@ -1,7 +1,10 @@
-"""ONNX export of causal LMs and classifiers: (input_ids, attention_mask) -> logits, dynamic batch and sequence.
+"""ONNX export of causal LMs and classifiers, dynamic batch and sequence.
 
-The plain forward pass is exported (no past_key_values): a runtime that wants a KV cache should use the
-HF export. Weights above ~1.5 GB go to an external data file beside model.onnx (ONNX's 2 GB limit).
+A classifier is (input_ids, attention_mask) -> logits. A causal LM also takes `past_key_values.N.key`
+/ `.value` (batch, kv heads, past length, head dim) and returns `present.N.key` / `.value`, so
+onnxruntime generates token by token: the prompt with empty pasts (length 0), then one token at a time
+with the presents fed back and an attention_mask over past + new tokens. Weights above ~1.5 GB go to an
+external data file beside model.onnx (ONNX's 2 GB limit).
 """
 
 from __future__ import annotations
@@ -36,17 +39,32 @@ def export_onnx(model: Any, dest: Path, task: str, quantize: bool = False) -> Pa
     fp32_path = dest / "model.fp32.onnx" if quantize else path
     example = torch.randint(0, model.config.vocab_size, (2, 8))
     dims = {0: "batch", 1: "sequence"}
+    args: tuple[Any, ...] = (example, torch.ones_like(example))
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+    shapes: dict[str, Any] = {"input_ids": dims, "attention_mask": dims}
+    module = logits_module(model, task)
+    if task == "causal-lm":
+        module, past = _with_past(model), _example_past(model, example)
+        n = len(past) // 2
+        args = (example, torch.ones(2, 8 + past[0].shape[2], dtype=torch.int64), *past)
+        inputs += [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        outputs += [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        shapes = {
+            "input_ids": dims,
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "past": tuple({0: "batch", 2: "past_sequence"} for _ in past),
+        }
     # The exporter logs a warning per torchvision op it cannot register; none of them apply here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            logits_module(model, task),
-            (example, torch.ones_like(example)),
+            module,
+            args,
             str(fp32_path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=shapes,
             dynamo=True,
             external_data=big,
             verbose=False,
@@ -67,6 +85,70 @@ def export_onnx(model: Any, dest: Path, task: str, quantize: bool = False) -> Pa
         for leftover in dest.glob("model.fp32*"):
             leftover.unlink()
     return path
+
+
+def _example_past(model: Any, example: Any) -> list[Any]:
+    """Random past keys/values of the model's own cache shapes (3 past positions), flat per layer."""
+    import torch
+
+    with torch.no_grad():
+        cache = model(input_ids=example[:, :3], use_cache=True).past_key_values
+    return [torch.randn_like(t) for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _with_past(model: Any) -> Any:
+    """A torch module: (input_ids, attention_mask, *flat past) -> (logits, *flat present)."""
+    import torch
+    from transformers import DynamicCache
+
+    class WithPast(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor) -> Any:
+            pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+            cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True
+            )
+            return (
+                out.logits,
+                *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)],
+            )
+
+    return WithPast().eval()
+
+
+def empty_past(session: Any, batch: int) -> dict[str, Any]:
+    """Zero-length past keys/values for each `past_key_values.*` input of an onnxruntime session."""
+    import numpy as np
+
+    return {
+        i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        for i in session.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
+
+
+def onnx_greedy(session: Any, prompt: list[int], new_tokens: int, use_cache: bool = True) -> list[int]:
+    """Greedy generation in onnxruntime: with the KV cache (one token a step), or without it (the whole
+    sequence each step, pasts empty): the baseline the cache is measured against."""
+    import numpy as np
+
+    ids = list(prompt)
+    feed_ids, past = np.array([ids], dtype=np.int64), empty_past(session, 1)
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(new_tokens):
+        feed = {"input_ids": feed_ids, "attention_mask": np.ones((1, len(ids)), dtype=np.int64), **past}
+        out = dict(zip(names, session.run(None, feed), strict=True))
+        ids.append(int(out["logits"][0, -1].argmax()))
+        if use_cache:
+            feed_ids = np.array([[ids[-1]]], dtype=np.int64)
+            past = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n != "logits"}
+        else:
+            feed_ids = np.array([ids], dtype=np.int64)
+    return ids[len(prompt) :]
 
 
 def logits_module(model: Any, task: str) -> Any:
