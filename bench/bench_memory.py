@@ -43,8 +43,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
         for files in sizes:
             work = Path(tmp) / f"files-{files or 'all'}"
             work.mkdir()
-            mbytes.append(write_corpus(work / "corpus.jsonl", files) / 1e6)
             setting = Setting("tiny-llama", files, steps=steps, warm=1, repeats=1)
+            mbytes.append(write_corpus(work / "corpus.jsonl", setting) / 1e6)
             sets = [a for o in recipe_overrides(setting, work / "corpus.jsonl", work) for a in ("--set", o)]
             for stage in ("data", "pretrain", "eval"):
                 rss[stage].append(peak_rss_mib([*llmos, stage, str(RECIPE), *sets]))

@@ -1,7 +1,9 @@
 """Training throughput: `llmos pretrain` against a plain HF `Trainer` on the same model, data, batch and steps.
 
-Corpus: the Python standard library's top-level modules, split into documents at top-level
-`def`/`class` boundaries (a few tokens to a few thousand: realistic, uneven lengths).
+Corpora: the Python standard library's top-level modules, split into documents at top-level
+`def`/`class` boundaries (a few tokens to a few thousand: realistic, uneven lengths); and a short-document
+corpus generated deterministically (chat turns, instructions and quotes, most far shorter than max_seq_len),
+where llmos's default (precision auto) meets the padded Trainer and the packed Trainer at auto's precision.
 
 - baseline, padded: `Trainer` with `DataCollatorForLanguageModeling(mlm=False)`, one row per document
   (truncated to max_seq_len, EOS appended), padded per batch; Trainer defaults otherwise.
@@ -50,14 +52,21 @@ class Setting:
     repeats: int
     batch_size: int = 16  # the quickstart recipe's
     seq_len: int | None = None  # data.max_seq_len; None: the quickstart recipe's
+    corpus: str = "stdlib"  # "stdlib": long source documents; "short": chat turns, instructions, quotes
+    rows: int = 0  # documents in the short corpus
 
 
 def settings(quick: bool) -> list[Setting]:
     if quick:
-        return [Setting("tiny-llama", 30, steps=6, warm=2, repeats=2)]
+        return [
+            Setting("tiny-llama", 30, steps=6, warm=2, repeats=2),
+            Setting("tiny-llama", None, steps=6, warm=2, repeats=1, corpus="short", rows=3000),
+        ]
     return [
         Setting("tiny-llama", None, steps=12, warm=4, repeats=5),
         Setting("small-llama", None, steps=4, warm=1, repeats=3, batch_size=8),
+        Setting("tiny-llama", None, steps=12, warm=4, repeats=3, corpus="short", rows=20000),
+        Setting("small-llama", None, steps=4, warm=1, repeats=2, batch_size=8, corpus="short", rows=20000),
     ]
 
 
@@ -68,6 +77,33 @@ def stdlib_documents(max_files: int | None) -> list[str]:
     for f in files:
         docs += [d for d in DOC_BOUNDARY.split(f.read_text(encoding="utf-8", errors="replace")) if d.strip()]
     return docs
+
+
+WORD = re.compile(r"\b[a-z]{3,10}\b")
+NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Margaret", "Dennis")
+
+
+def short_documents(n: int, seed: int = 0) -> list[str]:
+    """`n` short rows, as chat turns, instructions and quotes are: a few to a few hundred words
+    (log-normal, median ~25), built from the stdlib's docstring vocabulary; deterministic."""
+    import random
+
+    text = " ".join(
+        f.read_text(errors="replace") for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    )
+    vocab = sorted(set(WORD.findall(text)))
+    rng = random.Random(seed)
+
+    def words(median: float) -> str:
+        k = max(2, min(400, round(rng.lognormvariate(0, 0.9) * median)))
+        return " ".join(rng.choices(vocab, k=k))
+
+    kinds = (
+        lambda: f"User: {words(10)}?\nAssistant: {words(18)}.",
+        lambda: f"Instruction: {words(12)}.\nResponse: {words(20)}.",
+        lambda: f'"{words(12).capitalize()}." - {rng.choice(NAMES)}',
+    )
+    return [rng.choice(kinds)() for _ in range(n)]
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
@@ -98,9 +134,10 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
-def write_corpus(path: Path, max_files: int | None) -> int:
-    """The stdlib documents as JSONL; returns the file's size in bytes."""
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in stdlib_documents(max_files)))
+def write_corpus(path: Path, setting: Setting) -> int:
+    """The setting's documents as JSONL; returns the file's size in bytes."""
+    docs = short_documents(setting.rows) if setting.corpus == "short" else stdlib_documents(setting.max_files)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path.stat().st_size
 
 
@@ -122,6 +159,7 @@ def recipe_overrides(setting: Setting, corpus: Path, work: Path) -> list[str]:
         "train.resume=never",
         "train.num_workers=0",
         *([f"data.max_seq_len={setting.seq_len}"] if setting.seq_len else []),
+        *(["data.clean.min_chars=1"] if setting.corpus == "short" else []),  # quickstart drops < 200 chars
         *[f"model.config.{k}={json.dumps(v)}" for k, v in model_cfg.items()],
     ]
 
@@ -158,7 +196,7 @@ class Experiment:
         corpus = work / "corpus.jsonl"
         if (work / "rows.json").exists():
             return
-        write_corpus(corpus, setting.max_files)
+        write_corpus(corpus, setting)
         recipe = load_recipe(RECIPE, recipe_overrides(setting, corpus, work))
         prepared = prepare(recipe)
         tokenizer = load_tokenizer(prepared.tokenizer_dir)
@@ -428,6 +466,63 @@ def bench_setting(setting: Setting, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_short(setting: Setting, work: Path) -> list[dict[str, Any]]:
+    """The short-document corpus: llmos's default (precision auto) against HF Trainer padding each batch
+    (what most people run) and against HF Trainer on llmos's packed blocks at the precision auto picked."""
+    Experiment.prepare(setting, work)
+    exp = Experiment(setting, work)
+    lengths = sorted(len(d) for d in exp.doc_rows)
+    seq = exp.recipe.data.max_seq_len
+    rate: dict[str, list[float]] = {"padded": [], "packed": [], "llmos": []}
+    padding: dict[str, list[float]] = {"padded": [], "packed": [], "llmos": []}
+    picked = []
+    for _ in range(setting.repeats):
+        ours = measure_in_child(setting, work, "llmos-auto")  # first: the packed baseline uses its precision
+        picked.append(ours["precision"])
+        runs = {
+            "llmos": ours,
+            "padded": measure_in_child(setting, work, "padded-fp32"),
+            "packed": measure_in_child(setting, work, f"packed-{ours['precision']}"),
+        }
+        for k, r in runs.items():
+            rate[k].append(r["tokens_per_s"])
+            padding[k].append(r["padding"])
+    label = (
+        f"{setting.preset}, short documents ({len(lengths)} rows, median {lengths[len(lengths) // 2]} tokens, "
+        f"seq {seq}, batch {exp.recipe.train.batch_size})"
+    )
+    pad = {k: statistics.mean(v) for k, v in padding.items()}
+    common = (
+        f"auto picked {'/'.join(sorted(set(picked)))}; padding share of batch slots: llmos {pad['llmos']:.2f}, "
+        f"Trainer padded {pad['padded']:.2f}, Trainer packed {pad['packed']:.2f}; {setting.steps} steps, first "
+        f"{setting.warm} untimed; {torch.get_num_threads()} threads"
+    )
+
+    def versus(base: str, name: str, goal: str) -> dict[str, Any]:
+        pairs = [o / b for o, b in zip(rate["llmos"], rate[base], strict=True)]
+        return {
+            "name": f"{label}: {name}",
+            "baseline": statistics.median(rate[base]),
+            "ours": statistics.median(rate["llmos"]),
+            "ratio": statistics.median(pairs),
+            "unit": "tokens/s",
+            "notes": f"{goal}; {common}; ratio per repeat " + ", ".join(f"{x:.2f}" for x in pairs),
+        }
+
+    return [
+        versus(
+            "padded",
+            "llmos pretrain (precision auto, the default) vs HF Trainer, padding collator",
+            "goal >= 4x; Trainer at its CPU default fp32",
+        ),
+        versus(
+            "packed",
+            "llmos pretrain vs HF Trainer fed the same packed blocks at auto's precision",
+            "goal >= 1.2x: the loop's own efficiency",
+        ),
+    ]
+
+
 def quiet_offline() -> None:
     """No hub access, no progress bars: benchmarks print only their results."""
     for key in (
@@ -449,9 +544,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="llmos-bench-train-") as tmp:
         for setting in settings(quick):
             # Settings on the same files share the prepared data (its fingerprint ignores the model).
-            work = Path(tmp) / f"files-{setting.max_files or 'all'}"
+            short = setting.corpus == "short"
+            work = Path(tmp) / (f"short-{setting.rows}" if short else f"files-{setting.max_files or 'all'}")
             work.mkdir(exist_ok=True)
-            rows += bench_setting(setting, work)
+            rows += (bench_short if short else bench_setting)(setting, work)
     return rows
 
 

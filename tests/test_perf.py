@@ -194,3 +194,16 @@ def test_cpu_stage_setup_tunes_the_allocator(monkeypatch) -> None:
     recipe.train.device = "cpu"
     common.device_and_precision(recipe)
     assert calls == [1]
+
+
+def test_bench_short_corpora_are_deterministic_short_and_distinct() -> None:
+    from bench.bench_sft import make_chats
+    from bench.bench_train import short_documents
+
+    docs = short_documents(500)
+    assert docs == short_documents(500)
+    words = sorted(len(d.split()) for d in docs)
+    assert words[len(words) // 2] < 64 and words[-1] > 3 * words[len(words) // 2]  # most short, a long tail
+    chats = make_chats(300, 1)
+    assert chats == make_chats(300, 1)
+    assert len({c["messages"][1]["content"] for c in chats}) == 300
