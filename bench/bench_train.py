@@ -363,11 +363,13 @@ def _summary(values: list[float]) -> tuple[float, str]:
     return med, spread
 
 
-def bf16_is_native() -> bool:
-    """bf16 runs natively here: a GPU that supports it, or a CPU with bf16 dot products."""
-    from llmos_cli.core.runtime import cpu_has_fast_bf16
+def bf16_pays(config: Any) -> bool:
+    """bf16 is worth measuring here: a GPU that supports it, or a CPU where the precision probe picks it."""
+    from llmos_cli.core.precision_probe import choose_cpu_precision, model_shape
 
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return choose_cpu_precision(model_shape(config)).precision == "bf16"
 
 
 def bench_setting(setting: Setting, work: Path) -> list[dict[str, Any]]:
@@ -376,8 +378,8 @@ def bench_setting(setting: Setting, work: Path) -> list[dict[str, Any]]:
     probe = exp.build_model()
     n_params = sum(p.numel() for p in probe.parameters())
     fpt = flops_per_token(probe, exp.recipe.data.max_seq_len)
+    native_bf16 = bf16_pays(probe.config)
     del probe
-    native_bf16 = bf16_is_native()
     variants = [v for v in VARIANTS if native_bf16 or not v.endswith("bf16")]
     peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}

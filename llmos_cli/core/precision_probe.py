@@ -9,6 +9,7 @@ the probe once; the choice and the measured ratio are recorded with the run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -21,6 +22,8 @@ PROBE_VERSION = 1
 MIN_SPEEDUP = 1.3  # bf16 must be at least this much faster to be chosen
 PROBE_TOKENS = 128  # rows of the activation matrix: a batch of short sequences
 REPEATS = 3
+BATCH_SECONDS = 0.02  # each timing averages steps lasting at least this long
+MAX_STEPS = 2000
 
 
 @dataclass(frozen=True)
@@ -64,27 +67,35 @@ def choose_cpu_precision(shape: tuple[int, int], cache: Path | None = None) -> P
 
 def measure_bf16_speedup(shape: tuple[int, int], tokens: int = PROBE_TOKENS) -> float:
     """fp32 seconds over bf16-autocast seconds for an MLP block's matmuls (x W1, then W2), forward and
-    backward, fp32 master weights as training keeps them; the best of a few runs each (bf16 once only
-    when that run is already far slower, as on CPUs without bf16 dot products)."""
+    backward, fp32 master weights as training keeps them. Each timing averages enough steps to last
+    BATCH_SECONDS (tiny shapes take microseconds, where one step is noise), the best of REPEATS; bf16 is
+    timed further only when its first and second (warm) steps are not already far slower, as on CPUs without bf16
+    dot products."""
     hidden, inner = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=gen)
     w1 = (torch.randn(hidden, inner, generator=gen) / hidden**0.5).requires_grad_()
     w2 = (torch.randn(inner, hidden, generator=gen) / inner**0.5).requires_grad_()
 
-    def step(dtype: torch.dtype | None) -> float:
+    def per_step(dtype: torch.dtype | None, steps: int = 1) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            y = torch.nn.functional.gelu(x @ w1) @ w2
-        y.float().square().mean().backward()
-        w1.grad = w2.grad = None
-        return time.perf_counter() - start
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                y = torch.nn.functional.gelu(x @ w1) @ w2
+            y.float().square().mean().backward()
+            w1.grad = w2.grad = None
+        return (time.perf_counter() - start) / steps
 
-    fp32 = min(step(None) for _ in range(REPEATS + 1))  # the first run also warms the kernels up
-    first = step(torch.bfloat16)
-    if first > 2 * fp32:  # far slower even allowing for its warm-up: no need to measure it further
+    per_step(None)  # warm-up: kernel selection and allocations
+    steps = max(1, min(MAX_STEPS, math.ceil(BATCH_SECONDS / max(per_step(None), 1e-9))))
+    fp32 = min(per_step(None, steps) for _ in range(REPEATS))
+    first = per_step(torch.bfloat16)  # also warms up; beyond 10x fp32 no warm-up explains the gap
+    if first > 10 * fp32:
         return fp32 / first
-    return fp32 / min(first, *(step(torch.bfloat16) for _ in range(REPEATS)))
+    warm = per_step(torch.bfloat16)
+    if warm > 2 * fp32:  # far slower once warm: no need to measure it further
+        return fp32 / warm
+    return fp32 / min(per_step(torch.bfloat16, steps) for _ in range(REPEATS))
 
 
 def _cache_key(shape: tuple[int, int]) -> str:
