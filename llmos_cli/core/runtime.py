@@ -87,7 +87,8 @@ def inference_dtype(
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.bfloat16 if _cpu_auto(config) == "bf16" else torch.float32
+        measured = _cpu_choice(config)
+        return torch.bfloat16 if measured is not None and measured.precision == "bf16" else torch.float32
     if precision == "fp16" and device.type == "cpu":
         raise UserError(f"{key}: fp16 needs a GPU; use fp32 or bf16 on CPU")
     try:
@@ -98,13 +99,13 @@ def inference_dtype(
         ) from None
 
 
-def _cpu_auto(config: Any) -> str:
-    """`auto` on the CPU: what the probe picks at the model's shapes (fp32 when they are unknown)."""
+def _cpu_choice(config: Any) -> PrecisionChoice | None:
+    """What `auto` picks on the CPU: the probe's choice at the model's shapes (None when they are unknown)."""
     if config is None:
-        return "fp32"
+        return None
     from llmos_cli.core.precision_probe import choose_cpu_precision, model_shape
 
-    return choose_cpu_precision(model_shape(config)).precision
+    return choose_cpu_precision(model_shape(config))
 
 
 @dataclass(frozen=True)
@@ -164,13 +165,9 @@ def pick_precision(name: str, device: torch.device, config: Any = None) -> Preci
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "cpu" and config is not None:
-            from llmos_cli.core.precision_probe import choose_cpu_precision, model_shape
-
-            measured = choose_cpu_precision(model_shape(config))
-            name = measured.precision
         else:
-            name = "fp32"
+            measured = _cpu_choice(config) if device.type == "cpu" else None
+            name = measured.precision if measured is not None else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UserError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

@@ -341,11 +341,12 @@ def tokenizer_source(recipe: Recipe) -> Path | None:
 
 def _reusable(recipe: Recipe, target: Path, fp: str) -> PreparedData | None:
     """The prepared dataset with fingerprint `fp`: in `target`, or a kept earlier version moved back."""
-    if versions.stored_fingerprint(target) == fp:
+    report = versions.stored_report(target)
+    if report is not None and report.get("fingerprint") == fp:
         out.info(f"data: reusing {target} (fingerprint {fp[:12]} matches)")
     elif versions.restore(target, fp, recipe.data.keep_versions):
         out.info(f"data: reusing a kept version of {target} (fingerprint {fp[:12]} matches)")
+        report = versions.stored_report(target)
     else:
         return None
-    report = json.loads((target / "report.json").read_text())
     return PreparedData(target, fp, target / "tokenizer", report, reused=True)

@@ -17,12 +17,16 @@ def versions_dir(target: Path) -> Path:
     return target.parent / f".{target.name}.versions"
 
 
-def stored_fingerprint(folder: Path) -> str | None:
-    """The fingerprint in `folder`'s report.json, or None when it holds no complete prepared dataset."""
+def stored_report(folder: Path) -> dict | None:
+    """`folder`'s report.json, or None when it holds no complete prepared dataset."""
     try:
-        return json.loads((folder / "report.json").read_text()).get("fingerprint")
+        return json.loads((folder / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def stored_fingerprint(folder: Path) -> str | None:
+    return (stored_report(folder) or {}).get("fingerprint")
 
 
 def restore(target: Path, fp: str, keep: int) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmos_cli.core.runtime import model_device
+from llmos_cli.core.train.batches import pad_rows
 
 if TYPE_CHECKING:
     from llmos_cli.core.models import ModelInfo
@@ -724,12 +725,8 @@ def class_logits(model: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_si
     found: list[torch.Tensor] = [torch.empty(0)] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in chunk)
-        batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            batch[row, : len(ids[i])] = torch.as_tensor(ids[i])
-            mask[row, : len(ids[i])] = 1
+        batch = pad_rows([ids[i] for i in chunk], pad_id)
+        mask = pad_rows([[1] * len(ids[i]) for i in chunk], 0)
         logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         for row, i in enumerate(chunk):
             found[i] = logits[row]

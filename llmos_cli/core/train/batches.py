@@ -164,8 +164,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=non_blocking) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def _pad(seqs: Sequence[Any], value: int) -> torch.Tensor:
-    """Filled in numpy, as in `causal_lm_collate`: a dataset's read-only arrays are copied, never
+def pad_rows(seqs: Sequence[Any], value: int) -> torch.Tensor:
+    """Rows of ids right-padded with `value` to the longest, as one tensor. Filled in numpy, as in `causal_lm_collate`: a dataset's read-only arrays are copied, never
     wrapped (torch warns about wrapping a read-only array)."""
     longest = max(len(s) for s in seqs)
     out = np.full((len(seqs), longest), value, dtype=np.int64)
@@ -178,8 +178,8 @@ def classification_collate(pad_id: int) -> Collate:
     """Rows with `input_ids` and an integer `label` -> padded ids, attention mask and `labels` (B,)."""
 
     def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = _pad([r["input_ids"] for r in rows], pad_id)
-        mask = _pad([[1] * len(r["input_ids"]) for r in rows], 0)
+        ids = pad_rows([r["input_ids"] for r in rows], pad_id)
+        mask = pad_rows([[1] * len(r["input_ids"]) for r in rows], 0)
         labels = torch.as_tensor([int(r["label"]) for r in rows], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -190,9 +190,9 @@ def seq2seq_collate(pad_id: int) -> Collate:
     """Rows with source `input_ids` and target `labels` -> padded tensors; target pads carry no loss."""
 
     def collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = _pad([r["input_ids"] for r in rows], pad_id)
-        mask = _pad([[1] * len(r["input_ids"]) for r in rows], 0)
-        labels = _pad([r["labels"] for r in rows], IGNORE_INDEX)
+        ids = pad_rows([r["input_ids"] for r in rows], pad_id)
+        mask = pad_rows([[1] * len(r["input_ids"]) for r in rows], 0)
+        labels = pad_rows([r["labels"] for r in rows], IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate

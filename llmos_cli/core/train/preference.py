@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos_cli.core.data import IGNORE_INDEX
-from llmos_cli.core.train.batches import Collate, _pad
+from llmos_cli.core.train.batches import Collate, pad_rows
 from llmos_cli.core.train.objectives import Batch, MetricSums, Objective
 from llmos_cli.recipe import FinetuneSection
 
@@ -34,9 +34,9 @@ def preference_collate(pad_id: int) -> Collate:
         ids = [*(r["input_ids"] for r in rows), *(r["rejected_input_ids"] for r in rows)]
         labels = [*(r["labels"] for r in rows), *(r["rejected_labels"] for r in rows)]
         return {
-            "input_ids": _pad(ids, pad_id),
-            "labels": _pad(labels, IGNORE_INDEX),
-            "attention_mask": _pad([[1] * len(x) for x in ids], 0),
+            "input_ids": pad_rows(ids, pad_id),
+            "labels": pad_rows(labels, IGNORE_INDEX),
+            "attention_mask": pad_rows([[1] * len(x) for x in ids], 0),
         }
 
     return collate
