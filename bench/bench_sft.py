@@ -89,17 +89,10 @@ def encode(base: Path, rows: list[dict[str, Any]], max_len: int) -> list[dict[st
     return [e for e in encoded if isinstance(e, dict)]  # (a str names why a row was dropped)
 
 
-def llmos_padding(lengths: list[int], batch_size: int, seed: int) -> float:
-    """Padding share of llmos's batch slots over one epoch: its length-grouped sampler, padded per batch."""
-    from llmos_cli.core.train.batches import ResumableBatchSampler
-
-    sampler = ResumableBatchSampler(len(lengths), batch_size, seed, lengths=lengths)
-    real = slots = 0
-    for _, batch in zip(range(sampler.batches_per_epoch), sampler, strict=False):
-        longest = max(lengths[i] for i in batch)
-        real += sum(lengths[i] for i in batch)
-        slots += longest * len(batch)
-    return 1 - real / slots
+def logged_padding(run_dir: Path) -> float:
+    """The padding share llmos logged for its run (metrics.jsonl's last training row)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "split" not in r][-1]["padding"]
 
 
 def run_trl(
@@ -214,6 +207,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     s = settings(quick)
     rates: dict[str, list[float]] = {"baseline": [], "ours": []}
     losses: dict[str, list[float]] = {"baseline": [], "ours": []}
+    pads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = build_tiny_llama(root / "base", hidden=128, layers=4)
@@ -234,15 +228,17 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 else:
                     seconds, tokens = run_trl(base, train_file, out, s, precision == "bf16", trl_batch, steps)
                 rates[who].append(tokens / seconds)
+                if who == "ours":
+                    pads.append(logged_padding(out))
                 losses[who].append(held_out_loss(out / "final", test))
     loss_b, loss_o = statistics.mean(losses["baseline"]), statistics.mean(losses["ours"])
     rate_b, rate_o = statistics.median(rates["baseline"]), statistics.median(rates["ours"])
-    pad = llmos_padding(lengths, s["batch_size"], s["seed"])
+    pad = statistics.mean(pads)
     setup = (
         f"tiny llama (hidden 128, 4 layers), full fine-tune, {s['n_train']} chats (median "
         f"{statistics.median(lengths):.0f} tokens, max_len {s['max_len']}), {s['epochs']} epoch(s) of llmos ({steps} steps, "
         f"batch {s['batch_size']} rows), TRL the same steps at batch {trl_batch} packed sequences, lr {s['lr']}, precision {precision} "
-        f"(llmos auto), {s['rounds']} round(s); padding share: llmos {pad:.2f} (length-grouped), TRL 0.00 "
+        f"(llmos auto), {s['rounds']} round(s); padding share: llmos {pad:.2f} (shuffled batches, padded per batch), TRL 0.00 "
         "(padding-free packing)"
     )
 

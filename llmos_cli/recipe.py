@@ -264,6 +264,10 @@ class TrainSection(Section):
     keep_last: int = Field(2, ge=1)
     resume: str = "auto"
     num_workers: int = Field(0, ge=0)
+    group_by_length: Literal["auto"] | bool = Field(
+        "auto",
+        description="batches of rows of similar length (less padding); auto: classification only",
+    )
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="under torchrun: auto/ddp replicate the model, fsdp shards it; see docs/distributed.md",

@@ -398,3 +398,19 @@ def test_a_finetune_without_validation_rows_trains_from_the_prepared_data(tmp_pa
     summary = finetune.run(recipe)
     assert summary["steps"] == 2 and summary["validation"] is None
     assert summary["data"]["validation"]["examples"] == 0
+
+
+def test_length_grouping_is_for_classification_unless_the_recipe_says() -> None:
+    from llmos_cli.core.train.batches import groups_by_length
+
+    assert groups_by_length("auto", "classification")
+    assert not groups_by_length("auto", "causal-lm") and not groups_by_length("auto", "seq2seq")
+    assert groups_by_length(True, "causal-lm") and not groups_by_length(False, "classification")
+
+
+def test_resuming_with_another_length_grouping_is_refused_naming_it(tmp_path: Path, bases) -> None:
+    rows, data = instruction_rows(64), {"format": "instruction", "template": "Q: {prompt}\nA: "}
+    finetune.run(recipe_for(tmp_path, bases["llama"], rows, data=data, train={"max_steps": 4}))
+    grouped = {"max_steps": 8, "group_by_length": True}
+    with pytest.raises(UserError, match=r"group_by_length: False -> True"):
+        finetune.run(recipe_for(tmp_path, bases["llama"], rows, data=data, train=grouped))

@@ -20,7 +20,12 @@ from llmos_cli.core.train.adapters import (
     quantized_load_kwargs,
     save_adapter_quantization,
 )
-from llmos_cli.core.train.batches import causal_lm_collate, classification_collate, seq2seq_collate
+from llmos_cli.core.train.batches import (
+    causal_lm_collate,
+    classification_collate,
+    groups_by_length,
+    seq2seq_collate,
+)
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
 from llmos_cli.core.train.preference import frozen_reference, preference_collate, preference_objective
@@ -76,6 +81,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     train_rows = splits["train"].with_format("numpy")
     val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
     objective, collate = task_objective(recipe, info, tokenizer.pad_token_id, model, device)
+    grouped = groups_by_length(recipe.train.group_by_length, recipe.task)
     job = TrainJob(
         model=model,
         train_rows=train_rows,
@@ -90,10 +96,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
         compat={
             "batch_size": recipe.train.batch_size,
             "grad_accum": recipe.train.grad_accum,
+            "group_by_length": grouped,  # the batch order
             "data_fingerprint": info["fingerprint"],
             "model": config_hash([str(base), recipe.task, recipe.finetune.model_dump(mode="json")]),
         },
-        group_by_length=recipe.data.format != "text",  # unpacked rows: batch similar lengths together
+        group_by_length=grouped,
         metrics=classification_metrics(val_rows, tokenizer.pad_token_id, recipe, info, device, precision)
         if recipe.task == "classification" and val_rows is not None
         else None,

@@ -14,6 +14,15 @@ GROUP_BATCHES = 50  # length grouping sorts windows of this many batches: little
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
+def groups_by_length(setting: str | bool, task: str) -> bool:
+    """train.group_by_length: auto groups classification rows only. Grouping sorts a window of
+    GROUP_BATCHES batches by length, so on a small set a batch holds rows of one length; where
+    length tells content (a preference pair's length names its answers, a chat's its kind) the
+    batches stop being a fair sample. In the bench, grouped batches cost DPO held-out accuracy
+    (81.5% vs 97.5% shuffled) and chat SFT held-out loss (3.49 vs 3.02); classification lost none."""
+    return task == "classification" if setting == "auto" else bool(setting)
+
+
 class ResumableBatchSampler:
     """Shuffled batches of indices, reproducible from (seed, epoch) and resumable at any batch.
 
