@@ -286,6 +286,58 @@ def test_onnx_classification(bert_dir, tmp_path):
     assert np.abs(got - logits_of(model, ids)).max() <= 1e-3
 
 
+def t5_model(path: Path) -> Path:
+    """The tiny T5 with weights large enough that greedy decoding varies its tokens."""
+    from transformers import T5ForConditionalGeneration
+
+    from tests.finetune_fixtures import tiny_t5
+
+    tiny_t5(path)
+    model = T5ForConditionalGeneration.from_pretrained(str(path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_onnx_t5_encoder_and_decoder_with_past_generate_as_transformers(tmp_path):
+    import onnxruntime as ort
+    from transformers import T5ForConditionalGeneration
+
+    from llmos_cli.core.export.onnx_seq2seq import Seq2SeqSession, seq2seq_greedy
+
+    t5 = t5_model(tmp_path / "t5")
+    (result,) = export_stage.run(str(t5), ["onnx"], tmp_path / "onnx")["exports"]
+    assert result["ok"] and result["max_abs_diff"] <= result["tolerance"]
+    assert result["checks"] == {"greedy_with_kv_cache": True}
+    assert {"encoder.onnx", "decoder.onnx", "decoder_with_past.onnx", "config.json"} <= set(result["files"])
+    with_past = ort.InferenceSession(str(tmp_path / "onnx" / "decoder_with_past.onnx"))
+    names = {i.name for i in with_past.get_inputs()}
+    assert {"past_key_values.1.decoder.key", "past_key_values.1.encoder.value"} <= names
+
+    model = T5ForConditionalGeneration.from_pretrained(str(t5)).eval()
+    session, seen = Seq2SeqSession(tmp_path / "onnx"), set()
+    for prompt in ([5, 6, 7, 8, 9, 3], [10, 4], list(range(3, 20))):  # not the export's example shapes
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, num_beams=1)
+        tokens = ref[0].tolist()[1:]
+        assert seq2seq_greedy(session, prompt, 40, 0, model.config.eos_token_id) == tokens
+        seen |= set(tokens)
+    assert len(seen) > 4  # a real test: the greedy tokens vary
+
+
+def test_onnx_t5_int8(tmp_path):
+    from tests.finetune_fixtures import tiny_t5
+
+    t5 = tiny_t5(tmp_path / "t5")  # its own init: t5_model's larger weights lose more at int8 (docs)
+    (result,) = export_stage.run(str(t5), ["onnx"], tmp_path / "q", quantize=True)["exports"]
+    assert result["ok"] and result["precision"] == "int8"
+    assert 0 < result["max_abs_diff"] <= result["tolerance"]
+    assert not list((tmp_path / "q").glob("*.fp32.onnx"))
+
+
 # ---- GGUF -------------------------------------------------------------------------------------
 
 
@@ -412,10 +464,14 @@ def test_refusals(llama_dir, bert_dir, tmp_path):
     ).save_pretrained(t5)
     with pytest.raises(UserError, match="GGUF export does not support the 'bert' architecture"):
         export_stage.run(str(bert_dir), ["gguf"], tmp_path / "x")
-    with pytest.raises(
-        UserError, match="ONNX export supports causal-lm and classification models; this one is seq2seq"
-    ):
-        export_stage.run(str(t5), ["onnx"], tmp_path / "x")
+    with pytest.raises(UserError, match="GGUF export does not support the 't5' architecture"):
+        export_stage.run(str(t5), ["gguf"], tmp_path / "x")
+    from types import SimpleNamespace
+
+    from llmos_cli.core.export.onnx import check_onnx_supported
+
+    with pytest.raises(UserError, match="seq2seq models supports t5, mt5; this one is bart"):
+        check_onnx_supported("seq2seq", SimpleNamespace(model_type="bart"))
     with pytest.raises(UserError, match="unknown export format tflite"):
         export_stage.run(str(llama_dir), ["tflite"], tmp_path / "x")
     with pytest.raises(UserError, match="gguf-dtype"):

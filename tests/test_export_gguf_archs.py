@@ -30,6 +30,7 @@ ARCHS = {
     "qwen3": ("qwen3", {**DECODER, "head_dim": 16}),
     "gemma2": ("gemma2", {**DECODER, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
     "gemma3_text": ("gemma3", {**DECODER, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
+    "phi3": ("phi3", DECODER),
     "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}),
 }
 
@@ -102,8 +103,14 @@ def test_each_architecture_writes_its_llama_cpp_arch(model_type, tmp_path):
     if model_type.startswith("gemma"):  # Gemma's (1 + w) norms are stored as w + 1
         norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
         assert abs(float(norm.data.mean()) - 1.0) < 1e-6  # HF initialises w at 0
+    if model_type in ("gpt2", "phi3"):  # fused Q/K/V as the runtime reads them
+        assert "blk.0.attn_qkv.weight" in names
+    if model_type == "phi3":  # gate_up_proj as one ffn_up of twice the width; a name llama.cpp loads
+        up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+        assert sorted(int(n) for n in up.shape) == [64, 256] and "blk.0.ffn_gate.weight" not in names
+        assert check.field_value(reader, "general.name") == "phi_3"
     if model_type == "gpt2":
-        assert "position_embd.weight" in names and "blk.0.attn_qkv.weight" in names
+        assert "position_embd.weight" in names
     if checks.get("llama_cpp") is True:  # identical tokens at f32
         assert checks["top1_agreement"] == 1.0 and checks["llama_cpp_tokenizer"]
         assert result["max_abs_diff"] <= result["tolerance"]
@@ -138,6 +145,19 @@ def test_unsupported_configurations_are_refused(tmp_path):
     gemma = save_tiny(tmp_path / "g", "gemma2", query_pre_attn_scalar=256)
     with pytest.raises(UserError, match="query_pre_attn_scalar 256 != head_dim 16"):
         export_stage.run(str(gemma), ["gguf"], tmp_path / "x")
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    phi = save_tiny(tmp_path / "p", "phi3", rope_parameters=rope)
+    with pytest.raises(UserError, match="partial_rotary_factor 0.5"):
+        export_stage.run(str(phi), ["gguf"], tmp_path / "y")
+
+
+def test_a_phi3_name_is_kept_only_with_phi3s_own_vocab():
+    from llmos_cli.core.export.gguf import runtime_name
+
+    assert runtime_name("my-Phi-3-sft", {"<s>": 0}) == "my-Phi_3-sft"
+    assert runtime_name("phi3", {}) == "phi_3" and runtime_name("llama", {}) == "llama"
+    phi3_vocab = {"<s>": 1, "</s>": 2, "<unk>": 0, "<|endoftext|>": 3}
+    assert runtime_name("phi3-mini", phi3_vocab) == "phi3-mini"
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])

@@ -21,6 +21,7 @@ from llmos_cli.core.export.gguf_quant import gguf_type
 from llmos_cli.core.export.hf import export_hf, model_card, read_provenance
 from llmos_cli.core.export.ollama import generation_defaults, modelfile
 from llmos_cli.core.export.onnx import check_onnx_supported, export_onnx
+from llmos_cli.core.export.onnx_seq2seq import export_seq2seq_onnx, seq2seq_greedy, seq2seq_logits
 from llmos_cli.core.models import adapter_base, check_weights, describe_model, load_model
 from llmos_cli.core.registry import register_run
 from llmos_cli.core.train.adapters import adapter_quantization
@@ -168,6 +169,8 @@ def _to_hf(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
 
 
 def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    if src.task == "seq2seq":
+        return _to_onnx_seq2seq(src, model, tmp)
     path = export_onnx(model, tmp, src.task, quantize=src.quantize)
     model.config.save_pretrained(str(tmp))
     if src.tokenizer is not None:
@@ -182,6 +185,41 @@ def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
         lambda: check.onnx_logits(path, src.prompts, pad_id, causal=src.task == "causal-lm"),
         **greedy,
     )
+
+
+def _to_onnx_seq2seq(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    """encoder.onnx + decoder.onnx + decoder_with_past.onnx, checked through the KV-cache path."""
+    export_seq2seq_onnx(model, tmp, quantize=src.quantize)
+    model.config.save_pretrained(str(tmp))
+    if src.tokenizer is not None:
+        src.tokenizer.save_pretrained(str(tmp))
+    start = src.config.decoder_start_token_id or 0
+    greedy = {}
+    if not src.quantize:  # fp32: generation with the KV cache is token-exact
+        greedy["greedy_with_kv_cache"] = lambda: _seq2seq_greedy_matches(src, model, tmp)
+    return src.verified(
+        "onnx",
+        "int8" if src.quantize else "onnx-fp32",
+        lambda: seq2seq_logits(tmp, src.prompts, start),
+        **greedy,
+    )
+
+
+def _seq2seq_greedy_matches(src: Source, model: Any, directory: Path, new_tokens: int = 16) -> bool:
+    """onnxruntime's greedy tokens with the KV cache equal transformers' generate for the first prompt."""
+    import torch
+
+    from llmos_cli.core.export.onnx_seq2seq import Seq2SeqSession
+
+    prompt, config = src.prompts[0], src.config
+    with torch.no_grad():
+        ref = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, num_beams=1
+        )[0].tolist()[1:]
+    got = seq2seq_greedy(
+        Seq2SeqSession(directory), prompt, new_tokens, config.decoder_start_token_id or 0, config.eos_token_id
+    )
+    return got == ref
 
 
 def _greedy_matches(src: Source, model: Any, path: Path, new_tokens: int = 16) -> bool:
@@ -243,7 +281,7 @@ EXPORTERS: dict[str, Callable[[Source, Any, Path], check.VerifyResult]] = {
 
 def _check_supported(formats: list[str], config: Any, task: str) -> None:
     if "onnx" in formats:
-        check_onnx_supported(task)
+        check_onnx_supported(task, config)
     if any(f in GGUF_FORMATS for f in formats):
         check_gguf_supported(config)
         if task != "causal-lm":

@@ -112,7 +112,7 @@ def _write(
 
     config = model.config
     writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
-    writer.add_name(name)
+    writer.add_name(runtime_name(name, tokenizer.get_vocab()))
     arch.hparams(writer, config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_FILE_TYPES[dtype])
@@ -125,6 +125,19 @@ def _write(
     writer.write_tensors_to_file()
     writer.close()
     return dest
+
+
+# llama.cpp applies Phi-3 token fix-ups to any model whose general.name contains "phi3" or "phi-3", looking
+# these pieces up with unordered_map::at: a vocab without one of them fails to load
+_PHI3_NAME = re.compile(r"(phi)-?(3)", re.IGNORECASE)
+_PHI3_PIECES = ("<s>", "</s>", "<unk>", "<|endoftext|>")
+
+
+def runtime_name(name: str, vocab: dict[str, int]) -> str:
+    """general.name for `name`: "phi3"/"phi-3" become "phi_3" unless the vocab is Phi-3's own."""
+    if all(piece in vocab for piece in _PHI3_PIECES):
+        return name
+    return _PHI3_NAME.sub(r"\1_\2", name)
 
 
 # general.file_type of each type gguf-py writes itself (llama.cpp sets its own when it quantises)

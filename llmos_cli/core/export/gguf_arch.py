@@ -1,7 +1,7 @@
 """The causal-LM architectures llmos writes as GGUF: each transformers model_type mapped to its llama.cpp
 architecture, the hyper-parameter keys llama.cpp reads for it, and how its tensors are converted.
 
-Learned from llama.cpp's convert_hf_to_gguf (conversion/{llama,qwen,gemma,gpt2}.py) and its model
+Learned from llama.cpp's convert_hf_to_gguf (conversion/{llama,qwen,gemma,phi,gpt2}.py) and its model
 loaders (src/models/*.cpp); tensor names come from gguf-py's TensorNameMap.
 """
 
@@ -92,6 +92,18 @@ def _check_gemma(config: Any) -> None:
     _rope_kinds(config, ("default",))
 
 
+def _check_phi3(config: Any) -> None:
+    _no_sliding_window(config)
+    _rope_kinds(config, ("default",))  # longrope (Phi-3 128k) needs rope_factors_{long,short}
+    rotary = rope_parameters(config).get(
+        "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
+    )
+    if rotary != 1.0:
+        _refuse("phi3", f"partial_rotary_factor {rotary}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        _refuse("phi3", f"hidden_act '{config.hidden_act}'")
+
+
 def _check_gpt2(config: Any) -> None:
     if config.activation_function != "gelu_new":
         _refuse("gpt2", f"activation_function '{config.activation_function}'")
@@ -134,6 +146,15 @@ def _gemma_hparams(writer: Any, config: Any) -> None:
         writer.add_sliding_window(0)
 
 
+def _phi3_hparams(writer: Any, config: Any) -> None:
+    """Phi-3's fused qkv_proj and gate_up_proj are the runtime's attn_qkv and ffn_up (2x wide, gate
+    first) as they are; it also reads the original context length and a sliding window (0: none)."""
+    _decoder_hparams(writer, config)
+    original = getattr(config, "original_max_position_embeddings", None)
+    writer.add_rope_scaling_orig_ctx_len(int(original or config.max_position_embeddings))
+    writer.add_sliding_window(0)
+
+
 def _gpt2_hparams(writer: Any, config: Any) -> None:
     writer.add_context_length(config.n_positions)
     writer.add_embedding_length(config.n_embd)
@@ -151,6 +172,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen3": GgufArch("QWEN3", check=_check_qwen, hparams=_decoder_hparams),
     "gemma2": GgufArch("GEMMA2", norm_shift=1.0, check=_check_gemma, hparams=_gemma_hparams),
     "gemma3_text": GgufArch("GEMMA3", norm_shift=1.0, check=_check_gemma, hparams=_gemma_hparams),
+    "phi3": GgufArch("PHI3", check=_check_phi3, hparams=_phi3_hparams),
     "gpt2": GgufArch(
         "GPT2",
         transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),

@@ -16,15 +16,22 @@ from typing import Any
 
 from llmos_cli.errors import UserError
 
-ONNX_TASKS = ("causal-lm", "classification")
+ONNX_TASKS = ("causal-lm", "classification", "seq2seq")
+SEQ2SEQ_MODEL_TYPES = ("t5", "mt5")  # encoder-decoders onnx_seq2seq exports
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
-def check_onnx_supported(task: str) -> None:
+def check_onnx_supported(task: str, config: Any = None) -> None:
     if task not in ONNX_TASKS:
         raise UserError(
-            f"ONNX export supports causal-lm and classification models; this one is {task}",
-            hint="export it as --format hf (or use `optimum-cli export onnx` for encoder-decoder models)",
+            f"ONNX export supports causal-lm, classification and seq2seq (T5) models; this one is {task}",
+            hint="export it as --format hf",
+        )
+    model_type = getattr(config, "model_type", None)
+    if task == "seq2seq" and config is not None and model_type not in SEQ2SEQ_MODEL_TYPES:
+        raise UserError(
+            f"ONNX export of seq2seq models supports {', '.join(SEQ2SEQ_MODEL_TYPES)}; this one is {model_type}",
+            hint="export it as --format hf (or use `optimum-cli export onnx`)",
         )
 
 

@@ -69,15 +69,23 @@ def encode_prompts(
     return [[i for i in ids if i < vocab_size] or [0] for ids in encoded]
 
 
+def decoder_ids(config: Any, ids: list[int]) -> list[int]:
+    """An encoder-decoder's teacher-forced decoder input for a prompt: the start token, then the prompt."""
+    return [config.decoder_start_token_id or 0, *ids]
+
+
 def torch_logits(model: Any, prompts: list[list[int]]) -> Logits:
-    """Logits of a torch model (HF or PeftModel) for each prompt, run one at a time without padding."""
+    """Logits of a torch model (HF or PeftModel) for each prompt, run one at a time without padding; an
+    encoder-decoder gets the prompt as encoder input and decoder_ids(prompt) as decoder input."""
     import torch
 
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     result = []
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+            extra = {"decoder_input_ids": torch.tensor([decoder_ids(model.config, ids)])} if seq2seq else {}
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x), **extra).logits
             result.append(logits[0].float().numpy())
     return result
 
