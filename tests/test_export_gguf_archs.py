@@ -193,3 +193,15 @@ def test_llama_cpp_agreement_per_type(dtype, tmp_path):
     expected = {"q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m": "Q4_K"}.get(dtype)
     if expected is not None:  # llama.cpp's own mixture: mostly this type, some tensors higher
         assert expected in {t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def test_top1_agreement_counts_a_source_near_tie_as_agreeing():
+    import numpy as np
+
+    from llmos_cli.core.export.gguf_check import TIE_LOGITS, agreement
+
+    ref = np.array([[2.0, 2.0 - TIE_LOGITS / 3, 0.0], [3.0, 1.0, 0.0]])
+    flipped_tie = np.array([[2.0, 2.01, 0.0], [3.0, 1.0, 0.0]])
+    flipped_real = np.array([[2.0, 1.9, 0.0], [1.0, 3.0, 0.0]])
+    assert agreement([ref], [flipped_tie])[0] == 1.0
+    assert agreement([ref], [flipped_real])[0] == 0.5
