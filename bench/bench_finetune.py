@@ -175,7 +175,7 @@ def run_llmos(train_file: Path, out: Path, s: dict[str, Any]) -> tuple[float, fl
                 "weight_decay": s["weight_decay"],
                 "betas": [0.9, 0.999],
                 "max_grad_norm": 1.0,
-                "precision": "fp32",
+                "precision": s.get("precision", "fp32"),
                 "log_every": 50,
                 "save_every": 100000,
                 "resume": "never",

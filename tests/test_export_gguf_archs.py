@@ -205,3 +205,53 @@ def test_top1_agreement_counts_a_source_near_tie_as_agreeing():
     flipped_real = np.array([[2.0, 1.9, 0.0], [1.0, 3.0, 0.0]])
     assert agreement([ref], [flipped_tie])[0] == 1.0
     assert agreement([ref], [flipped_real])[0] == 0.5
+
+
+def trained_tiny(path: Path, steps: int = 150) -> Path:
+    """A tiny qwen2 that has learned the test corpus: decisive logits, as a trained model has."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_export import CORPUS
+
+    save_tiny(path, "qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    texts = sorted(set(CORPUS))
+    batch = tokenizer([f"<s>{t}</s>" for t in texts], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_a_trained_model_generates_the_same_tokens_in_llama_cpp(dtype, tmp_path):
+    """Greedy generation in llama.cpp equals transformers' at f16 and q8_0 once logits are decisive
+    (random tiny models' near-ties are what the per-type top-1 thresholds allow for)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = trained_tiny(tmp_path / "m")
+    result, path = exported(model_dir, tmp_path / "out", dtype=dtype)
+    assert result["ok"], result["checks"]
+    assert result["checks"]["top1_agreement"] == 1.0
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    for text in ("<s>the quick", "<s>def fib(n):", "<s>hello"):
+        ids = tokenizer(text)["input_ids"]
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+        llm.reset()
+        llm.eval(ids)
+        got = []
+        for _ in range(len(expected)):
+            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([got[-1]])
+        assert got == expected.tolist(), text
+    llm.close()
