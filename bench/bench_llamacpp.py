@@ -103,8 +103,9 @@ def measure(s: Settings) -> dict[str, dict[str, tuple[float, list[float]]]]:
         try:
             servers.append(start_llmos(model, s.clients, s.threads, precision="fp32"))
             urls = dict(zip(best, (url for url, _ in servers), strict=True))
-            for url in urls.values():
-                asyncio.run(run_clients(url, 2, 1, 8, extra))  # warm-up
+            for url in urls.values():  # warm-up: llama.cpp's first requests run several times slower
+                asyncio.run(run_clients(url, 1, 2, s.max_tokens, extra))
+                asyncio.run(run_clients(url, s.clients, 1, 8, extra))
             for _ in range(s.repeats):
                 for name, url in urls.items():
                     for phase, result in phases(url, s, extra).items():
@@ -168,7 +169,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         return unavailable()
     threads = torch.get_num_threads()
     if quick:
-        s = Settings(requests_per_client=1, sequential_requests=4, max_tokens=32, repeats=1, threads=threads)
+        s = Settings(requests_per_client=1, sequential_requests=4, max_tokens=32, repeats=2, threads=threads)
     else:
         s = Settings(threads=threads)
     return rows(s, measure(s))
@@ -176,7 +177,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 request per client, 32 tokens, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="1 request per client, 32 tokens, 2 repeats")
     ap.add_argument("--threads", type=int, help="threads for both servers (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
