@@ -29,16 +29,22 @@ TITLE = "Serving (concurrent clients)"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """Stream one completion; return (time to first token, completion tokens)."""
+async def one_request(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None
+) -> tuple[float, int]:
+    """Stream one completion (`extra`: more body fields); return (time to first token, completion tokens).
+
+    Tokens come from the usage chunk; a server that sends none (llama.cpp's) is credited `max_tokens`
+    when it stopped for length, which is exact when EOS cannot be sampled (see bench_llamacpp)."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
-    t0, ttft, tokens = time.perf_counter(), None, 0
+    t0, ttft, tokens, finish = time.perf_counter(), None, None, None
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -47,27 +53,33 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                ttft = time.perf_counter() - t0
+            elif chunk["choices"]:
+                finish = chunk["choices"][0].get("finish_reason") or finish
+                if ttft is None and chunk["choices"][0]["text"]:
+                    ttft = time.perf_counter() - t0
+    if tokens is None:
+        tokens = max_tokens if finish == "length" else 0
     return (ttft if ttft is not None else time.perf_counter() - t0), tokens
 
 
-async def run_clients(url: str, clients: int, per_client: int, max_tokens: int) -> tuple[float, list[float]]:
+async def run_clients(
+    url: str, clients: int, per_client: int, max_tokens: int, extra: dict[str, Any] | None = None
+) -> tuple[float, list[float]]:
     """Each client sends `per_client` requests one after another; returns (tokens/s, ttfts)."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
         async def worker(w: int) -> list[tuple[float, int]]:
-            return [
-                await one_request(
-                    client, f"client {w} request {i}: " + "the quick brown fox " * (1 + i % 5), max_tokens
-                )
-                for i in range(per_client)
-            ]
+            return [await one_request(client, prompt(w, i), max_tokens, extra) for i in range(per_client)]
 
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
     return sum(n for _, n in results) / wall, [t for t, _ in results]
+
+
+def prompt(client: int, request: int) -> str:
+    """The bench's prompts: distinct per client and request, of a few lengths."""
+    return f"client {client} request {request}: " + "the quick brown fox " * (1 + request % 5)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -86,43 +98,63 @@ class Settings:
     threads: int | None = None
 
 
-def wait_healthy(url: str, server: subprocess.Popen[bytes], seconds: float = 120) -> None:
+def wait_healthy(
+    url: str, server: subprocess.Popen[bytes], seconds: float = 120, path: str = "/health"
+) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + path).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline or server.poll() is not None:
-            raise RuntimeError("the llmos server did not start")
+            raise RuntimeError(f"the server at {url} did not start")
         time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_llmos(
+    model: Path, max_batch_size: int, threads: int | None, precision: str = "auto"
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """`llmos serve` of `model` in a child process, healthy; returns (its URL, the process)."""
+    port = free_port()
+    code = (
+        f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
+        f"api_key_env='LLMOS_BENCH_NO_KEY', max_batch_size={max_batch_size}, max_queue=256, "
+        f"precision={precision!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    server = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+    except BaseException:
+        stop(server)
+        raise
+    return url, server
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    server.wait(timeout=60)
 
 
 def measure(s: Settings) -> dict[str, Any]:
     """Best aggregate tokens/s and its TTFTs for 1 sequential client and for `s.clients` concurrent ones."""
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+    with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_llama(Path(tmp) / "model", hidden=s.hidden, layers=s.layers)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        code = (
-            f"from llmos_cli.stages import serve; serve.run({str(model)!r}, host='127.0.0.1', port={port}, "
-            f"api_key_env='LLMOS_BENCH_NO_KEY', max_batch_size={s.clients}, max_queue=256)"
-        )
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-        if s.threads:
-            env["OMP_NUM_THREADS"] = str(s.threads)
-        server = subprocess.Popen(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
+        url, server = start_llmos(model, s.clients, s.threads)
         try:
-            wait_healthy(url, server)
             asyncio.run(run_clients(url, 2, 1, 8))  # warm-up
             # Alternate the two phases and keep the best of each: the machine may be shared, and a noisy
             # neighbour should not decide the ratio.
@@ -132,8 +164,7 @@ def measure(s: Settings) -> dict[str, Any]:
                 seq = max(seq, asyncio.run(run_clients(url, 1, s.sequential_requests, s.max_tokens)))
                 con = max(con, asyncio.run(run_clients(url, s.clients, s.requests_per_client, s.max_tokens)))
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            stop(server)
     return {"seq_tps": seq[0], "seq_ttft": seq[1], "con_tps": con[0], "con_ttft": con[1]}
 
 

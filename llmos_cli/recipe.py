@@ -305,6 +305,9 @@ class EvalSection(Section):
     data: str | None = None
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity"])
     batch_size: int = Field(8, ge=1)
+    batch_tokens: int | None = Field(
+        None, ge=1, description="perplexity: padded tokens per forward; default batch_size x data.max_seq_len"
+    )
     max_examples: int | None = Field(None, ge=1)
     target_delimiter: str = Field(
         " ", description="multiple_choice: what joins the context and each choice (lm-evaluation-harness's)"

@@ -165,3 +165,34 @@ def test_dataset_loss_shards_add_up_to_the_whole() -> None:
     assert sum(c for _, c in parts) == whole[1] and whole[1] < sum(len(r["input_ids"]) for r in rows)
     assert sum(t for t, _ in parts) == pytest.approx(whole[0], rel=1e-9)
     assert all(c > 0 for _, c in parts)
+
+
+def test_length_batches_fill_a_token_budget_longest_first() -> None:
+    """Rows x longest stays within the budget; a row longer than the budget goes alone; every row once."""
+    from llmos_cli.core.eval.loss import length_batches
+
+    lengths = [3, 10, 4, 4, 1, 8, 2, 30]
+    batches = length_batches(lengths, 2, batch_tokens=16)
+    assert batches == [[7], [1], [5, 2], [3, 0, 6, 4]]
+    assert length_batches(lengths, 3) == [[7, 1, 5], [2, 3, 0], [6, 4]]
+
+
+def test_token_budget_batches_give_the_row_count_batches_loss() -> None:
+    """The same summed loss and target count (1e-6 relative), whatever the batches' shapes."""
+    from llmos_cli.core.eval.loss import dataset_loss
+    from llmos_cli.core.models import build_model
+    from llmos_cli.core.runtime import pick_precision
+    from llmos_cli.core.train.batches import causal_lm_collate
+    from llmos_cli.core.train.objectives import CAUSAL_LM
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = build_model("llama", TINY_MODEL, 64, {"pad_token_id": 0})
+    rows = [{"input_ids": torch.randint(1, 64, (n,)).tolist()} for n in [2, 5, 40, 7, 33, 12, 3, 21, 9, 40]]
+    kwargs = {"device": torch.device("cpu"), "precision": pick_precision("fp32", torch.device("cpu"))}
+    collate = causal_lm_collate(0)
+    by_rows = dataset_loss(model, rows, CAUSAL_LM, collate, batch_size=4, **kwargs)
+    for budget in (1, 40, 64, 100, 10_000):
+        by_tokens = dataset_loss(model, rows, CAUSAL_LM, collate, batch_size=4, batch_tokens=budget, **kwargs)
+        assert by_tokens[1] == by_rows[1] == sum(len(r["input_ids"]) - 1 for r in rows)
+        assert by_tokens[0] == pytest.approx(by_rows[0], rel=1e-6)

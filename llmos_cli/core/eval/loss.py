@@ -31,25 +31,26 @@ def dataset_sums(
     batch_size: int,
     device: torch.device,
     precision: Precision,
+    batch_tokens: int | None = None,
     max_batches: int | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[float, int, dict[str, float]]:
     """Summed loss, target count and the objective's summed metrics over `rows`, batched in length
-    order to avoid padding waste.
+    order to avoid padding waste (see `length_batches`).
 
     `shard=(i, n)` scores only batches i, i + n, i + 2n, ... (one process's share of the work).
     """
     was_training = model.training
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]), reverse=True)
+    batches = length_batches([len(r["input_ids"]) for r in rows], batch_size, batch_tokens)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count, metrics = 0, {}
-    for b, start in enumerate(range(0, len(order), batch_size)):
+    for b, indices in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
         if b % shard[1] != shard[0]:
             continue
-        batch = collate([rows[i] for i in order[start : start + batch_size]])
+        batch = collate([rows[i] for i in indices])
         count += objective.count(batch)
         with precision.autocast(device):
             loss, metric_sums = summed(objective.loss_sum(model, to_device(batch, device)))
@@ -58,6 +59,24 @@ def dataset_sums(
             metrics[name] = metrics.get(name, 0) + value.double()
     model.train(was_training)
     return float(total), count, {k: float(v) for k, v in metrics.items()}
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, batch_tokens: int | None = None
+) -> list[list[int]]:
+    """Row indices, longest first, cut into batches of `batch_size` rows; or with `batch_tokens`, into
+    batches as many rows as fit rows x longest <= batch_tokens (padded size; a longer row goes alone), so
+    short rows share a forward and long ones do not make it huge."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    if batch_tokens is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def loss_metrics(

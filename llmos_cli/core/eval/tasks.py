@@ -89,6 +89,7 @@ def _perplexity(recipe: Recipe, target: EvalTarget) -> tuple[dict[str, Any], dic
         CAUSAL_LM,
         causal_lm_collate(tokenizer.pad_token_id or 0),
         batch_size=recipe.eval.batch_size,
+        batch_tokens=recipe.eval.batch_tokens or recipe.eval.batch_size * recipe.data.max_seq_len,
         device=target.device,
         precision=WEIGHTS_DTYPE,
     )
