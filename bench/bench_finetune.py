@@ -155,7 +155,7 @@ def run_llmos(train_file: Path, out: Path, s: dict[str, Any]) -> tuple[float, fl
 
     recipe = validate_recipe(
         {
-            "run": {"name": "bench-ft", "output_dir": str(out), "seed": s["seed"]},
+            "run": {"name": f"bench-ft-{out.name}", "output_dir": str(out), "seed": s["seed"]},
             "task": "classification",
             "model": {"name_or_path": str(minilm_dir())},
             "data": {

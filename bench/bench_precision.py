@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +39,7 @@ def pretrain_perplexity(work: Path, precision: str, quick: bool) -> float:
     recipe = load_recipe(
         ROOT / "recipes" / "quickstart.yaml",
         [
+            f"run.name=bench-precision-{precision}",
             f"run.output_dir={work / precision}",
             f"data.output={work / 'data'}",  # prepared once, reused by the second run
             f"data.max_documents={40 if quick else 120}",
@@ -83,6 +85,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     quiet_offline()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        os.environ["LLMOS_HOME"] = str(work / "home")  # the bench's runs stay out of the user's library
         ppl, acc = {}, {}
         for precision in PRECISIONS:
             ppl[precision] = pretrain_perplexity(work, precision, quick)
