@@ -37,7 +37,9 @@ PHASES = ("1 client", "16 clients")
 @dataclass
 class Settings:
     clients: int = 16
-    requests_per_client: int = 2
+    # one request per client: llama-cpp-python 0.3.36's server failed (llama_decode returned 1) when a
+    # client's second streamed request joined the queue behind the others
+    requests_per_client: int = 1
     sequential_requests: int = 8
     max_tokens: int = 64
     repeats: int = 2
