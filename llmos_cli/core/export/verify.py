@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from llmos_cli.core.models import model_kind
+
 VERIFY_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)",
@@ -79,7 +81,7 @@ def torch_logits(model: Any, prompts: list[list[int]]) -> Logits:
     encoder-decoder gets the prompt as encoder input and decoder_ids(prompt) as decoder input."""
     import torch
 
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    seq2seq = model_kind(model) == "seq2seq"
     result = []
     with torch.no_grad():
         for ids in prompts:
