@@ -14,7 +14,6 @@ the base) on the same held-out pairs, so accuracy is measured identically. Runs 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -27,6 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.run import spread, standalone  # noqa: E402
 
 TITLE = "Preference tuning (DPO)"
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "owl": "hoot", "sheep": "baa"}
@@ -218,9 +219,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
         f"{s['rounds']} round(s)"
     )
 
-    def spread(xs: list[float]) -> str:
-        return ", ".join(f"{x:.3g}" for x in xs)
-
     return [
         {
             "name": "DPO LoRA: held-out reward accuracy vs TRL DPOTrainer",
@@ -243,13 +241,5 @@ def run(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short run (a minute or two on 2 cores)")
-    args = parser.parse_args()
-    for row in run(args.quick):
-        print(json.dumps(row))
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

@@ -14,7 +14,6 @@ both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -29,6 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.run import spread, standalone  # noqa: E402
 
 TITLE = "Fine-tuning (classification)"
 TOPICS = {
@@ -247,9 +248,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
         f"batch {s['batch_size']}, lr {s['lr']}, fp32, {s['rounds']} round(s)"
     )
 
-    def spread(xs: list[float]) -> str:
-        return ", ".join(f"{x:.3g}" for x in xs)
-
     return [
         {
             "name": "MiniLM classification: test accuracy vs HF Trainer",
@@ -281,13 +279,5 @@ def run(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short run (about a minute or two on 2 cores)")
-    args = parser.parse_args()
-    for row in run(args.quick):
-        print(json.dumps(row))
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

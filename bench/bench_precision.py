@@ -13,7 +13,6 @@ probe's measured speed ratio); on a CPU without fast bf16 the bf16 runs are slow
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.run import standalone  # noqa: E402
 
 TITLE = "Precision quality guard (bf16 vs fp32)"
 PRECISIONS = ("fp32", "bf16")
@@ -116,13 +117,5 @@ def run(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short run")
-    args = parser.parse_args()
-    for row in run(args.quick):
-        print(json.dumps(row))
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

@@ -16,7 +16,6 @@ per assistant token, llmos's encoding), so the losses are measured identically. 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -29,6 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.run import spread, standalone  # noqa: E402
 
 TITLE = "Chat SFT (vs TRL SFTTrainer)"
 WORDS = ("cat", "dog", "sun", "tree", "river", "stone", "cloud", "bread", "lamp", "road", "apple", "book")
@@ -242,9 +243,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
         "(padding-free packing)"
     )
 
-    def spread(xs: list[float]) -> str:
-        return ", ".join(f"{x:.4g}" for x in xs)
-
     return [
         {
             "name": "chat SFT: tokens/s vs TRL SFTTrainer (packing)",
@@ -253,7 +251,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "ratio": round(rate_o / rate_b, 3),
             "unit": "tokens/s",
             "notes": f"goal >= 1.5x; {setup}; real tokens trained / seconds of tokenise + train + save; runs "
-            f"{spread(rates['baseline'])} vs {spread(rates['ours'])}",
+            f"{spread(rates['baseline'], 4)} vs {spread(rates['ours'], 4)}",
         },
         {
             "name": "chat SFT: held-out loss per assistant token vs TRL SFTTrainer",
@@ -262,18 +260,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "ratio": round(loss_b / loss_o, 4),
             "unit": "loss",
             "notes": f"goal: within 1%; {setup}; {s['n_test']} held-out chats scored by one function; runs "
-            f"{spread(losses['baseline'])} vs {spread(losses['ours'])}",
+            f"{spread(losses['baseline'], 4)} vs {spread(losses['ours'], 4)}",
         },
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short run")
-    args = parser.parse_args()
-    for row in run(args.quick):
-        print(json.dumps(row))
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

@@ -76,6 +76,19 @@ def run_child(module: str, quick: bool, rows_out: Path, threads: int | None) -> 
     rows_out.write_text(json.dumps(result, default=_jsonable))
 
 
+def spread(values: list[float], digits: int = 3) -> str:
+    """The figures of each repeat, for a row's notes: "1.2, 1.3"."""
+    return ", ".join(f"{x:.{digits}g}" for x in values)
+
+
+def standalone(run: Any, doc: str | None) -> None:
+    """`python bench/bench_<name>.py [--quick]`: one benchmark on its own, its rows printed as JSON."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    for row in run(parser.parse_args().quick):
+        print(json.dumps(row, default=_jsonable))
+
+
 def check_row(row: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in ("name", "ours", "unit") if k not in row]
     if missing:
