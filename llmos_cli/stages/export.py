@@ -172,9 +172,7 @@ def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
     if src.task == "seq2seq":
         return _to_onnx_seq2seq(src, model, tmp)
     path = export_onnx(model, tmp, src.task, quantize=src.quantize)
-    model.config.save_pretrained(str(tmp))
-    if src.tokenizer is not None:
-        src.tokenizer.save_pretrained(str(tmp))
+    _save_config_and_tokenizer(src, model, tmp)
     pad_id = getattr(src.tokenizer, "pad_token_id", None) or getattr(src.config, "pad_token_id", None) or 0
     greedy = {}
     if src.task == "causal-lm" and not src.quantize:  # fp32: the KV-cache generation is token-exact
@@ -187,13 +185,18 @@ def _to_onnx(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
     )
 
 
-def _to_onnx_seq2seq(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
-    """encoder.onnx + decoder.onnx + decoder_with_past.onnx, checked through the KV-cache path."""
-    export_seq2seq_onnx(model, tmp, quantize=src.quantize)
+def _save_config_and_tokenizer(src: Source, model: Any, tmp: Path) -> None:
+    """Beside ONNX graphs: the model's config and the tokenizer, so that the folder loads on its own."""
     model.config.save_pretrained(str(tmp))
     if src.tokenizer is not None:
         src.tokenizer.save_pretrained(str(tmp))
-    start = src.config.decoder_start_token_id or 0
+
+
+def _to_onnx_seq2seq(src: Source, model: Any, tmp: Path) -> check.VerifyResult:
+    """encoder.onnx + decoder.onnx + decoder_with_past.onnx, checked through the KV-cache path."""
+    export_seq2seq_onnx(model, tmp, quantize=src.quantize)
+    _save_config_and_tokenizer(src, model, tmp)
+    start = check.decoder_start_id(src.config)
     greedy = {}
     if not src.quantize:  # fp32: generation with the KV cache is token-exact
         greedy["greedy_with_kv_cache"] = lambda: _seq2seq_greedy_matches(src, model, tmp)
@@ -217,7 +220,7 @@ def _seq2seq_greedy_matches(src: Source, model: Any, directory: Path, new_tokens
             input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, num_beams=1
         )[0].tolist()[1:]
     got = seq2seq_greedy(
-        Seq2SeqSession(directory), prompt, new_tokens, config.decoder_start_token_id or 0, config.eos_token_id
+        Seq2SeqSession(directory), prompt, new_tokens, check.decoder_start_id(config), config.eos_token_id
     )
     return got == ref
 

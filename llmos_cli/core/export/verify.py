@@ -71,9 +71,14 @@ def encode_prompts(
     return [[i for i in ids if i < vocab_size] or [0] for ids in encoded]
 
 
+def decoder_start_id(config: Any) -> int:
+    """The token an encoder-decoder's decoder starts from."""
+    return config.decoder_start_token_id or 0
+
+
 def decoder_ids(config: Any, ids: list[int]) -> list[int]:
     """An encoder-decoder's teacher-forced decoder input for a prompt: the start token, then the prompt."""
-    return [config.decoder_start_token_id or 0, *ids]
+    return [decoder_start_id(config), *ids]
 
 
 def torch_logits(model: Any, prompts: list[list[int]]) -> Logits:
