@@ -266,7 +266,7 @@ class TrainSection(Section):
     num_workers: int = Field(0, ge=0)
     group_by_length: Literal["auto"] | bool = Field(
         "auto",
-        description="batches of rows of similar length (less padding); auto: classification only",
+        description="finetune: batches of rows of similar length (less padding); auto: classification only",
     )
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",

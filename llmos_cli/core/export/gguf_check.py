@@ -27,9 +27,10 @@ MULTILINGUAL_SAMPLE = (
     "def fib(n):\n\treturn n if n < 2 else fib(n - 1) + fib(n - 2)  # tabs\n\n   spaces",
 )
 
+TIE_LOGITS = 1e-2  # source logits this close (probabilities within 1%) are a tie: either token is top-1
+
 # the least top-1 agreement and the most mean KL(source || llama.cpp) each GGUF type passes with; set
 # from tiny random models (flat logits, many near-ties: the harshest case for top-1), with margin
-TIE_LOGITS = 1e-2  # source logits this close (probabilities within 1%) are a tie: either token is top-1
 RUNTIME_THRESHOLDS: dict[str, tuple[float, float]] = {
     "f32": (1.0, 1e-4),
     "f16": (1.0, 1e-3),
