@@ -21,31 +21,16 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.bench_serve import free_port, pct, run_clients, start_llmos, stop, wait_healthy
+from bench.bench_serve import Settings, free_port, pct, run_clients, start_llmos, stop, wait_healthy
 from bench.tiny_model import build_tiny_llama
 
 TITLE = "Serving vs llama.cpp"
 PHASES = ("1 client", "16 clients")
-
-
-@dataclass
-class Settings:
-    clients: int = 16
-    # one request per client: llama-cpp-python 0.3.36's server failed (llama_decode returned 1) when a
-    # client's second streamed request joined the queue behind the others
-    requests_per_client: int = 1
-    sequential_requests: int = 8
-    max_tokens: int = 64
-    repeats: int = 2
-    hidden: int = 256
-    layers: int = 4
-    threads: int = 1
 
 
 def server_available() -> bool:
@@ -172,8 +157,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
     threads = torch.get_num_threads()
     if quick:
         s = Settings(requests_per_client=1, sequential_requests=4, max_tokens=32, repeats=2, threads=threads)
-    else:
-        s = Settings(threads=threads)
+    else:  # one request per client: llama-cpp-python 0.3.36's server failed (llama_decode returned 1)
+        # when a client's second streamed request joined the queue behind the others
+        s = Settings(requests_per_client=1, threads=threads)
     return rows(s, measure(s))
 
 
