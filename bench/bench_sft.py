@@ -1,13 +1,13 @@
 """Chat SFT: `llmos finetune` (format chat, full) against TRL's SFTTrainer with packing, on the same tiny llama.
 
 Data: synthetic single-turn chats generated deterministically (arithmetic, reversed words, repeated word
-lists: a few to ~150 tokens, most far shorter than max_seq_len). llmos trains its default way (rows
-batched by similar length, padded per batch; loss on the assistant turn; precision auto); TRL packs
-(best-fit decreasing, padding-free) the same conversations as prompt-completion pairs, so its loss is
-on the completion only too. Same model, epochs, lr, linear schedule without warmup, AdamW, clipping,
-seed and precision (TRL at the precision llmos's auto picked). TRL's batch holds as many packed
-sequences as make the same tokens per step as llmos's batch of rows, and it takes as many steps as
-llmos took in its epochs. Timed: tokenise + train + save. Tokens/s: the real (non-padding) tokens each side trained on
+lists: a few to ~150 tokens, most far shorter than max_seq_len). Both sides pack: llmos with
+`data.packing: true` (whole chats per row, best-fit decreasing, positions restarting per chat; loss on
+the assistant turn; precision auto), TRL's SFTTrainer with packing (best-fit decreasing, padding-free)
+on the same conversations as prompt-completion pairs, so its loss is on the completion only too. Same
+model, packed rows per step, lr, linear schedule without warmup, AdamW, clipping, seed and precision
+(TRL at the precision llmos's auto picked); TRL takes as many steps as llmos took in its epochs.
+Timed: tokenise + train + save. Tokens/s: the real (non-padding) tokens each side trained on
 over that time. Both final models are scored by one function on the same held-out chats (mean loss
 per assistant token, llmos's encoding), so the losses are measured identically. Runs alternate.
 
@@ -71,7 +71,7 @@ def settings(quick: bool) -> dict[str, Any]:
         "n_test": 200,
         "epochs": 1 if quick else 2,
         "rounds": 1 if quick else 2,
-        "batch_size": 16,
+        "batch_size": 7,  # packed rows of up to max_len tokens per step, both sides
         "lr": 3e-3,
         "max_len": 256,
         "seed": 0,
@@ -97,7 +97,7 @@ def logged_padding(run_dir: Path) -> float:
 
 
 def run_trl(
-    base: Path, train_file: Path, out: Path, s: dict[str, Any], bf16: bool, batch: int, steps: int
+    base: Path, train_file: Path, out: Path, s: dict[str, Any], bf16: bool, steps: int
 ) -> tuple[float, int]:
     """The baseline: TRL's SFTTrainer with packing (bfd, padding-free), prompt-completion chats."""
     from datasets import load_dataset
@@ -116,7 +116,7 @@ def run_trl(
         output_dir=str(out),
         packing=True,
         max_length=s["max_len"],
-        per_device_train_batch_size=batch,
+        per_device_train_batch_size=s["batch_size"],
         max_steps=steps,
         include_num_input_tokens_seen="non_padding",
         learning_rate=s["lr"],
@@ -150,6 +150,7 @@ def run_llmos(base: Path, train_file: Path, out: Path, s: dict[str, Any]) -> tup
             "data": {
                 "train": str(train_file),
                 "format": "chat",
+                "packing": True,
                 "validation_split": 0.0,
                 "max_seq_len": s["max_len"],
                 "output": str(out / "data"),
@@ -218,7 +219,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
         lengths = [len(r["input_ids"]) for r in encode(base, train_rows, s["max_len"])]
         train_file = root / "train.jsonl"
         train_file.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-        trl_batch = max(1, round(s["batch_size"] * statistics.mean(lengths) / s["max_len"]))
         precision, steps = None, 0
         for r in range(s["rounds"]):
             # llmos first in round 0: TRL runs at the precision llmos's auto picked, for as many steps.
@@ -227,7 +227,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 if who == "ours":
                     seconds, tokens, precision, steps = run_llmos(base, train_file, out, s)
                 else:
-                    seconds, tokens = run_trl(base, train_file, out, s, precision == "bf16", trl_batch, steps)
+                    seconds, tokens = run_trl(base, train_file, out, s, precision == "bf16", steps)
                 rates[who].append(tokens / seconds)
                 if who == "ours":
                     pads.append(logged_padding(out))
@@ -237,9 +237,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
     pad = statistics.mean(pads)
     setup = (
         f"tiny llama (hidden 128, 4 layers), full fine-tune, {s['n_train']} chats (median "
-        f"{statistics.median(lengths):.0f} tokens, max_len {s['max_len']}), {s['epochs']} epoch(s) of llmos ({steps} steps, "
-        f"batch {s['batch_size']} rows), TRL the same steps at batch {trl_batch} packed sequences, lr {s['lr']}, precision {precision} "
-        f"(llmos auto), {s['rounds']} round(s); padding share: llmos {pad:.2f} (shuffled batches, padded per batch), TRL 0.00 "
+        f"{statistics.median(lengths):.0f} tokens, max_len {s['max_len']}), {s['epochs']} epoch(s) of llmos ({steps} steps), "
+        f"TRL the same steps, both {s['batch_size']} packed rows a step, lr {s['lr']}, precision {precision} "
+        f"(llmos auto), {s['rounds']} round(s); padding share: llmos {pad:.2f} (packed rows padded per batch), TRL 0.00 "
         "(padding-free packing)"
     )
 

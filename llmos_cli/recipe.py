@@ -129,7 +129,11 @@ class DataSection(Section):
     clean: CleanSection = Field(default_factory=CleanSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     max_seq_len: int = Field(512, ge=8)
-    packing: bool = True
+    packing: Literal["auto"] | bool = Field(
+        "auto",
+        description="auto: text packs, examples do not; true: chat and instruction examples pack too "
+        "(whole, positions restarting)",
+    )
     packing_mode: Literal["concat", "reset_positions"] = Field(
         "concat", description="reset_positions: store position_ids restarting at each document in a block"
     )
@@ -163,6 +167,11 @@ class DataSection(Section):
     max_target_len: int | None = Field(
         None, ge=1, description="pairs: target length cap; default max_seq_len"
     )
+
+    @property
+    def packs(self) -> bool:
+        """Whether rows are packed into blocks: `auto` packs text only."""
+        return self.format == "text" if self.packing == "auto" else self.packing
 
     @field_validator("encoding")
     @classmethod
@@ -406,6 +415,9 @@ class Recipe(Section):
 # ---------------------------------------------------------------- rules that span several keys
 
 
+PACKED_FORMATS = ("text", "chat", "instruction")
+
+
 class RuleError(ValueError):
     """A recipe rule that spans several keys broken; `key` is the key the message is about."""
 
@@ -439,6 +451,15 @@ def _objective_fits_data(r: Recipe) -> None:
         raise RuleError("data.format", "preference pairs train with finetune.objective dpo or orpo (got sft)")
 
 
+def _packing_fits_format(r: Recipe) -> None:
+    """Packing joins causal-LM rows: text documents, chat and instruction examples."""
+    if r.data.packing is True and r.data.format not in PACKED_FORMATS:
+        raise RuleError(
+            "data.packing",
+            f"'{r.data.format}' rows are one example each (packing joins {', '.join(PACKED_FORMATS)} rows)",
+        )
+
+
 def _watched_metric_exists(r: Recipe) -> None:
     es, available = r.train.early_stopping, VALIDATION_METRICS[r.task]
     if r.finetune.objective != "sft":
@@ -458,6 +479,7 @@ CROSS_KEY_RULES = (
     _class_weights_need_classification,
     _objective_fits_data,
     _watched_metric_exists,
+    _packing_fits_format,
 )
 
 

@@ -15,7 +15,7 @@ from tests.conftest import write_recipe
 def test_defaults_are_filled_in(tmp_path: Path) -> None:
     r = load_recipe(write_recipe(tmp_path / "r.yaml", {"run": {"name": "x"}}))
     assert r.train.max_steps == 1000 and r.train.batch_size == 8 and r.train.lr == 3e-4
-    assert r.serve.host == "127.0.0.1" and r.data.packing is True
+    assert r.serve.host == "127.0.0.1" and r.data.packing == "auto" and r.data.packs
     assert r.output_dir == Path("runs/x") and r.data_output == Path("runs/data/x")
 
 

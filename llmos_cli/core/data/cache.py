@@ -24,7 +24,9 @@ NOT_FINGERPRINTED: dict[str, Any] = {
 
 def data_settings(d: DataSection) -> dict[str, Any]:
     """The `data` settings that define a prepared dataset (the inputs are hashed separately)."""
-    return d.model_dump(mode="json", exclude=NOT_FINGERPRINTED)
+    settings = d.model_dump(mode="json", exclude=NOT_FINGERPRINTED)
+    settings["packing"] = d.packs  # the resolved choice: `auto` and its meaning fingerprint alike
+    return settings
 
 
 def hash_file(path: Path, h: Any = None) -> str:

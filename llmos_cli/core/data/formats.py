@@ -22,6 +22,7 @@ from llmos_cli.core.data.cache import data_settings, fingerprint
 from llmos_cli.core.data.clean import clean_fields
 from llmos_cli.core.data.decode import Decoding
 from llmos_cli.core.data.gates import share
+from llmos_cli.core.data.pack import pack_examples
 from llmos_cli.core.data.read import Row, field_text, list_files, read_rows
 from llmos_cli.core.data.report import length_summary
 from llmos_cli.core.data.task_rows import RowCounts, SplitRows, drop_validation_overlap
@@ -132,12 +133,15 @@ def prepare_task_dataset(
     splits = {}
     for name, rows in (("train", train_rows), ("validation", val_rows)):
         columns, dropped, truncated = _encode_all(rows, encode)
-        splits[name] = Dataset.from_dict(columns)
-        info[name] = {"examples": len(splits[name]), "dropped": dict(dropped), "truncated": truncated}
+        examples = len(next(iter(columns.values()), []))
+        info[name] = {"examples": examples, "dropped": dict(dropped), "truncated": truncated}
         if "input_ids" in columns:
             lengths = np.array([len(x) for x in columns["input_ids"]], dtype=np.int64)
             info[name]["tokens"] = int(lengths.sum())
             info[name]["example_tokens"] = length_summary(lengths)
+        if name == "train" and d.packs and columns.get("input_ids"):  # validation stays one example a row
+            columns, info[name]["packing"] = pack_examples(columns, d.max_seq_len)
+        splits[name] = Dataset.from_dict(columns)
         if d.format == "preference":
             from llmos_cli.core.data.preference import preference_lengths
 

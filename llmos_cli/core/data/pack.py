@@ -9,6 +9,7 @@ attends across a document boundary.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def pack_sequences(
 def pack_part(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> tuple[Path, dict[str, Any]]:
     """Blocks of `max_seq_len` tokens (packing) or one truncated row per document, written to `dst`;
     train drops the last partial block, other splits keep it so evaluation sees every token."""
-    reset = d.packing and d.packing_mode == "reset_positions"
+    reset = d.packs and d.packing_mode == "reset_positions"
     has_labels = "labels" in column_names(part.encoded)
     columns = ["input_ids", *(["labels"] if has_labels else []), *(["position_ids"] if reset else [])]
     packer = Packer(d.max_seq_len, eos_id, reset_positions=reset)
@@ -135,11 +136,11 @@ def pack_part(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> 
                 i += 1
                 if not part.keep[i - 1]:
                     continue
-                if d.packing:
+                if d.packs:
                     yield from packer.add(ids, lab)
                 else:
                     yield packer.single(ids, lab)
-        if d.packing:
+        if d.packs:
             tail, dropped = packer.finish(keep_tail=name != "train")
             yield from tail
 
@@ -150,7 +151,7 @@ def pack_part(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> 
         "tokens": p.tokens,
         "blocks": n_blocks,
         "block_size": d.max_seq_len,
-        "packing": d.packing_mode if d.packing else "none",
+        "packing": d.packing_mode if d.packs else "none",
         "tail_tokens_dropped": dropped,
         "truncated": p.truncated,
         "truncation_rate": round(p.truncated / p.documents, 4) if p.documents else 0.0,
@@ -158,3 +159,38 @@ def pack_part(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> 
         "loss_share": round(p.loss_tokens / p.tokens, 4) if p.tokens else 0.0,
     }
     return dst, stats
+
+
+def pack_examples(columns: dict[str, list[Any]], block_size: int) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """Encoded examples (chat, instruction: `input_ids`, `labels`) packed whole into rows of at most
+    `block_size` tokens with `position_ids` restarting at each example, so each attends to itself alone
+    (see the module docstring). Best-fit decreasing: the longest example first, each into the row with
+    the least room that still holds it; no example is cut, and no EOS is added (the template ends turns).
+    Returns the packed columns and their stats."""
+    lengths = [len(x) for x in columns["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    members: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted: the first fit is the best fit
+    for i in order:
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at == len(room):
+            row, free = len(members), block_size
+            members.append([])
+        else:
+            free, row = room.pop(at)
+        members[row].append(i)
+        if free - lengths[i] > 0:
+            bisect.insort(room, (free - lengths[i], row))
+    packed: dict[str, list[Any]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in members:
+        packed["input_ids"].append([t for i in row for t in columns["input_ids"][i]])
+        packed["labels"].append([t for i in row for t in columns["labels"][i]])
+        packed["position_ids"].append([p for i in row for p in range(lengths[i])])
+    tokens = sum(lengths)
+    stats = {
+        "packing": "reset_positions",
+        "blocks": len(members),
+        "block_size": block_size,
+        "fill": round(tokens / (len(members) * block_size), 4) if members else 0.0,
+    }
+    return packed, stats

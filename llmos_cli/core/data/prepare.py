@@ -299,7 +299,7 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
             # an empty split does not survive save_to_disk/load_from_disk: it is left out (loaders add it back)
             DatasetDict({k: v for k, v in splits.items() if len(v)}).save_to_disk(str(staged))
             tokenizer.save_pretrained(str(staged / "tokenizer"))  # it may have gained a chat template
-            lengths = {k: np.array([len(x) for x in v["input_ids"]]) for k, v in splits.items() if len(v)}
+            lengths = {k: example_lengths(v) for k, v in splits.items() if len(v)}
             write_length_histogram(lengths, staged / "lengths.png", recipe.data.max_seq_len)
             info["histogram"] = "lengths.png"
             (staged / "report.json").write_text(json.dumps(info, indent=2, default=str))
@@ -326,6 +326,14 @@ def _prepare_task_format(recipe: Recipe, force: bool) -> PreparedData:
     out.table(f"data report ({recipe.data.format})", ["what", "count"], rows)
     out.info(f"data: wrote {target}")
     return PreparedData(target, info["fingerprint"], target / "tokenizer", info, reused=False)
+
+
+def example_lengths(split: Any) -> np.ndarray:
+    """Each example's length in tokens; a packed row holds several, its positions restarting at each."""
+    if "position_ids" not in split.column_names:
+        return np.array([len(x) for x in split["input_ids"]])
+    starts = [np.flatnonzero(np.asarray(p) == 0) for p in split["position_ids"]]
+    return np.concatenate([np.diff(s, append=len(p)) for s, p in zip(starts, split["position_ids"], strict=True)])
 
 
 def tokenizer_source(recipe: Recipe) -> Path | None:
