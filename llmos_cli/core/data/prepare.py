@@ -79,6 +79,7 @@ def plan_steps(recipe: Recipe) -> list[str]:
         return [
             f"read {d.train} (format {d.format}), clean and deduplicate",
             f"encode for {recipe.task} with the model's tokenizer (max_seq_len {d.max_seq_len})",
+            *([f"pack whole training examples into rows of up to {d.max_seq_len} tokens"] if d.packs else []),
             save,
             *gates,
         ]
