@@ -400,6 +400,18 @@ def test_a_finetune_without_validation_rows_trains_from_the_prepared_data(tmp_pa
     assert summary["data"]["validation"]["examples"] == 0
 
 
+def test_a_checkpoint_from_before_the_grouping_key_resumes_where_batches_still_group(tmp_path: Path) -> None:
+    """Checkpoints saved before train.group_by_length grouped every unpacked batch: a classification run
+    (still grouped) resumes from one, a chat run (now shuffled) is refused, naming the change."""
+    from llmos_cli.core.train.checkpoint import check_compatible
+
+    old = {"batch_size": 8, "data_fingerprint": "f"}
+    check_compatible(old, {**old, "group_by_length": True}, tmp_path)
+    with pytest.raises(UserError, match=r"group_by_length: True -> False"):
+        check_compatible(old, {**old, "group_by_length": False}, tmp_path)
+    check_compatible({"batch_size": 8}, {"batch_size": 8}, tmp_path)  # pretraining records no grouping
+
+
 def test_length_grouping_is_for_classification_unless_the_recipe_says() -> None:
     from llmos_cli.core.train.batches import groups_by_length
 

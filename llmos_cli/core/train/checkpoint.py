@@ -132,8 +132,14 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> d
     return state
 
 
+# What a checkpoint saved before a compatibility key existed did: fine-tuning grouped every unpacked
+# batch by length until train.group_by_length came.
+BEFORE_THE_KEY: dict[str, Any] = {"group_by_length": True}
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume when what defines the run changed, saying exactly what changed."""
+    saved = {**{k: v for k, v in BEFORE_THE_KEY.items() if k in current}, **saved}
     changed = [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in current if saved.get(key) != current[key]
     ]
