@@ -211,6 +211,11 @@ def test_export_of_a_gpu_trained_qlora_adapter_verifies(tmp_path: Path, bases) -
     finetune.run(recipe)
     result = export.run(str(tmp_path / "run" / "final"), ["hf"], tmp_path / "merged")
     assert result["exports"][0]["ok"]  # the dequantised merge against the 4-bit base + adapter
+    kept = export.run(str(tmp_path / "run" / "final"), ["hf"], tmp_path / "adapter", merge_lora=False)
+    assert kept["exports"][0]["ok"]
+    from llmos_cli.core.train.adapters import adapter_quantization
+
+    assert adapter_quantization(tmp_path / "adapter") == adapter_quantization(tmp_path / "run" / "final")
 
 
 def test_llmos_run_pipeline_on_cuda(tiny_recipe: Path) -> None:

@@ -24,7 +24,7 @@ from llmos_cli.core.export.onnx import check_onnx_supported, export_onnx
 from llmos_cli.core.export.onnx_seq2seq import export_seq2seq_onnx, seq2seq_greedy, seq2seq_logits
 from llmos_cli.core.models import adapter_base, check_weights, describe_model, load_model
 from llmos_cli.core.registry import register_run
-from llmos_cli.core.train.adapters import adapter_quantization
+from llmos_cli.core.train.adapters import adapter_quantization, save_adapter_quantization
 from llmos_cli.core.writable import disk_full_is_clear, ensure_dir
 from llmos_cli.errors import UserError
 
@@ -96,7 +96,8 @@ def run(
         tokenizer, config.vocab_size, min(64, getattr(config, "max_position_embeddings", 64))
     )
     reference = check.torch_logits(model_obj, prompts) if verify else []  # a QLoRA base: in 4-bit
-    if adapter and merge_lora and adapter_quantization(model_dir):
+    quantization = adapter_quantization(model_dir) if adapter else None  # a QLoRA adapter's 4-bit base
+    if quantization and merge_lora:
         model_obj = info.load(allow_pickle=allow_pickle, dequantize=True)  # merges into the 4-bit weights
     source = Source(model_dir, config, task, tokenizer, prompts, reference, quantize, gguf_dtype)
     provenance = read_provenance(
@@ -125,6 +126,8 @@ def run(
                     f"(tolerance {_num(result.tolerance)}; checks: {result.checks or 'logits only'}); "
                     f"nothing was written to {targets[fmt]}"
                 )
+            if fmt == "hf" and keep_adapter and quantization:
+                save_adapter_quantization(tmp, quantization)  # the kept adapter's base loads in 4-bit
             if fmt == "hf":
                 card = model_card(
                     provenance, task, _asdict(result) if verify else None, merged=not keep_adapter

@@ -161,7 +161,9 @@ def pack_part(part: Part, eos_id: int, d: DataSection, name: str, dst: Path) -> 
     return dst, stats
 
 
-def pack_examples(columns: dict[str, list[Any]], block_size: int) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+def pack_examples(
+    columns: dict[str, list[Any]], block_size: int
+) -> tuple[dict[str, list[Any]], dict[str, Any]]:
     """Encoded examples (chat, instruction: `input_ids`, `labels`) packed whole into rows of at most
     `block_size` tokens with `position_ids` restarting at each example, so each attends to itself alone
     (see the module docstring). Best-fit decreasing: the longest example first, each into the row with

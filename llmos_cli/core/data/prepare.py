@@ -334,7 +334,9 @@ def example_lengths(split: Any) -> np.ndarray:
     if "position_ids" not in split.column_names:
         return np.array([len(x) for x in split["input_ids"]])
     starts = [np.flatnonzero(np.asarray(p) == 0) for p in split["position_ids"]]
-    return np.concatenate([np.diff(s, append=len(p)) for s, p in zip(starts, split["position_ids"], strict=True)])
+    return np.concatenate(
+        [np.diff(s, append=len(p)) for s, p in zip(starts, split["position_ids"], strict=True)]
+    )
 
 
 def tokenizer_source(recipe: Recipe) -> Path | None:
