@@ -350,3 +350,24 @@ def test_task_format_rows_are_masked_in_every_text_field(tmp_path: Path) -> None
     assert got.data["messages"][0]["content"] == "my card is <CREDIT_CARD>, call me on <PHONE>"
     assert got.data["messages"][1] == row["messages"][1] and got.data["id"] == 7
     assert masked == {"credit_card": 1, "phone": 1}
+
+
+@pytest.mark.parametrize("which", ["bpe", "minilm"])
+def test_the_data_encoder_gives_the_ids_of_transformers_call(which: str, tmp_path: Path) -> None:
+    """The backend's encode_batch_fast, untruncated and unpadded, against `tokenizer(texts)`: a
+    byte-level BPE and MiniLM's WordPiece, whose tokenizer.json truncates at 128 tokens."""
+    from llmos_cli.core.data.encode import ids_encoder
+    from llmos_cli.core.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+    from llmos_cli.core.models import load_tokenizer
+
+    texts = ["Hello, wörld! 東京 café", "", "  spaces  and\ttabs\n", "long " * 300, "<pad> x <eos>"]
+    if which == "bpe":
+        save_tokenizer(train_bpe_tokenizer(iter(texts * 20), 300, 2), tmp_path / "tok")
+        tokenizer = load_tokenizer(tmp_path / "tok")
+    else:
+        from tests.finetune_fixtures import minilm_dir
+
+        tokenizer = load_tokenizer(minilm_dir())
+    expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert ids_encoder(tokenizer)(texts) == expected
+    assert max(len(x) for x in expected) > 200  # nothing truncated

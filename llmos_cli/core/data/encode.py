@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from llmos_cli.core.data.split import Part
 from llmos_cli.core.data.store import iter_column, map_batches, token_features
 
 DOC_BATCH = 256  # documents per Arrow record batch: the unit each tokenising worker holds
-_TOKENIZER: Any = None  # set in each tokenising process by _use_tokenizer
+_ENCODE: Callable[[list[str]], list[list[int]]] | None = None  # set in each tokenising process
 
 
 def worker_count(num_proc: int | str, n_docs: int) -> int:
@@ -23,13 +24,30 @@ def worker_count(num_proc: int | str, n_docs: int) -> int:
     return max(1, min(wanted, -(-n_docs // DOC_BATCH)))
 
 
+def ids_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
+    """The token ids of a batch of texts, no special tokens added: what `tokenizer(texts)` gives. A fast
+    tokenizer encodes through its own copy of the Rust backend, set to truncate and pad nothing, with
+    `encode_batch_fast` (no character offsets computed): 1.2x faster here than transformers' call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.no_truncation()
+    fast.no_padding()
+    fast.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return lambda texts: [e.ids for e in fast.encode_batch_fast(texts, add_special_tokens=False)]
+
+
 def _use_tokenizer(tokenizer: Any) -> None:
-    global _TOKENIZER
-    _TOKENIZER = tokenizer
+    global _ENCODE
+    _ENCODE = ids_encoder(tokenizer)
 
 
 def _encode_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-    ids = _TOKENIZER(batch["text"], add_special_tokens=False)["input_ids"]
+    assert _ENCODE is not None, "map_batches runs _use_tokenizer first"
+    ids = _ENCODE(batch["text"])
     return {"input_ids": ids, "n_tokens": [len(x) for x in ids]}
 
 
