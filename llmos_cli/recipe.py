@@ -290,6 +290,11 @@ class TrainSection(Section):
         None, description="classification: 'balanced' (inverse class frequency) or one weight per label"
     )
 
+    @property
+    def length(self) -> str:
+        """How long the run trains, in the recipe's own unit: '1000 steps' or '3 epochs'."""
+        return f"{self.max_steps} steps" if self.max_steps else f"{self.epochs:g} epochs"
+
     @model_validator(mode="after")
     def _length(self) -> TrainSection:
         if self.max_steps is None and self.epochs is None:

@@ -353,3 +353,10 @@ def test_the_causal_bert_the_hint_gives_is_causal() -> None:
     changed[0, -1] = (ids[0, -1] + 1) % 100
     with torch.no_grad():
         assert torch.allclose(model(ids).logits[0, :-1], model(changed).logits[0, :-1], atol=1e-5)
+
+
+def test_a_plan_names_the_training_length_in_the_recipes_unit() -> None:
+    from llmos_cli.recipe import TrainSection
+
+    assert TrainSection().length == "1000 steps" and TrainSection(max_steps=50).length == "50 steps"
+    assert TrainSection(epochs=3).length == "3 epochs" and TrainSection(epochs=0.5).length == "0.5 epochs"

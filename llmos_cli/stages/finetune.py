@@ -270,11 +270,10 @@ def plan(recipe: Recipe) -> list[str]:
     check_finetune(recipe)
     ft = recipe.finetune
     how = ("qlora (4-bit NF4 base)" if ft.qlora else ft.method) + (" + DoRA" if ft.dora else "")
-    length = recipe.train.max_steps or f"{recipe.train.epochs} epochs"
     return [
         f"load base model {recipe.model.name_or_path} for {recipe.task}",
         *plan_steps(recipe),
-        f"{how} fine-tune for {length} steps into {recipe.output_dir}",
+        f"{how} fine-tune for {recipe.train.length} into {recipe.output_dir}",
         *memory_plan(recipe, lambda: describe_recipe_model(recipe.model.name_or_path, recipe.source).config),
         f"save {recipe.output_dir / 'final'}",
     ]

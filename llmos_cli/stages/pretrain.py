@@ -96,11 +96,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
 def plan(recipe: Recipe) -> list[str]:
     """--dry-run: what `run` would do, refused as the run would refuse it."""
     check_pretrain(recipe)
-    length = recipe.train.max_steps or f"{recipe.train.epochs} epochs"
     return [
         *plan_steps(recipe),
         f"build {recipe.model.arch} from model.config",
-        f"train {length} steps into {recipe.output_dir}",
+        f"train {recipe.train.length} into {recipe.output_dir}",
         *memory_plan(recipe, lambda: pretrain_config(recipe)),  # on a GPU: the estimated peak
         f"save {recipe.output_dir / 'final'}",
     ]
