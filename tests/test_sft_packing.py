@@ -15,7 +15,7 @@ from llmos_cli.core.train.objectives import causal_lm_loss_sum
 from llmos_cli.errors import UserError
 from llmos_cli.recipe import validate_recipe
 from llmos_cli.stages import finetune
-from tests.finetune_fixtures import chat_rows, tiny_llama
+from tests.finetune_fixtures import chat_rows, instruction_rows, tiny_llama
 from tests.test_finetune import recipe_for, train_losses
 
 
@@ -62,13 +62,17 @@ def test_a_packed_row_has_the_loss_of_its_examples_one_a_row(tmp_path: Path) -> 
     torch.testing.assert_close(together, apart, atol=1e-4, rtol=1e-5)
 
 
-def test_packed_chat_fine_tune_learns_and_reports_its_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["chat", "instruction"])
+def test_packed_fine_tune_learns_and_reports_its_blocks(fmt: str, tmp_path: Path) -> None:
     base = tiny_llama(tmp_path / "llama")
+    rows, data = chat_rows(200), {"format": "chat"}
+    if fmt == "instruction":
+        rows, data = instruction_rows(200), {"format": "instruction", "template": "Q: {prompt}\nA: "}
     recipe = recipe_for(
         tmp_path,
         base,
-        chat_rows(200),
-        data={"format": "chat", "max_seq_len": 256, "packing": True},
+        rows,
+        data={**data, "max_seq_len": 256, "packing": True},
         train={"max_steps": 30, "eval_every": 30, "lr": 3e-3},
     )
     finetune.run(recipe)
