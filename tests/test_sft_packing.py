@@ -88,6 +88,27 @@ def test_packed_fine_tune_learns_and_reports_its_blocks(fmt: str, tmp_path: Path
     assert max(r["padding"] for r in train_rows) < 0.2  # blocks are nearly full: little padding
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bloom"])
+def test_packed_rows_are_refused_for_a_model_that_attends_across_documents(arch: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmos_cli.core.train.batches import check_attends_per_document
+
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64}
+    if arch in ("llama", "qwen2"):
+        sizes.update(num_key_value_heads=4, intermediate_size=64)
+    if arch == "gpt2":
+        sizes = {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 64}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **sizes)).train()
+    if arch == "bloom":  # ALiBi, no position ids: its mask cannot tell the documents apart
+        with pytest.raises(UserError, match="data.packing: this bloom model attends across packed documents"):
+            check_attends_per_document(model, torch.device("cpu"), "data.packing")
+    else:
+        check_attends_per_document(model, torch.device("cpu"), "data.packing")
+    assert model.training  # the check leaves the model as it found it
+
+
 def test_packing_is_refused_for_formats_of_single_examples(tmp_path: Path) -> None:
     body = {
         "run": {"name": "x"},

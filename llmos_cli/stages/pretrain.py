@@ -9,7 +9,7 @@ from llmos_cli.core.data.prepare import plan_steps, prepare
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.runtime import set_seed, use_varlen_attention
-from llmos_cli.core.train.batches import causal_lm_collate
+from llmos_cli.core.train.batches import causal_lm_collate, check_attends_per_document, varlen_attention
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM
 from llmos_cli.core.writable import ensure_dir
@@ -50,12 +50,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
     splits = load_from_disk(str(prepared.path)).with_format("numpy")
     run_dir = open_run(recipe)
     device, precision = device_and_precision(recipe, config=model.config, run=run_dir)
+    collate = causal_lm_collate(tokenizer.pad_token_id, flatten=use_varlen_attention(model, device))
+    if "position_ids" in splits["train"].column_names and not varlen_attention(model):
+        check_attends_per_document(model, next(model.parameters()).device, "data.packing_mode")
     job = TrainJob(
         model=model,
         train_rows=splits["train"],
         val_rows=splits["validation"] if len(splits["validation"]) else None,
         objective=CAUSAL_LM,
-        collate=causal_lm_collate(tokenizer.pad_token_id, flatten=use_varlen_attention(model, device)),
+        collate=collate,
         cfg=recipe.train,
         run=run_dir,
         seed=recipe.run.seed,
