@@ -90,9 +90,12 @@ def test_packed_fine_tune_learns_and_reports_its_blocks(fmt: str, tmp_path: Path
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bloom"])
 def test_packed_rows_are_refused_for_a_model_that_attends_across_documents(arch: str) -> None:
+    from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmos_cli.core.train.batches import check_attends_per_document
+    from llmos_cli.core.train.batches import check_packed_rows
+
+    packed = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]], "position_ids": [[0, 1, 0, 1]]})
 
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64}
     if arch in ("llama", "qwen2"):
@@ -103,9 +106,9 @@ def test_packed_rows_are_refused_for_a_model_that_attends_across_documents(arch:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **sizes)).train()
     if arch == "bloom":  # ALiBi, no position ids: its mask cannot tell the documents apart
         with pytest.raises(UserError, match="data.packing: this bloom model attends across packed documents"):
-            check_attends_per_document(model, torch.device("cpu"), "data.packing")
+            check_packed_rows(model, packed, "data.packing")
     else:
-        check_attends_per_document(model, torch.device("cpu"), "data.packing")
+        check_packed_rows(model, packed, "data.packing")
     assert model.training  # the check leaves the model as it found it
 
 

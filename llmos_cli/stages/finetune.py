@@ -22,11 +22,10 @@ from llmos_cli.core.train.adapters import (
 )
 from llmos_cli.core.train.batches import (
     causal_lm_collate,
-    check_attends_per_document,
+    check_packed_rows,
     classification_collate,
     groups_by_length,
     seq2seq_collate,
-    varlen_attention,
 )
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM, SEQ2SEQ, Objective, classification_objective
@@ -83,8 +82,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     train_rows = splits["train"].with_format("numpy")
     val_rows = splits["validation"].with_format("numpy") if len(splits["validation"]) else None
     objective, collate = task_objective(recipe, info, tokenizer.pad_token_id, model, device)
-    if "position_ids" in train_rows.column_names and not varlen_attention(model):  # packed examples
-        check_attends_per_document(model, next(model.parameters()).device, "data.packing")
+    check_packed_rows(model, train_rows, "data.packing")
     grouped = groups_by_length(recipe.train.group_by_length, recipe.task)
     job = TrainJob(
         model=model,

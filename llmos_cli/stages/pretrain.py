@@ -9,7 +9,7 @@ from llmos_cli.core.data.prepare import plan_steps, prepare
 from llmos_cli.core.distributed import init_distributed
 from llmos_cli.core.models import build_model, load_tokenizer
 from llmos_cli.core.runtime import set_seed, use_varlen_attention
-from llmos_cli.core.train.batches import causal_lm_collate, check_attends_per_document, varlen_attention
+from llmos_cli.core.train.batches import causal_lm_collate, check_packed_rows
 from llmos_cli.core.train.loop import TrainJob, train
 from llmos_cli.core.train.objectives import CAUSAL_LM
 from llmos_cli.core.writable import ensure_dir
@@ -51,8 +51,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     run_dir = open_run(recipe)
     device, precision = device_and_precision(recipe, config=model.config, run=run_dir)
     collate = causal_lm_collate(tokenizer.pad_token_id, flatten=use_varlen_attention(model, device))
-    if "position_ids" in splits["train"].column_names and not varlen_attention(model):
-        check_attends_per_document(model, next(model.parameters()).device, "data.packing_mode")
+    check_packed_rows(model, splits["train"], "data.packing_mode")
     job = TrainJob(
         model=model,
         train_rows=splits["train"],

@@ -164,12 +164,16 @@ def mask_document_starts(labels: Any, position_ids: Any) -> Any:
     return out
 
 
-def check_attends_per_document(model: Any, device: torch.device, key: str) -> None:
-    """Refuse packed rows (restarting `position_ids`) for a model that attends across their documents.
-    transformers masks per document from the position ids in decoders that pass them to their mask
-    (llama, mistral, qwen2, phi3, ...); others would leak, silently. Checked on two short documents:
-    the second's logits, packed behind the first, must equal it run alone, far closer than the same
-    tokens with the first in view."""
+def check_packed_rows(model: Any, rows: Any, key: str) -> None:
+    """Refuse packed `rows` (restarting `position_ids`) for a model that attends across their documents;
+    rows without position ids, or a model on varlen flash attention (given each document's bounds),
+    need no check. transformers masks per document from the position ids in decoders that pass them to
+    their mask (llama, mistral, qwen2, phi3, ...); others would leak, silently. Checked on two short
+    documents: the second's logits, packed behind the first, must equal it run alone, far closer than
+    the same tokens with the first in view."""
+    if "position_ids" not in rows.column_names or varlen_attention(model):
+        return
+    device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     first, second = torch.arange(3, 9) % vocab, torch.arange(9, 14) % vocab
     ids = torch.cat([first, second])[None].to(device)
